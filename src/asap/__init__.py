@@ -1,0 +1,30 @@
+"""asap: doubly-stochastic attention — softmax, Sinkhorn, ESP and ASAP.
+
+Train with Sinkhorn, compile to ASAP: the iterative scaling loop is replaced
+at inference by exact 1-D slice potentials, a fitted linear map to the
+Sinkhorn query dual, and a two-sided entropic c-transform
+(Tran, Milkert & Hyde, arXiv 2605.12879).
+"""
+
+from asap.attention import (
+    OPERATORS,
+    AttentionConfig,
+    MultiheadAttention,
+    asap_attention,
+    build_operator,
+    sinkhorn_attention,
+    softmax_attention,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OPERATORS",
+    "AttentionConfig",
+    "MultiheadAttention",
+    "__version__",
+    "asap_attention",
+    "build_operator",
+    "sinkhorn_attention",
+    "softmax_attention",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from asap.cli.main import main
+
+sys.exit(main())

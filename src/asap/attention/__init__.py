@@ -1,0 +1,35 @@
+"""Attention operators (functions), their references, and the module with the method switch."""
+
+from asap.attention.checks import validate_attention_inputs
+from asap.attention.dual_map import SliceDualMap, make_directions, slice_potentials
+from asap.attention.functional import asap_attention, sinkhorn_attention, softmax_attention
+from asap.attention.module import AttentionConfig, MultiheadAttention, available_methods
+from asap.attention.operators import (
+    OPERATORS,
+    AsapOperator,
+    AttentionOperator,
+    SinkhornOperator,
+    SoftmaxOperator,
+    build_operator,
+    register_operator,
+)
+
+__all__ = [
+    "OPERATORS",
+    "AsapOperator",
+    "AttentionConfig",
+    "AttentionOperator",
+    "MultiheadAttention",
+    "SinkhornOperator",
+    "SliceDualMap",
+    "SoftmaxOperator",
+    "asap_attention",
+    "available_methods",
+    "build_operator",
+    "make_directions",
+    "register_operator",
+    "sinkhorn_attention",
+    "slice_potentials",
+    "softmax_attention",
+    "validate_attention_inputs",
+]

@@ -1,0 +1,96 @@
+"""Input validation shared by every attention operator.
+
+Errors name the argument, what was expected and what was given, so that a
+wrong call fails at the boundary instead of producing a silent NaN deep inside
+a log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+CAUSAL_ERROR = (
+    "is_causal=True is not supported by doubly-stochastic attention ({method!r}): a lower-triangular "
+    "matrix whose rows and columns all sum to 1 is the identity, so exact doubly-stochastic causal "
+    "attention does not exist (METHOD.md sec. 6). Use method='softmax' for causal models."
+)
+
+
+def validate_attention_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    method: str,
+) -> Tensor | None:
+    """Check ``q (b,h,n,d)``, ``k (b,h,m,d)``, ``v (b,h,m,dv)`` and a boolean mask; return the mask.
+
+    Doubly-stochastic methods accept only boolean masks (True = attend): an
+    additive float mask has no meaning for the column constraint.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{method} attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{method} attention: {name} must have 4 dims (b, h, seq, dim), got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{method} attention: {name} must be a floating tensor, got dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{method} attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{method} attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"{method} attention: batch and head dims must match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{method} attention: q and k head sizes differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"{method} attention: k and v lengths differ: {k.shape[-2]} vs {v.shape[-2]}")
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        raise ValueError(f"{method} attention: empty sequence (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if is_causal and method != "softmax":
+        raise ValueError(CAUSAL_ERROR.format(method=method))
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"{method} attention: attn_mask must be a bool tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool:
+        raise TypeError(
+            f"{method} attention: attn_mask must be boolean (True = attend), got dtype {attn_mask.dtype}; "
+            "additive float masks are not defined for doubly-stochastic attention"
+        )
+    if attn_mask.device != q.device:
+        raise ValueError(f"{method} attention: attn_mask is on {attn_mask.device}, q on {q.device}")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    try:
+        torch.broadcast_shapes(attn_mask.shape, target)
+    except RuntimeError:
+        raise ValueError(
+            f"{method} attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+            f"(b, h, n, m) = {target}"
+        ) from None
+    if attn_mask.dim() > 4:
+        raise ValueError(f"{method} attention: attn_mask has {attn_mask.dim()} dims, at most 4 allowed")
+    return attn_mask
+
+
+def check_positive(name: str, value: float) -> float:
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def default_scale(scale: float | None, head_dim: int) -> float:
+    """``1/sqrt(d)`` unless given; a given scale must be positive."""
+    if scale is None:
+        return head_dim**-0.5
+    return check_positive("scale", scale)

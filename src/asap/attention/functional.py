@@ -1,0 +1,207 @@
+"""Attention operators with one shared signature.
+
+Every function takes ``q (b, h, n, d)``, ``k (b, h, m, d)``, ``v (b, h, m, dv)``
+and keyword-only options, and returns ``(b, h, n, dv)`` in the input dtype:
+
+* :func:`softmax_attention`: the one-sided problem (row constraint only),
+  delegating to :func:`torch.nn.functional.scaled_dot_product_attention`.
+* :func:`sinkhorn_attention`: the teacher: ``K`` log-domain Sinkhorn
+  half-steps (Sinkformers, Sander et al. 2022).
+* :func:`asap_attention`: the compiled operator: given a predicted query dual
+  ``f_hat``, the two-sided entropic c-transform (METHOD.md sec. 4)::
+
+      g = ccol(f_hat)                        # one tiled log-sum-exp over queries
+      A = softmax_j( (S_ij + g_j) / eps )    # an ordinary attention call with a key bias
+
+Masks are boolean, broadcastable to ``(b, h, n, m)``, True = attend. Padding
+queries (rows allowing no key) and padding keys (columns allowed by no query)
+carry no mass; padding queries output exactly zero, forward and backward.
+Reductions run in fp32 (fp64 for fp64 inputs) whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from asap.attention.checks import check_positive, default_scale, validate_attention_inputs
+from asap.transport.ctransform import DEFAULT_TILE_BYTES, c_transform_cols, c_transform_cols_tiled, reduction_dtype
+from asap.transport.diagnostics import log_plan
+from asap.transport.masks import support
+from asap.transport.sinkhorn import sinkhorn
+
+GradMode = Literal["unroll", "closure"]
+GRAD_MODES: tuple[str, ...] = ("unroll", "closure")
+
+
+def _open_padding_rows(mask: Tensor, rows: Tensor) -> Tensor:
+    """Let padding queries attend everywhere so no row is fully masked (their output is zeroed later)."""
+    return mask | ~rows.unsqueeze(-1)
+
+
+def softmax_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Row-softmax attention ``softmax(scale q k^T) v`` via ``scaled_dot_product_attention``.
+
+    Unlike the raw kernel, a query whose row is fully masked outputs zero
+    (never NaN), consistently with the doubly-stochastic operators.
+    """
+    mask = validate_attention_inputs(q, k, v, attn_mask=attn_mask, is_causal=is_causal, method="softmax")
+    scale = default_scale(scale, q.shape[-1])
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal, dropout_p=dropout_p)
+    if is_causal:
+        raise ValueError("softmax attention: pass either attn_mask or is_causal=True, not both")
+    rows = mask.expand(*mask.shape[:-1], k.shape[-2]).any(dim=-1)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=_open_padding_rows(mask, rows), scale=scale, dropout_p=dropout_p
+    )
+    return torch.where(rows.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def sinkhorn_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    n_iters: int,
+    eps: float = 1.0,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    grad_mode: GradMode = "unroll",
+    tol: float | None = None,
+    check_every: int = 10,
+) -> Tensor:
+    """Sinkhorn attention: ``A = P / a`` for the plan after ``n_iters`` half-steps.
+
+    Args:
+        n_iters: ``K >= 1`` half-steps, the first a row step. ``K = 1`` is
+            softmax at temperature ``eps``; odd ``K`` gives exact row sums
+            (``A = softmax_j((S + g_{K-1}) / eps)``); even ``K`` exact column
+            sums (rows then only approximately sum to 1).
+        eps: entropic regularisation (temperature); ``S = scale q k^T``.
+        grad_mode: ``"unroll"`` back-propagates through every half-step (the
+            exact gradient of the K-step operator; memory ``O(K b h n m)``).
+            ``"closure"`` (odd ``K`` only) computes ``f_{K-2}`` without
+            autograd and back-propagates through the final closure
+            ``g = ccol(f_{K-2})``, ``A = softmax((S + g)/eps)`` only (memory
+            ``O(b h n m)``; the earlier duals are treated as constants, which
+            is exact at convergence by the envelope theorem).
+        tol, check_every: optional early stopping on the L1 column-marginal
+            error (see :func:`asap.transport.sinkhorn.sinkhorn`); synchronises
+            with the host, for analysis rather than training.
+    """
+    mask = validate_attention_inputs(q, k, v, attn_mask=attn_mask, is_causal=is_causal, method="sinkhorn")
+    if not isinstance(n_iters, int) or n_iters < 1:
+        raise ValueError(f"sinkhorn attention: n_iters must be an int >= 1 (half-steps), got {n_iters!r}")
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"sinkhorn attention: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    if grad_mode == "closure" and n_iters % 2 == 0:
+        raise ValueError("sinkhorn attention: grad_mode='closure' needs an odd n_iters (ending with a row step)")
+    eps = check_positive("eps", eps)
+    scale = default_scale(scale, q.shape[-1])
+    rdtype = reduction_dtype(q.dtype)
+    n, m = q.shape[-2], k.shape[-2]
+    scores = (q.to(rdtype) @ k.to(rdtype).transpose(-1, -2)) * scale
+    supp = support(mask, n, m, dtype=rdtype, device=q.device)
+
+    if n_iters % 2 == 1:
+        # Odd K: the last row step is the softmax normaliser itself, A = softmax((S + g_{K-1}) / eps).
+        if n_iters == 1:
+            g = scores.new_zeros(scores.shape[:-2] + (m,))
+        elif grad_mode == "closure":
+            with torch.no_grad():
+                f_target = sinkhorn(scores, n_iters=n_iters - 2, eps=eps, supp=supp, tol=tol, check_every=check_every).f
+            g = c_transform_cols(scores, f_target, eps=eps, supp=supp)
+        else:
+            g = sinkhorn(scores, n_iters=n_iters - 1, eps=eps, supp=supp, tol=tol, check_every=check_every).g
+        logits = (scores + g.unsqueeze(-2)) / eps
+        if supp.row_bias is not None:
+            logits = logits + supp.row_bias
+        attn = torch.softmax(logits, dim=-1)
+    else:
+        res = sinkhorn(scores, n_iters=n_iters, eps=eps, supp=supp, tol=tol, check_every=check_every)
+        attn = (log_plan(scores, res.f, res.g, eps=eps, supp=supp) - supp.log_a.unsqueeze(-1)).exp()
+    out = supp.zero_rows(attn @ v.to(rdtype))
+    return out.to(v.dtype)
+
+
+def _biased_row_attention(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float, eps: float, mask: Tensor | None, rows: Tensor | None
+) -> Tensor:
+    """``softmax_j((scale q_i.k_j + g_j) / eps) v`` as one ``scaled_dot_product_attention`` call.
+
+    Without a mask, ``g / eps`` is a broadcast ``(b, h, 1, m)`` float bias, which
+    fused kernels read without materialising ``(b, h, n, m)``. With a boolean
+    mask the kernel takes only one mask, so the bias is folded into the dot
+    product instead: ``q' = [q, 1]``, ``k' = [k, g / scale]`` (head size padded
+    to a multiple of 8 for fused kernels) and the boolean mask is passed as is.
+    """
+    sdpa_scale = scale / eps
+    if mask is None:
+        bias = (g / eps).to(q.dtype).unsqueeze(-2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=sdpa_scale)
+    d = q.shape[-1]
+    pad = 8 - d % 8
+    q_extra = torch.zeros(*q.shape[:-1], pad, dtype=q.dtype, device=q.device)
+    q_extra[..., 0] = 1.0
+    k_extra = torch.zeros(*k.shape[:-1], pad, dtype=k.dtype, device=k.device)
+    k_extra = torch.cat([(g / scale).to(k.dtype).unsqueeze(-1), k_extra[..., 1:]], dim=-1)
+    q_aug = torch.cat([q, q_extra], dim=-1)
+    k_aug = torch.cat([k, k_extra], dim=-1)
+    out = F.scaled_dot_product_attention(
+        q_aug, k_aug, v, attn_mask=_open_padding_rows(mask, rows), scale=sdpa_scale
+    )
+    return torch.where(rows.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def asap_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    f_hat: Tensor,
+    *,
+    eps: float = 1.0,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+) -> Tensor:
+    """ASAP attention from a predicted query dual: the two-sided entropic c-transform.
+
+    Args:
+        f_hat: predicted query dual ``(b, h, n)`` in the convention
+            ``P_ij = exp((S_ij + f_i + g_j)/eps)``, ``a_i = 1/n_valid`` (any
+            constant offset is irrelevant). With ``f_hat = f_{K-2}`` of a
+            K-step teacher this reproduces the teacher exactly.
+        tile_bytes: memory budget of one score tile of the column log-sum-exp;
+            peak memory is ``O(b h n tile)``, never ``O(b h n m)``.
+
+    Rows of the result are exact; the column error is set by the quality of
+    ``f_hat``. Cost: one tiled column log-sum-exp plus one fused attention call.
+    """
+    mask = validate_attention_inputs(q, k, v, attn_mask=attn_mask, is_causal=is_causal, method="asap")
+    if not isinstance(f_hat, Tensor) or f_hat.shape != q.shape[:-1]:
+        shape = tuple(f_hat.shape) if isinstance(f_hat, Tensor) else type(f_hat).__name__
+        raise ValueError(f"asap attention: f_hat must have shape (b, h, n) = {tuple(q.shape[:-1])}, got {shape}")
+    if not f_hat.is_floating_point() or f_hat.device != q.device:
+        raise TypeError(f"asap attention: f_hat must be a floating tensor on {q.device}, got {f_hat.dtype} on {f_hat.device}")
+    eps = check_positive("eps", eps)
+    scale = default_scale(scale, q.shape[-1])
+    rdtype = reduction_dtype(q.dtype)
+    supp = support(mask, q.shape[-2], k.shape[-2], dtype=rdtype, device=q.device)
+    f_hat = supp.zero_rows(f_hat.to(rdtype))
+    g = c_transform_cols_tiled(q, k, f_hat, scale=scale, eps=eps, supp=supp, tile_bytes=tile_bytes)
+    return _biased_row_attention(q, k, v, g, scale=scale, eps=eps, mask=mask, rows=supp.rows)

@@ -1,0 +1,130 @@
+"""Attention normalisers as swappable modules: the one switch of the library.
+
+An operator takes already-projected ``q, k, v`` (``b h n d``) and a boolean
+mask and returns ``(b, h, n, dv)``. :class:`~asap.attention.module.MultiheadAttention`
+owns the projections and one operator; changing the normalisation (or
+compiling a trained Sinkhorn layer to ASAP) replaces only the operator.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from asap.attention.checks import check_positive
+from asap.attention.dual_map import SliceDualMap
+from asap.attention.functional import GRAD_MODES, asap_attention, sinkhorn_attention, softmax_attention
+
+
+class AttentionOperator(nn.Module):
+    """Base class: ``forward(q, k, v, *, attn_mask=None) -> (b, h, n, dv)``."""
+
+    method: ClassVar[str]
+
+    def __init__(self, *, scale: float | None = None):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def resolved_scale(self, q: Tensor) -> float:
+        return q.shape[-1] ** -0.5 if self.scale is None else self.scale
+
+
+class SoftmaxOperator(AttentionOperator):
+    method = "softmax"
+
+    def forward(self, q, k, v, *, attn_mask=None):
+        return softmax_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+
+
+class SinkhornOperator(AttentionOperator):
+    """The teacher: ``n_iters`` Sinkhorn half-steps at regularisation ``eps``."""
+
+    method = "sinkhorn"
+
+    def __init__(self, *, n_iters: int = 3, eps: float = 1.0, grad_mode: str = "unroll", scale: float | None = None):
+        super().__init__(scale=scale)
+        if not isinstance(n_iters, int) or n_iters < 1:
+            raise ValueError(f"sinkhorn: n_iters must be an int >= 1, got {n_iters!r}")
+        if grad_mode not in GRAD_MODES:
+            raise ValueError(f"sinkhorn: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+        self.n_iters, self.eps, self.grad_mode = n_iters, check_positive("eps", eps), grad_mode
+
+    def extra_repr(self) -> str:
+        return f"n_iters={self.n_iters}, eps={self.eps}, grad_mode={self.grad_mode!r}"
+
+    def forward(self, q, k, v, *, attn_mask=None):
+        return sinkhorn_attention(
+            q, k, v, n_iters=self.n_iters, eps=self.eps, scale=self.scale, attn_mask=attn_mask, grad_mode=self.grad_mode
+        )
+
+
+class AsapOperator(AttentionOperator):
+    """The compiled operator: a fitted :class:`SliceDualMap` plus the two-sided c-transform."""
+
+    method = "asap"
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        head_dim: int,
+        eps: float = 1.0,
+        num_slices: int = 16,
+        slice_type: str = "random",
+        seed: int = 0,
+        scale: float | None = None,
+        dual_map: nn.Module | None = None,
+    ):
+        super().__init__(scale=scale)
+        self.eps = check_positive("eps", eps)
+        self.dual_map = dual_map or SliceDualMap(
+            num_heads=num_heads, head_dim=head_dim, num_slices=num_slices, slice_type=slice_type, seed=seed
+        )
+        self._warned_unfitted = False
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+    def forward(self, q, k, v, *, attn_mask=None):
+        if not self._warned_unfitted and not getattr(self.dual_map, "fitted", True):
+            # A zero map is a valid operator (one column step then a row step), but almost
+            # certainly not what was meant: it has not been compiled from a teacher.
+            warnings.warn("ASAP operator used before its dual map was fitted (run `asap compile`)", stacklevel=2)
+            self._warned_unfitted = True
+        scale = self.resolved_scale(q)
+        f_hat = self.dual_map(q, k, scale=scale, attn_mask=attn_mask)
+        return asap_attention(q, k, v, f_hat, eps=self.eps, scale=scale, attn_mask=attn_mask)
+
+
+OPERATORS: dict[str, type[AttentionOperator]] = {
+    "softmax": SoftmaxOperator,
+    "sinkhorn": SinkhornOperator,
+    "asap": AsapOperator,
+}
+
+
+def register_operator(cls: type[AttentionOperator]) -> type[AttentionOperator]:
+    """Add an operator class to the switch under ``cls.method``."""
+    OPERATORS[cls.method] = cls
+    return cls
+
+
+def build_operator(method: str, *, num_heads: int, head_dim: int, **options: Any) -> AttentionOperator:
+    """Instantiate the operator for ``method`` with its own options; refuse options it does not take."""
+    if method not in OPERATORS:
+        raise ValueError(f"unknown attention method {method!r}; choose one of {sorted(OPERATORS)}")
+    cls = OPERATORS[method]
+    params = inspect.signature(cls.__init__).parameters
+    accepted = {name for name, p in params.items() if p.kind == p.KEYWORD_ONLY}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        valid = sorted(accepted - {"num_heads", "head_dim"})
+        raise TypeError(f"method {method!r} does not take option(s) {unknown}; its options are {valid}")
+    shape = {key: val for key, val in (("num_heads", num_heads), ("head_dim", head_dim)) if key in accepted}
+    return cls(**shape, **options)

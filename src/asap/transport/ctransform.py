@@ -1,0 +1,109 @@
+"""Entropic c-transforms in the log domain (METHOD.md sec. 1).
+
+With scores ``S = scale * q k^T`` (cost ``C = -S``), regularisation ``eps`` and
+uniform marginals ``a``, ``b`` over valid tokens::
+
+    crow(g)_i = eps * ( log a_i - LSE_j( (S_ij + g_j) / eps ) )   # exact row sums
+    ccol(f)_j = eps * ( log b_j - LSE_i( (S_ij + f_i) / eps ) )   # exact column sums
+
+so that the plan ``P_ij = exp((S_ij + f_i + g_j) / eps)`` built with ``f = crow(g)``
+has rows summing to ``a`` (and with ``g = ccol(f)`` columns summing to ``b``).
+Two families are provided:
+
+* :func:`c_transform_rows` / :func:`c_transform_cols` act on a materialised
+  score matrix ``(..., n, m)``: the Sinkhorn teacher and the fp64 references.
+* :func:`column_logsumexp` / :func:`c_transform_cols_tiled` recompute the scores
+  tile by tile from ``q`` and ``k``, so that ASAP never holds a ``(b, h, n, m)``
+  tensor for long sequences.
+
+All log-sum-exps run in at least fp32 whatever the input dtype; padding rows
+and columns come out as exactly zero (see :mod:`asap.transport.masks`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from asap.transport.masks import Support
+
+#: Default memory for one score tile of the tiled column log-sum-exp.
+DEFAULT_TILE_BYTES = 32 * 2**20
+
+
+def reduction_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype reductions run in: fp64 stays fp64, everything else is fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def c_transform_rows(scores: Tensor, g: Tensor, *, eps: float, supp: Support) -> Tensor:
+    """Row c-transform ``crow(g)``: ``scores (..., n, m)``, ``g (..., m)`` -> ``f (..., n)``."""
+    z = (scores + g.unsqueeze(-2)) / eps
+    if supp.row_bias is not None:
+        z = z + supp.row_bias
+    return supp.zero_rows(eps * (supp.log_a - torch.logsumexp(z, dim=-1)))
+
+
+def c_transform_cols(scores: Tensor, f: Tensor, *, eps: float, supp: Support) -> Tensor:
+    """Column c-transform ``ccol(f)``: ``scores (..., n, m)``, ``f (..., n)`` -> ``g (..., m)``."""
+    z = (scores + f.unsqueeze(-1)) / eps
+    if supp.col_bias is not None:
+        z = z + supp.col_bias
+    return supp.zero_cols(eps * (supp.log_b - torch.logsumexp(z, dim=-2)))
+
+
+def column_logsumexp(
+    q: Tensor,
+    k: Tensor,
+    f: Tensor,
+    *,
+    scale: float,
+    eps: float,
+    col_bias: Tensor | None = None,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+) -> Tensor:
+    """``LSE_i( (scale <q_i, k_j> + f_i) / eps )`` for every key, tiled over keys.
+
+    Args:
+        q: queries ``(b, h, n, d)``; k: keys ``(b, h, m, d)``; f: query dual ``(b, h, n)``.
+        col_bias: optional additive ``0 / -inf`` bias broadcastable to ``(b, h, n, m)``
+            (``Support.col_bias``).
+        tile_bytes: memory budget of one ``(b, h, n, tile)`` fp32 score tile. The
+            key dimension is cut into tiles that fit, so peak memory is
+            ``O(b h n tile)`` instead of ``O(b h n m)``; each tile's reduction is
+            complete (it runs over all queries), so no online rescaling is needed.
+
+    Returns:
+        ``(b, h, m)`` in fp32 (fp64 for fp64 inputs).
+    """
+    rdtype = reduction_dtype(q.dtype)
+    b, h, n, _ = q.shape
+    m = k.shape[-2]
+    bytes_per_key = max(1, b * h * n * torch.finfo(rdtype).bits // 8)
+    tile = int(max(1, min(m, tile_bytes // bytes_per_key)))
+    # Dividing q by eps once is cheaper than dividing every tile.
+    q_scaled = q * (scale / eps)
+    f_scaled = (f.to(rdtype) / eps).unsqueeze(-1)
+    out = []
+    for start in range(0, m, tile):  # static Python loop: no host sync, compiles with fullgraph
+        stop = min(start + tile, m)
+        z = (q_scaled @ k[..., start:stop, :].transpose(-1, -2)).to(rdtype) + f_scaled
+        if col_bias is not None:
+            z = z + col_bias[..., start:stop]
+        out.append(torch.logsumexp(z, dim=-2))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+
+
+def c_transform_cols_tiled(
+    q: Tensor,
+    k: Tensor,
+    f: Tensor,
+    *,
+    scale: float,
+    eps: float,
+    supp: Support,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+) -> Tensor:
+    """``ccol(f)`` computed from ``q`` and ``k`` without the full score matrix: ``g (b, h, m)``."""
+    lse = column_logsumexp(q, k, f, scale=scale, eps=eps, col_bias=supp.col_bias, tile_bytes=tile_bytes)
+    return supp.zero_cols(eps * (supp.log_b - lse))

@@ -1,0 +1,129 @@
+"""Fixed-K log-domain Sinkhorn: the teacher's duals and the ASAP closure target.
+
+Starting from ``g_0 = 0``, ``K`` half-steps alternate, the first being a row
+step (METHOD.md sec. 2)::
+
+    f_1 = crow(g_0),  g_2 = ccol(f_1),  f_3 = crow(g_2),  ...
+
+* ``K = 1`` is softmax attention at temperature ``eps``.
+* Odd ``K`` ends with a row step (rows exact, columns approximate): the final
+  plan is ``P = exp((S + f_K + g_{K-1}) / eps)``.
+* Even ``K`` ends with a column step (columns exact, rows approximate).
+* For odd ``K >= 3`` the final plan is exactly the *closure* of ``f_{K-2}``:
+  ``g_{K-1} = ccol(f_{K-2})``, ``f_K = crow(g_{K-1})``. ``f_{K-2}`` (centred over
+  valid queries) is therefore the target that ASAP's dual map learns
+  (METHOD.md sec. 4).
+
+The default path runs exactly ``K`` half-steps with no host synchronisation, so
+it can be captured by ``torch.compile(fullgraph=True)`` and CUDA graphs. A
+tolerance mode (``tol``) checks the column marginal error every
+``check_every`` column steps and stops early; it synchronises with the host at each
+check and is meant for analysis, not for training.
+
+References: Cuturi, "Sinkhorn distances", NeurIPS 2013; Peyre & Cuturi,
+"Computational Optimal Transport", 2019, sec. 4.4 (log-domain stabilisation);
+Sander et al., "Sinkformers", AISTATS 2022.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from asap.transport.ctransform import c_transform_cols, c_transform_rows
+from asap.transport.masks import Support
+
+class SinkhornResult(NamedTuple):
+    """Duals of the final plan and the closure target.
+
+    f: ``(..., n)`` query dual of the final plan (``f_K`` for odd K, ``f_{K-1}`` for even K).
+    g: ``(..., m)`` key dual of the final plan (``g_{K-1}`` for odd K, ``g_K`` for even K).
+    target: ``(..., n)`` ``f_{K-2}`` centred over valid queries (odd ``K >= 3``), else ``None``.
+    n_steps: number of half-steps actually run (``K`` unless ``tol`` stopped earlier).
+    """
+
+    f: Tensor
+    g: Tensor
+    target: Tensor | None
+    n_steps: int
+
+
+def center(x: Tensor, *, valid: Tensor | None = None) -> Tensor:
+    """Subtract the mean over the last dim (over ``valid`` entries only); padding stays 0.
+
+    Duals are defined up to a constant (``f + c``, ``g - c`` give the same plan),
+    so targets and predictions are compared after centring.
+    """
+    if valid is None:
+        return x - x.mean(dim=-1, keepdim=True)
+    w = valid.to(x.dtype)
+    mean = (x * w).sum(dim=-1, keepdim=True) / w.sum(dim=-1, keepdim=True).clamp(min=1)
+    return (x - mean) * w
+
+
+def _column_marginal_error(g_old: Tensor, g_new: Tensor, *, eps: float, supp: Support) -> Tensor:
+    """L1 column-marginal error of the plan (f, g_old), read off the next column step.
+
+    ``g_new = ccol(f)`` gives ``colsum_j = b_j exp((g_old_j - g_new_j)/eps)`` for free.
+    """
+    colsum_ratio = torch.expm1((g_old - g_new) / eps).abs()
+    err = supp.zero_cols(colsum_ratio * supp.log_b.exp())
+    return err.sum(dim=-1)
+
+
+def sinkhorn(
+    scores: Tensor,
+    *,
+    n_iters: int,
+    eps: float = 1.0,
+    supp: Support,
+    tol: float | None = None,
+    check_every: int = 10,
+) -> SinkhornResult:
+    """Run ``n_iters`` Sinkhorn half-steps on a score matrix.
+
+    Args:
+        scores: ``S (..., n, m)``, already in the reduction dtype (fp32/fp64).
+        n_iters: ``K >= 1`` half-steps, the first a row step (the maximum when ``tol`` is set).
+        eps: entropic regularisation (the temperature).
+        supp: valid tokens and log marginals, from :func:`asap.transport.masks.support`.
+        tol: if set, stop once the L1 column-marginal error of every problem is
+            below ``tol`` (checked every ``check_every`` column steps, always
+            stopping after a row step). Synchronises with the host at each check.
+    """
+    if n_iters < 1:
+        raise ValueError(f"n_iters must be >= 1 half-step, got {n_iters}")
+    if tol is not None and check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    g = scores.new_zeros(scores.shape[:-2] + (scores.shape[-1],))
+    f = scores.new_zeros(scores.shape[:-1])
+    f_prev = None  # f_{k-2} when the current step k is a row step
+    step = 0
+    while step < n_iters:
+        step += 1
+        if step % 2 == 1:
+            f_prev, f = f, c_transform_rows(scores, g, eps=eps, supp=supp)
+        else:
+            g_new = c_transform_cols(scores, f, eps=eps, supp=supp)
+            if tol is not None and step > 2 and (step // 2) % check_every == 0:
+                err = _column_marginal_error(g, g_new, eps=eps, supp=supp)
+                if bool((err < tol).all()):  # host sync: tolerance mode only
+                    step -= 1  # the plan (f, g) after the last row step is the answer
+                    break
+            g = g_new
+    target = None
+    if step % 2 == 1 and step >= 3:
+        target = center(f_prev, valid=supp.rows)
+    return SinkhornResult(f=f, g=g, target=target, n_steps=step)
+
+
+def closure(scores: Tensor, f_hat: Tensor, *, eps: float, supp: Support) -> tuple[Tensor, Tensor]:
+    """The two-sided entropic c-transform of a query dual: ``g = ccol(f_hat)``, ``f = crow(g)``.
+
+    With ``f_hat = f_{K-2}`` this reproduces the K-step teacher exactly.
+    Returns ``(f, g)``.
+    """
+    g = c_transform_cols(scores, f_hat, eps=eps, supp=supp)
+    return c_transform_rows(scores, g, eps=eps, supp=supp), g

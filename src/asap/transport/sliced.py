@@ -1,0 +1,148 @@
+"""Exact one-dimensional Kantorovich potentials on many slices at once (METHOD.md sec. 3).
+
+For a unit direction ``theta`` project ``x_i = scale <theta, q_i>`` and
+``y_j = <theta, k_j>``. The 1-D cost ``c(x, y) = -x y`` is submodular, so the
+optimal plan between two uniform measures is the monotone (north-west corner)
+coupling of the sorted points. With ``n`` valid queries and ``m`` valid keys,
+in sorted order (ranks ``r = 0..n-1``, ``s = 0..m-1``):
+
+* the query potential grows along the sorted queries with slope ``-y`` of the
+  key matched at each quantile boundary (the envelope theorem,
+  ``f'(x) = d c / d x = -T(x)``)::
+
+      f_(0) = 0,   f_(r+1) = f_(r) - y_(j(r)) (x_(r+1) - x_(r)),   j(r) = ceil((r+1) m / n) - 1
+
+* each key potential is tight against the first query it is matched to::
+
+      g_(s) = -x_(i(s)) y_(s) - f_(i(s)),   i(s) = floor(s n / m)
+
+For ``n = m`` this is ``j(r) = r``, ``i(s) = s``: the pairing of the r-th
+smallest x with the r-th smallest y. The pair is feasible
+(``f_i + g_j <= c(x_i, y_j)`` everywhere), tight on the support of the monotone
+plan, and ``mean(f) + mean(g)`` is the exact 1-D transport cost. Cost: one sort
+per side and one cumulative sum per slice, ``O(L (n log n + m log m))``, no
+``n x m`` tensor.
+
+Padding tokens (``x_valid`` / ``y_valid`` False) are sorted to the end, carry no
+mass and get zero potentials. ``f`` is centred over valid queries and ``g``
+shifted by the opposite constant, so every ``f_i + g_j`` is unchanged.
+
+Reference: Santambrogio, "Optimal Transport for Applied Mathematicians", 2015,
+ch. 2 (1-D transport); Peyre & Cuturi, "Computational Optimal Transport",
+2019, sec. 2.6 and 3.4.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def project(q: Tensor, k: Tensor, directions: Tensor, *, scale: float) -> tuple[Tensor, Tensor]:
+    """Project queries and keys on slice directions.
+
+    Args:
+        q: ``(b, h, n, d)``; k: ``(b, h, m, d)``.
+        directions: unit vectors ``(L, d)`` shared by all heads, or ``(h, L, d)`` per head.
+        scale: the attention scale, applied on the query side as in ``S = scale q k^T``.
+
+    Returns:
+        ``x (b, h, L, n)`` and ``y (b, h, L, m)``.
+    """
+    if directions.dim() == 2:
+        directions = directions.unsqueeze(0)
+    x = torch.einsum("bhnd,hld->bhln", q, directions.to(q.dtype)) * scale
+    y = torch.einsum("bhmd,hld->bhlm", k, directions.to(k.dtype))
+    return x, y
+
+
+def _sorted_valid(x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Sort the last dim with padding last; returns (values with pads zeroed, permutation, sorted validity)."""
+    if valid is None:
+        values, perm = torch.sort(x, dim=-1)
+        return values, perm, None
+    valid = valid.unsqueeze(-2).expand_as(x)
+    key = torch.where(valid, x, torch.full_like(x, float("inf")))
+    perm = torch.sort(key, dim=-1).indices
+    valid_sorted = torch.gather(valid, -1, perm)
+    # Gather from x (not key) so gradients flow; zero the pads so no inf enters arithmetic.
+    values = torch.where(valid_sorted, torch.gather(x, -1, perm), torch.zeros((), dtype=x.dtype, device=x.device))
+    return values, perm, valid_sorted
+
+
+def kantorovich_potentials_1d(
+    x: Tensor,
+    y: Tensor,
+    *,
+    x_valid: Tensor | None = None,
+    y_valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact dual potentials of the 1-D problems with cost ``-x y`` and uniform weights.
+
+    Args:
+        x: ``(..., L, n)`` projected (scaled) queries; y: ``(..., L, m)`` projected keys.
+        x_valid: ``(..., n)`` bool, True = real query (shared by all slices); likewise ``y_valid (..., m)``.
+
+    Returns:
+        ``f (..., L, n)`` and ``g (..., L, m)`` in token order; ``f`` centred over
+        valid queries; zero at padding.
+    """
+    n, m = x.shape[-1], y.shape[-1]
+    xs, x_perm, x_valid_sorted = _sorted_valid(x, x_valid)
+    ys, y_perm, y_valid_sorted = _sorted_valid(y, y_valid)
+    index_dtype = torch.int64
+    r = torch.arange(n, device=x.device, dtype=index_dtype)
+    s = torch.arange(m, device=x.device, dtype=index_dtype)
+    if x_valid is None:
+        n_valid = torch.full((1, 1), n, device=x.device, dtype=index_dtype)
+    else:
+        n_valid = x_valid.sum(dim=-1, keepdim=True).unsqueeze(-1).clamp(min=1)  # (..., 1, 1)
+    if y_valid is None:
+        m_valid = torch.full((1, 1), m, device=x.device, dtype=index_dtype)
+    else:
+        m_valid = y_valid.sum(dim=-1, keepdim=True).unsqueeze(-1).clamp(min=1)
+
+    # Query side: slope -y at each quantile boundary between consecutive sorted queries.
+    corner_key = (((r + 1) * m_valid + n_valid - 1) // n_valid - 1).clamp(0, m - 1)  # ceil((r+1) m / n) - 1
+    corner_key = corner_key.expand(*xs.shape[:-1], n)
+    y_at_corner = torch.gather(ys, -1, corner_key)
+    dx = torch.diff(xs, dim=-1, append=xs[..., -1:])  # dx_(r) = x_(r+1) - x_(r); last one is 0
+    step = -y_at_corner * dx
+    step = torch.where(r < n_valid - 1, step, torch.zeros((), dtype=step.dtype, device=step.device))
+    f_sorted = torch.cumsum(step, dim=-1) - step  # exclusive cumulative sum: f_(0) = 0
+
+    # Key side: tight against the first query matched to each key.
+    first_query = (s * n_valid // m_valid).clamp(0, n - 1).expand(*ys.shape[:-1], m)
+    g_sorted = -torch.gather(xs, -1, first_query) * ys - torch.gather(f_sorted, -1, first_query)
+
+    if x_valid_sorted is not None:
+        f_sorted = torch.where(x_valid_sorted, f_sorted, torch.zeros((), dtype=f_sorted.dtype, device=f_sorted.device))
+    if y_valid_sorted is not None:
+        g_sorted = torch.where(y_valid_sorted, g_sorted, torch.zeros((), dtype=g_sorted.dtype, device=g_sorted.device))
+
+    # Centre f over valid queries; shift g the other way so f_i + g_j is unchanged.
+    f_mean = f_sorted.sum(dim=-1, keepdim=True) / n_valid.to(f_sorted.dtype)
+    f_sorted = f_sorted - f_mean
+    g_sorted = g_sorted + f_mean
+    if x_valid_sorted is not None:
+        f_sorted = torch.where(x_valid_sorted, f_sorted, torch.zeros((), dtype=f_sorted.dtype, device=f_sorted.device))
+    if y_valid_sorted is not None:
+        g_sorted = torch.where(y_valid_sorted, g_sorted, torch.zeros((), dtype=g_sorted.dtype, device=g_sorted.device))
+
+    f = torch.empty_like(f_sorted).scatter_(-1, x_perm, f_sorted)
+    g = torch.empty_like(g_sorted).scatter_(-1, y_perm, g_sorted)
+    return f, g
+
+
+def transport_cost_1d(
+    f: Tensor, g: Tensor, *, x_valid: Tensor | None = None, y_valid: Tensor | None = None
+) -> Tensor:
+    """Dual objective ``sum_i a_i f_i + sum_j b_j g_j`` (= the 1-D transport cost at optimality): ``(..., L)``."""
+
+    def mean(t: Tensor, valid: Tensor | None) -> Tensor:
+        if valid is None:
+            return t.mean(dim=-1)
+        w = valid.unsqueeze(-2).to(t.dtype)
+        return (t * w).sum(dim=-1) / w.sum(dim=-1).clamp(min=1)
+
+    return mean(f, x_valid) + mean(g, y_valid)
