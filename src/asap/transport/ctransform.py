@@ -82,15 +82,18 @@ def column_logsumexp(
     bytes_per_key = max(1, b * h * n * torch.finfo(rdtype).bits // 8)
     tile = int(max(1, min(m, tile_bytes // bytes_per_key)))
     # Dividing q by eps once is cheaper than dividing every tile.
-    q_scaled = q * (scale / eps)
-    f_scaled = (f.to(rdtype) / eps).unsqueeze(-1)
+    # Tiles are computed transposed, (b, h, tile, n), so the reduction over queries
+    # runs along the contiguous last dim.
+    q_scaled_t = (q * (scale / eps)).transpose(-1, -2)
+    f_scaled = (f.to(rdtype) / eps).unsqueeze(-2)
+    bias_t = None if col_bias is None else col_bias.transpose(-1, -2)
     out = []
     for start in range(0, m, tile):  # static Python loop: no host sync, compiles with fullgraph
         stop = min(start + tile, m)
-        z = (q_scaled @ k[..., start:stop, :].transpose(-1, -2)).to(rdtype) + f_scaled
-        if col_bias is not None:
-            z = z + col_bias[..., start:stop]
-        out.append(torch.logsumexp(z, dim=-2))
+        z = (k[..., start:stop, :] @ q_scaled_t).to(rdtype) + f_scaled
+        if bias_t is not None:
+            z = z + bias_t[..., start:stop, :]
+        out.append(torch.logsumexp(z, dim=-1))
     return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
 
