@@ -78,13 +78,19 @@ class AsapOperator(AttentionOperator):
         num_slices: int = 16,
         slice_type: str = "random",
         seed: int = 0,
+        moment_features: bool = False,
         scale: float | None = None,
         dual_map: nn.Module | None = None,
     ):
         super().__init__(scale=scale)
         self.eps = check_positive("eps", eps)
         self.dual_map = dual_map or SliceDualMap(
-            num_heads=num_heads, head_dim=head_dim, num_slices=num_slices, slice_type=slice_type, seed=seed
+            num_heads=num_heads,
+            head_dim=head_dim,
+            num_slices=num_slices,
+            slice_type=slice_type,
+            seed=seed,
+            moment_features=moment_features,
         )
         self._warned_unfitted = False
 
