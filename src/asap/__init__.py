@@ -12,6 +12,7 @@ from asap.attention import (
     MultiheadAttention,
     asap_attention,
     build_operator,
+    esp_attention,
     sinkhorn_attention,
     softmax_attention,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "__version__",
     "asap_attention",
     "build_operator",
+    "esp_attention",
     "sinkhorn_attention",
     "softmax_attention",
 ]

@@ -19,7 +19,7 @@ from asap.attention import (
 from asap.attention.functional import sinkhorn_attention
 
 
-@pytest.mark.parametrize("method", ["softmax", "sinkhorn", "asap"])
+@pytest.mark.parametrize("method", ["softmax", "sinkhorn", "esp", "asap"])
 def test_each_method_runs_and_pads_like_unpadded(method):
     torch.manual_seed(0)
     attn = MultiheadAttention(16, num_heads=4, method=method).double()
@@ -96,7 +96,7 @@ def test_operator_swap_in_place_and_config_round_trip():
     assert AttentionConfig.from_dict(cfg.to_dict()) == cfg
     built = MultiheadAttention.from_config(8, num_heads=2, config=cfg)
     assert built.operator.n_iters == 11 and built.operator.eps == 0.5
-    assert set(OPERATORS) >= {"softmax", "sinkhorn", "asap"}
+    assert set(OPERATORS) == {"softmax", "sinkhorn", "esp", "asap"}
 
 
 def test_moment_features_match_direct_formula_and_ignore_padding():

@@ -60,7 +60,8 @@ def test_quantile_coupling_with_padding_uses_valid_counts_only():
 def test_hard_slice_plans_and_costs_match_pot(n, m):
     d, num_slices = 3, 4
     q, k = _points(n, m, d)
-    theta = torch.nn.functional.normalize(torch.randn(num_slices, d, dtype=F64, generator=torch.Generator().manual_seed(1)), dim=-1)
+    theta = torch.randn(num_slices, d, dtype=F64, generator=torch.Generator().manual_seed(1))
+    theta = theta / theta.norm(dim=-1, keepdim=True)
     perm_q, perm_k = hard_sort((q @ theta.T).T), hard_sort((k @ theta.T).T)
     coupling = quantile_coupling(n, m, dtype=F64)
     plans = dense_slice_plans(perm_q, perm_k, coupling)  # (L, n, m)
@@ -99,7 +100,9 @@ def test_slice_plans_apply_equals_dense_plans(soft):
     v = torch.randn(m, 2, dtype=F64)
     valid_q = torch.tensor([1, 1, 0, 1, 1, 0], dtype=torch.bool)
     valid_k = torch.tensor([1, 1, 1, 0, 1], dtype=torch.bool)
-    sort = (lambda x, valid: soft_sort(x, tau_sort=0.2, valid=valid)) if soft else (lambda x, valid: hard_sort(x, valid=valid))
+    def sort(x, valid):
+        return soft_sort(x, tau_sort=0.2, valid=valid) if soft else hard_sort(x, valid=valid)
+
     perm_q, perm_k = sort(q.T, valid_q), sort(k.T, valid_k)
     coupling = quantile_coupling(n, m, valid_q=valid_q, valid_k=valid_k, dtype=F64)
     plans = dense_slice_plans(perm_q, perm_k, coupling)

@@ -13,12 +13,17 @@ from asap.attention.operators import (
     build_operator,
     register_operator,
 )
+from asap.attention.esp import EspOperator, esp_attention, esp_attention_reference
+
+# esp.py builds on operators.py, so it registers itself here rather than in OPERATORS' literal.
+register_operator(EspOperator)
 
 __all__ = [
     "OPERATORS",
     "AsapOperator",
     "AttentionConfig",
     "AttentionOperator",
+    "EspOperator",
     "MultiheadAttention",
     "SinkhornOperator",
     "SliceDualMap",
@@ -26,6 +31,8 @@ __all__ = [
     "asap_attention",
     "available_methods",
     "build_operator",
+    "esp_attention",
+    "esp_attention_reference",
     "make_directions",
     "moment_features",
     "register_operator",

@@ -178,7 +178,8 @@ class QuantileCoupling(NamedTuple):
         """``W y``: key-rank-indexed ``y (..., L, m, c)`` -> query-rank-indexed ``(..., L, n, c)``."""
         picked = _gather_rows(y, self.cols.unsqueeze(-2)) * self.mass.unsqueeze(-2).unsqueeze(-1)
         index = self.rows.unsqueeze(-2).unsqueeze(-1).expand_as(picked)
-        out = torch.zeros(*picked.shape[:-2], self.rank_mass.shape[-1], picked.shape[-1], dtype=y.dtype, device=y.device)
+        n = self.rank_mass.shape[-1]
+        out = torch.zeros(*picked.shape[:-2], n, picked.shape[-1], dtype=y.dtype, device=y.device)
         return out.scatter_add(-2, index, picked)
 
 
@@ -210,8 +211,8 @@ def quantile_coupling(
         ranks = torch.arange(n, device=device)
         mass = torch.full((n,), 1.0 / n, dtype=dtype, device=device)
         return QuantileCoupling(ranks, ranks, mass, mass)
-    if device is None:
-        device = (valid_q if valid_q is not None else valid_k).device if (valid_q is not None or valid_k is not None) else None
+    if device is None and (valid_q is not None or valid_k is not None):
+        device = (valid_q if valid_q is not None else valid_k).device
     n_valid = torch.full((1,), n, device=device) if valid_q is None else valid_q.sum(dim=-1, keepdim=True)
     m_valid = torch.full((1,), m, device=device) if valid_k is None else valid_k.sum(dim=-1, keepdim=True)
     n_valid, m_valid = torch.broadcast_tensors(n_valid, m_valid)  # (..., 1)
@@ -227,7 +228,8 @@ def quantile_coupling(
     cols = (starts // n_valid.clamp_min(1)).clamp(max=m - 1)
     mass = (ends - starts).to(dtype) / total.clamp_min(1).to(dtype)
     ranks = torch.arange(n, device=device)
-    rank_mass = torch.where(ranks < n_valid, 1.0 / n_valid.clamp_min(1).to(dtype), torch.zeros((), dtype=dtype, device=device))
+    zero = torch.zeros((), dtype=dtype, device=device)
+    rank_mass = torch.where(ranks < n_valid, 1.0 / n_valid.clamp_min(1).to(dtype), zero)
     return QuantileCoupling(rows, cols, mass, rank_mass)
 
 
