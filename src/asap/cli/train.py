@@ -1,0 +1,166 @@
+"""``asap train``: train a classifier with a chosen attention method (or resume a run).
+
+    asap train --dataset imdb --data-dir ../shared/data --method sinkhorn --n-iters 11 --eps 1 \\
+               --epochs 3 --out runs/imdb_sk11
+    asap train --resume runs/imdb_sk11
+    torchrun --nproc_per_node=2 -m asap.cli.main train ...      # data-parallel
+
+Every option maps to a field of :class:`asap.train.TrainConfig` (``--heads`` ->
+``num_heads``, ``--out`` -> ``out_dir``); options not given keep the config's
+defaults. With ``--resume`` the run's own ``config.json`` is used: options
+that would change the result are refused, run-time ones (data dir, workers,
+device, checkpointing, stopping point) may be changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+#: command-line dest -> TrainConfig field, where the names differ.
+RENAMED = {"out": "out_dir", "heads": "num_heads", "no_progress": "progress"}
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE parsed as JSON when it is JSON (``grad_mode=unroll``, ``tau=0.01``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_attention_options(parser: argparse.ArgumentParser, *, method_flag: str = "--method") -> None:
+    """The attention method switch and its options (shared with ``asap eval``)."""
+    parser.add_argument(method_flag, dest="method", default=argparse.SUPPRESS,
+                        help="attention method: softmax | sinkhorn | esp | asap (default: softmax)")
+    parser.add_argument("--n-iters", type=int, default=argparse.SUPPRESS,
+                        help="Sinkhorn half-steps K (odd: rows exact; K=1 is softmax)")
+    parser.add_argument("--eps", type=float, default=argparse.SUPPRESS, help="entropic regularisation (default 1)")
+    parser.add_argument("--attention-option", dest="attention_options", type=_key_value, action="append",
+                        default=argparse.SUPPRESS, metavar="KEY=VALUE",
+                        help="any other option of the attention operator (repeatable), e.g. grad_mode=unroll")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train", help="train a model (text: TextClassifier, images: ViT)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    S = argparse.SUPPRESS
+    run = parser.add_argument_group("run")
+    run.add_argument("--dataset", default=S, help="data set name (see asap.data.DATASETS; default: digits)")
+    run.add_argument("--data-dir", default=S, help="data directory (default: $ASAP_DATA_DIR)")
+    run.add_argument("--out", default=S, help="run directory to create (default: runs/run)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR exactly")
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", choices=("tiny", "small", "base"), default=S, help="model size (default: tiny)")
+    model.add_argument("--dim", type=int, default=S, help="width (overrides the preset)")
+    model.add_argument("--depth", type=int, default=S, help="number of blocks (overrides the preset)")
+    model.add_argument("--heads", type=int, default=S, help="attention heads (overrides the preset)")
+    model.add_argument("--mlp-ratio", type=float, default=S, help="MLP hidden width / dim (overrides the preset)")
+    model.add_argument("--dropout", type=float, default=S, help="dropout (default 0)")
+    model.add_argument("--pooling", choices=("mean", "cls"), default=S, help="text pooling (default: mean)")
+    model.add_argument("--patch-size", type=int, default=S, help="ViT patch size (default: 4, or 2 for small images)")
+    add_attention_options(model)
+    data = parser.add_argument_group("data")
+    data.add_argument("--max-length", type=int, default=S, help="subword tokens per text (default 256)")
+    data.add_argument("--vocab-size", type=int, default=S, help="tokenizer vocabulary (default 8000)")
+    data.add_argument("--val-fraction", type=float, default=S, help="held-out part of train (default 0.1)")
+    data.add_argument("--limit", type=int, default=S, help="at most this many examples per split (quick runs)")
+    data.add_argument("--augment", action="store_true", default=S, help="random shifts (and flips) of images")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=S, help="default 3")
+    optim.add_argument("--batch-size", type=int, default=S, help="global batch, split across processes (default 64)")
+    optim.add_argument("--lr", type=float, default=S, help="peak AdamW learning rate (default 1e-3)")
+    optim.add_argument("--weight-decay", type=float, default=S, help="default 0.05")
+    optim.add_argument("--betas", type=float, nargs=2, default=S, help="AdamW betas (default 0.9 0.999)")
+    optim.add_argument("--warmup-fraction", type=float, default=S, help="linear warm-up share of all steps (default 0.05)")
+    optim.add_argument("--min-lr-ratio", type=float, default=S, help="cosine floor, as a fraction of --lr (default 0)")
+    optim.add_argument("--grad-clip", type=float, default=S, help="gradient norm clip, 0 = none (default 1)")
+    optim.add_argument("--seed", type=int, default=S, help="default 0")
+    runtime = parser.add_argument_group("run time")
+    runtime.add_argument("--num-workers", type=int, default=S, help="DataLoader workers (default 0)")
+    runtime.add_argument("--device", default=S, help="auto | cpu | cuda[:i] (default: auto)")
+    runtime.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
+    runtime.add_argument("--checkpoint-every", type=int, default=S, help="also checkpoint every N steps (default: epoch ends only)")
+    runtime.add_argument("--stop-after-steps", type=int, default=S, help="stop (resumably) once this global step is reached")
+    runtime.add_argument("--eval-batch-size", type=int, default=S, help="default: 2 x batch size")
+    runtime.add_argument("--log-every", type=int, default=S, help="progress-bar refresh, in steps (default 10)")
+    runtime.add_argument("--no-progress", action="store_false", default=S, help="no progress bars")
+    parser.set_defaults(func=partial(run_train, parser=parser))
+    return parser
+
+
+def options_to_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line (and only those)."""
+    fields = {RENAMED.get(k, k): v for k, v in vars(args).items() if k not in ("command", "func", "resume")}
+    if "attention_options" in fields:
+        fields["attention_options"] = dict(fields["attention_options"])
+    if fields.get("grad_clip") == 0:
+        fields["grad_clip"] = None
+    return fields
+
+
+def config_from_args(args: argparse.Namespace):
+    """Build the TrainConfig of a new run, or of the run ``--resume`` names (validated against it)."""
+    from asap.train import TrainConfig, read_run_config
+    from asap.train.config import RUNTIME_FIELDS
+
+    fields = options_to_fields(args)
+    if args.resume is None:
+        return TrainConfig(**fields)
+    stored = read_run_config(args.resume).train.to_dict()
+    stored["out_dir"] = args.resume
+    changed = {k: v for k, v in fields.items() if k not in RUNTIME_FIELDS and stored[k] != v}
+    if changed:
+        raise SystemExit(
+            f"asap train --resume: cannot change {', '.join(sorted(changed))} of a run "
+            f"(its {Path(args.resume) / 'config.json'} is used); only run-time options ({', '.join(sorted(RUNTIME_FIELDS - {'out_dir'}))}) may be given"
+        )
+    stored["stop_after_steps"] = None  # a stopping point applies to one invocation only
+    stored.update({k: v for k, v in fields.items() if k != "out_dir"})
+    return TrainConfig.from_dict(stored)
+
+
+def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """The ``asap train`` command line equivalent to ``args`` (the options given, long spellings)."""
+    parts = ["asap", "train"]
+    given = vars(args)
+    for action in parser._actions:
+        value = given.get(action.dest)
+        if not action.option_strings or action.dest == "help" or value is None:
+            continue
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # store_true / store_false
+            parts.append(flag)
+        elif action.dest == "attention_options":
+            for key, option in value:
+                parts += [flag, f"{key}={option if isinstance(option, str) else json.dumps(option)}"]
+        elif isinstance(value, list):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def run_train(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
+    from asap.train import train
+
+    config = config_from_args(args)
+    if int(os.environ.get("RANK", "0")) == 0:  # keep the command lines that built this run
+        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(config.out_dir) / "command.txt", "a") as f:
+            f.write(command_line(args, parser) + "\n")
+    result = train(config, resume=args.resume is not None)
+    if int(os.environ.get("RANK", "0")) == 0 and result["test"] is not None:
+        print(json.dumps({"run_dir": result["run_dir"], "test_accuracy": result["test"]["accuracy"],
+                          "global_step": result["global_step"]}))  # fmt: skip
+    return 0

@@ -1,0 +1,108 @@
+"""Accuracy and loss of a model over a data set (data-parallel aware), and of a saved run."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from asap.models import swap_attention
+from asap.train.checkpoint import atomic_write_json, load_model
+from asap.train.data import batch_inputs, load_split, make_loader, shard_batches
+from asap.train.distributed import DistInfo, all_reduce_sum, resolve_device
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    collate,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    dist: DistInfo | None = None,
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on every item of ``dataset``.
+
+    With several processes each evaluates a disjoint shard and the sums are
+    all-reduced, so every rank returns the same, complete result.
+    Returns ``{"loss", "accuracy", "num_samples"}``.
+    """
+    dist = dist or DistInfo(device=torch.device(device))
+    device = torch.device(device)
+    batches = shard_batches(len(dataset), batch_size=batch_size, rank=dist.rank, world_size=dist.world_size)
+    loader = make_loader(dataset, batches, collate=collate, num_workers=num_workers, seed=0)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for batch in loader:
+        labels = batch["labels"].to(device)
+        logits = model(**batch_inputs(batch, model.input_names, device))
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        sums += torch.stack([loss.double(), (logits.argmax(-1) == labels).sum().double(), sums.new_tensor(len(labels))])
+    model.train(was_training)
+    loss_sum, correct, count = all_reduce_sum(sums, dist).tolist()
+    if count == 0:
+        raise ValueError("cannot evaluate on an empty data set")
+    return {"loss": loss_sum / count, "accuracy": correct / count, "num_samples": int(count)}
+
+
+def eval_record(
+    metrics: dict[str, float], *, run_dir, dataset: str, split: str, limit: int | None,
+    attention: dict[str, Any], seconds: float, device: torch.device,
+) -> dict[str, Any]:
+    """The ``eval_<split>.json`` record (one schema for ``asap train`` and ``asap eval``)."""
+    return {
+        "run": str(run_dir), "dataset": dataset, "split": split, "limit": limit, "attention": attention,
+        **metrics, "seconds": seconds, "samples_per_sec": metrics["num_samples"] / seconds, "device": str(device),
+    }  # fmt: skip
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    split: str = "test",
+    data_dir: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    method: str | None = None,
+    method_options: dict[str, Any] | None = None,
+    output: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Evaluate a saved run on one split, optionally with another attention method.
+
+    ``method``/``method_options`` swap every layer's attention operator before
+    evaluating (e.g. a Sinkhorn K=11 teacher evaluated with K=3 or softmax).
+    ``data_dir`` defaults to the run's own (then ``$ASAP_DATA_DIR``). The result
+    is written as JSON to ``output`` (default ``RUN_DIR/eval_<split>[_<method>...][_limit<n>].json``).
+    """
+    run_dir = Path(run_dir)
+    dev = resolve_device(device)
+    model, run_config = load_model(run_dir, device=dev)
+    attention = run_config.model.attention.to_dict()
+    if method is not None:
+        swap_attention(model, method, **(method_options or {}))
+        attention = {"method": method, "options": dict(method_options or {})}
+    dataset, collate = load_split(
+        run_config.data, run_dir, split=split, data_dir=data_dir or run_config.train.data_dir, limit=limit
+    )
+    start = time.perf_counter()
+    metrics = evaluate(model, dataset, collate=collate, batch_size=batch_size, device=dev)
+    result = eval_record(
+        metrics, run_dir=run_dir, dataset=run_config.data["dataset"], split=split, limit=limit,
+        attention=attention, seconds=time.perf_counter() - start, device=dev,
+    )  # fmt: skip
+    if output is None:  # one file per distinct evaluation, so none overwrites another
+        suffix = "" if method is None else f"_{method}" + "".join(f"_{k}{v}" for k, v in sorted((method_options or {}).items()))
+        suffix += "" if limit is None else f"_limit{limit}"
+        output = run_dir / f"eval_{split}{suffix}.json"
+    atomic_write_json(output, result)
+    return result

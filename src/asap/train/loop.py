@@ -1,0 +1,409 @@
+"""The training loop: ``train(config) -> metrics``.
+
+One :class:`Trainer` per run. Its state between two optimiser steps is
+(model, AdamW, schedule, RNG of every process, epoch, batch within the epoch,
+global step, running epoch sums); :meth:`Trainer.save` writes exactly that, so
+a run stopped at any step boundary (``checkpoint_every``, ``stop_after_steps``,
+Ctrl-C, SIGTERM) and resumed ends with the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from asap.models import PRESETS, ModelConfig, TextClassifierConfig, ViTConfig, build_model
+from asap.train.checkpoint import (
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    CheckpointError,
+    RunConfig,
+    atomic_write_bytes,
+    atomic_write_json,
+    capture_rng_state,
+    describe_environment,
+    load_checkpoint,
+    read_run_config,
+    restore_rng_state,
+    save_checkpoint,
+    save_model,
+    write_run_config,
+)
+from asap.train.config import TrainConfig
+from asap.train.data import EpochBatchSampler, batch_inputs, load_split, make_loader, prepare_data
+from asap.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    gather_stack,
+    setup_distributed,
+)
+from asap.train.evaluate import eval_record, evaluate
+from asap.train.schedule import warmup_cosine
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train a model as ``config`` says; with ``resume=True`` continue the run in ``config.out_dir``.
+
+    Under ``torchrun`` every process calls this; the global batch is split
+    across them and only rank 0 writes files. Returns (on every rank) a dict
+    with the per-epoch ``history`` (as in ``metrics.jsonl``), ``test`` metrics
+    (None when the run stopped early), ``global_step`` and ``completed``.
+    """
+    dist = setup_distributed(config.device)
+    try:
+        return Trainer(config, dist, resume=resume).run()
+    finally:
+        cleanup_distributed(dist)
+
+
+def model_config_for(config: TrainConfig, data_info: dict[str, Any]) -> ModelConfig:
+    """The model a training config asks for, shaped by the data (vocabulary, classes, image size)."""
+    if config.preset not in PRESETS:
+        raise ValueError(f"unknown preset {config.preset!r}; choose one of {sorted(PRESETS)}")
+    size = dict(PRESETS[config.preset])
+    for name in ("dim", "depth", "num_heads", "mlp_ratio"):
+        if getattr(config, name) is not None:
+            size[name] = getattr(config, name)
+    common = dict(num_classes=len(data_info["classes"]), dropout=config.dropout, attention=config.attention_config(), **size)
+    if data_info["kind"] == "text":
+        return TextClassifierConfig(
+            vocab_size=data_info["vocab_size"], max_length=config.max_length, pooling=config.pooling, **common
+        )
+    image_size = data_info["image_size"]
+    patch_size = config.patch_size or next(p for p in (4, 2, 1) if image_size % p == 0 and image_size // p >= 4)
+    return ViTConfig(image_size=image_size, patch_size=patch_size, in_channels=data_info["in_channels"], **common)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not biases, norms, position embeddings, class token)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        skip = param.dim() < 2 or name.split(".")[-1] in ("position_embedding", "cls_token")
+        (no_decay if skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+@contextmanager
+def stop_requests():
+    """Turn SIGINT/SIGTERM into a request to stop at the next step boundary (a consistent checkpoint).
+
+    Yields a one-element list whose item becomes True on a request. A second
+    Ctrl-C interrupts at once. Signal handlers can only be set from the main
+    thread; elsewhere this yields a flag that never changes.
+    """
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def request(signum, frame):
+        if flag[0] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag[0] = True
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One training run (see the module docstring). Use :func:`train`."""
+
+    def __init__(self, config: TrainConfig, dist: DistInfo, *, resume: bool = False):
+        self.config, self.dist = config, dist
+        self.run_dir = Path(config.out_dir)
+        self.checkpoint_path = self.run_dir / CHECKPOINT_FILE
+        self._check_run_dir(resume)
+        barrier(dist)  # every process has checked before rank 0 writes anything
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        seed_all(config.seed)
+
+        self.data = prepare_data(config, self.run_dir, dist)
+        model_config = model_config_for(config, self.data.info)
+        torch.manual_seed(config.seed)  # identical initial weights on every process
+        self.model = build_model(model_config).to(dist.device)
+        self.run_config = RunConfig(
+            model=model_config, train=config, data=self.data.info,
+            environment=describe_environment(dist.device, dist.world_size),
+        )  # fmt: skip
+
+        self.steps_per_epoch = len(self.data.train) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training part has {len(self.data.train)} examples, fewer than one batch of {config.batch_size}"
+            )
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.optimizer = make_optimizer(self.model, config)
+        schedule = partial(
+            warmup_cosine,
+            warmup_steps=math.ceil(config.warmup_fraction * self.total_steps),
+            total_steps=self.total_steps,
+            min_ratio=config.min_lr_ratio,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+        self.epoch = self.batch_in_epoch = self.global_step = 0
+        self.epoch_seconds = self.previous_seconds = 0.0
+        self.sums = torch.zeros(3, dtype=torch.float64, device=dist.device)  # loss sum, correct, count
+        if resume:
+            self._restore()
+        else:
+            # Each process its own dropout stream, all determined by the seed.
+            torch.manual_seed(int(np.random.SeedSequence([config.seed, dist.rank]).generate_state(1)[0]))
+            if dist.is_main:
+                write_run_config(self.run_dir, self.run_config)
+                atomic_write_bytes(self.run_dir / METRICS_FILE, b"")
+
+        self.forward_model: nn.Module = self.model
+        if dist.distributed:
+            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        if config.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self.start_time = time.perf_counter()
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _check_run_dir(self, resume: bool) -> None:
+        if resume and not self.checkpoint_path.is_file():
+            raise CheckpointError(f"{self.checkpoint_path}: file not found; nothing to resume in {self.run_dir}")
+        if not resume and (self.checkpoint_path.exists() or (self.run_dir / "config.json").exists()):
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run; resume it (--resume) or choose another output directory"
+            )
+
+    def _restore(self) -> None:
+        stored = read_run_config(self.run_dir)
+        changed = stored.train.differences(self.config)
+        if changed:
+            raise CheckpointError(
+                f"{self.run_dir / 'config.json'}: the run was trained with other settings, cannot resume with "
+                + ", ".join(f"{k}={new!r} (run: {old!r})" for k, (old, new) in changed.items())
+            )
+        if stored.model.to_dict() != self.run_config.model.to_dict():
+            raise CheckpointError(f"{self.run_dir / 'config.json'}: the stored model config differs from the rebuilt one")
+        state = load_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        saved_world = state.progress["world_size"]
+        if saved_world != self.dist.world_size:
+            raise CheckpointError(
+                f"{self.checkpoint_path}: written by {saved_world} process(es); resume with the same number "
+                f"(got {self.dist.world_size}) to continue the same random streams"
+            )
+        p = state.progress
+        self.epoch, self.batch_in_epoch, self.global_step = p["epoch"], p["batch_in_epoch"], p["global_step"]
+        self.epoch_seconds, self.previous_seconds = p["epoch_seconds"], p["elapsed_seconds"]
+        self.sums = state.progress_tensors["sums"][self.dist.rank].to(self.dist.device)
+        restore_rng_state({k: v[self.dist.rank] for k, v in state.rng.items()}, self.dist.device)
+        if self.dist.is_main:  # drop metric lines of epochs the checkpoint does not include
+            lines = read_metrics(self.run_dir / METRICS_FILE)
+            kept = "".join(json.dumps(r) + "\n" for r in lines if r["epoch"] <= self.epoch)
+            atomic_write_bytes(self.run_dir / METRICS_FILE, kept.encode())
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any]:
+        with stop_requests() as signalled:
+            while self.epoch < self.config.epochs:
+                finished_epoch = self._train_epoch(signalled)
+                if not finished_epoch:
+                    self.save()
+                    if self._agreed(signalled[0]):
+                        self._say(f"interrupted at step {self.global_step}; resume with --resume {self.run_dir}")
+                        raise KeyboardInterrupt
+                    return self._summary(test=None)
+                self._end_epoch()
+        return self._finish()
+
+    def _train_epoch(self, signalled: list[bool]) -> bool:
+        """Run the rest of the current epoch; False if stopped early (by request or ``stop_after_steps``)."""
+        c, d = self.config, self.dist
+        sampler = EpochBatchSampler(
+            len(self.data.train), batch_size=c.batch_size, seed=c.seed, epoch=self.epoch,
+            rank=d.rank, world_size=d.world_size, start_batch=self.batch_in_epoch,
+        )  # fmt: skip
+        loader = make_loader(
+            self.data.train, sampler, collate=self.data.collate, num_workers=c.num_workers, seed=c.seed + self.epoch
+        )
+        bar = tqdm(
+            total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{c.epochs}",
+            disable=not (d.is_main and c.progress), dynamic_ncols=True, leave=False,
+        )  # fmt: skip
+        if hasattr(self.data.train, "set_epoch"):  # fresh, reproducible augmentation draws each epoch
+            self.data.train.set_epoch(self.epoch)
+        self.model.train()
+        start = time.perf_counter()
+        try:
+            for batch in loader:
+                self._step(batch)
+                bar.update(1)
+                if self.global_step % c.log_every == 0:
+                    self._log_progress(bar)
+                if c.checkpoint_every and self.global_step % c.checkpoint_every == 0:
+                    self.save()
+                stop_now = c.stop_after_steps is not None and self.global_step >= c.stop_after_steps
+                if stop_now or self._agreed(signalled[0]):
+                    return False
+            return True
+        finally:
+            self.epoch_seconds += time.perf_counter() - start
+            bar.close()
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> None:
+        labels = batch["labels"].to(self.dist.device, non_blocking=True)
+        logits = self.forward_model(**batch_inputs(batch, self.model.input_names, self.dist.device))
+        loss = F.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == labels).sum()
+            self.sums += torch.stack([loss.detach().double() * len(labels), correct.double(), self.sums.new_tensor(len(labels))])
+        self.batch_in_epoch += 1
+        self.global_step += 1
+
+    def _log_progress(self, bar: tqdm) -> None:
+        """Show this process's running loss/accuracy; a non-finite loss stops the run with a clear error."""
+        loss_sum, correct, count = self.sums.tolist()  # the one host sync, every log_every steps
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(
+                f"training loss became {loss_sum} at step {self.global_step} (epoch {self.epoch + 1}); "
+                f"try a lower --lr (now {self.config.lr}) or gradient clipping"
+            )
+        bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+
+    def _agreed(self, local_flag: bool) -> bool:
+        """True if any process was asked to stop (every process must stop at the same step)."""
+        if not self.dist.distributed:
+            return local_flag
+        return bool(all_reduce_sum(torch.tensor([float(local_flag)], device=self.dist.device), self.dist).item())
+
+    def _end_epoch(self) -> None:
+        loss_sum, correct, count = all_reduce_sum(self.sums, self.dist).tolist()
+        val = self._evaluate(self.data.val, self.data.collate)
+        record = {
+            "epoch": self.epoch + 1,
+            "step": self.global_step,
+            "lr": self.scheduler.get_last_lr()[0],
+            "train_loss": loss_sum / count,
+            "train_acc": correct / count,
+            "val_loss": val["loss"],
+            "val_acc": val["accuracy"],
+            "samples_per_sec": count / self.epoch_seconds,
+            "epoch_seconds": self.epoch_seconds,
+            "elapsed_seconds": self._elapsed(),
+        }
+        if self.dist.is_main:
+            with open(self.run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self._say(
+                f"epoch {record['epoch']}/{self.config.epochs}: train loss {record['train_loss']:.4f} "
+                f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f} "
+                f"| {record['samples_per_sec']:.0f} samples/s"
+            )
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.epoch_seconds = 0.0
+        self.sums.zero_()
+        self.save()
+
+    def _evaluate(self, dataset, collate) -> dict[str, float]:
+        c = self.config
+        return evaluate(
+            self.model, dataset, collate=collate, batch_size=c.eval_batch_size or 2 * c.batch_size,
+            device=self.dist.device, dist=self.dist, num_workers=c.num_workers,
+        )  # fmt: skip
+
+    def _finish(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        c = self.config
+        test_set, collate = load_split(self.data.info, self.run_dir, split="test", data_dir=c.data_dir, limit=c.limit)
+        test = eval_record(
+            self._evaluate(test_set, collate), run_dir=self.run_dir, dataset=self.config.dataset, split="test",
+            limit=self.config.limit, attention=self.run_config.model.attention.to_dict(),
+            seconds=time.perf_counter() - start, device=self.dist.device,
+        )  # fmt: skip
+        if self.dist.is_main:
+            atomic_write_json(self.run_dir / "eval_test.json", test)
+            self._say(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}, {test['num_samples']} examples)")
+        return self._summary(test=test)
+
+    def _summary(self, *, test: dict[str, Any] | None) -> dict[str, Any]:
+        history = read_metrics(self.run_dir / METRICS_FILE) if self.dist.is_main else []
+        return {
+            "run_dir": str(self.run_dir),
+            "completed": test is not None,
+            "global_step": self.global_step,
+            "epochs_done": self.epoch,
+            "history": history,
+            "test": test,
+            "elapsed_seconds": self._elapsed(),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> None:
+        """Write the resumable checkpoint and the current weights (rank 0); a collective call."""
+        rng = {k: gather_stack(v, self.dist) for k, v in capture_rng_state(self.dist.device).items()}
+        sums = gather_stack(self.sums, self.dist)
+        if not self.dist.is_main:
+            return
+        progress = {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "global_step": self.global_step,
+            "epoch_seconds": self.epoch_seconds,
+            "elapsed_seconds": self._elapsed(),
+            "world_size": self.dist.world_size,
+        }
+        save_checkpoint(
+            self.checkpoint_path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            rng=rng, progress=progress, progress_tensors={"sums": sums},
+        )  # fmt: skip
+        save_model(self.run_dir, self.model, step=self.global_step)
+
+    def _elapsed(self) -> float:
+        return self.previous_seconds + time.perf_counter() - self.start_time
+
+    def _say(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, flush=True)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (empty if it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
