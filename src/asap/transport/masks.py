@@ -44,11 +44,15 @@ class Support(NamedTuple):
     row_bias: Tensor | None
     col_bias: Tensor | None
 
-    def zero_rows(self, x: Tensor) -> Tensor:
-        """Set query-indexed ``x (..., n[, k])`` to zero at padding queries."""
+    def zero_rows(self, x: Tensor, *, vectors: bool = False) -> Tensor:
+        """Set query-indexed ``x`` to zero at padding queries.
+
+        ``x`` is ``(..., n)``, or ``(..., n, k)`` (one vector per query, e.g. an
+        attention output) with ``vectors=True``.
+        """
         if self.rows is None:
             return x
-        rows = self.rows if x.dim() == self.rows.dim() else self.rows.unsqueeze(-1)
+        rows = self.rows.unsqueeze(-1) if vectors else self.rows
         return torch.where(rows, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
     def zero_cols(self, x: Tensor) -> Tensor:

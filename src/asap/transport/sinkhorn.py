@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from asap.transport.ctransform import c_transform_cols, c_transform_rows
+from asap.transport.ctransform import c_transform_cols, c_transform_rows, col_step, row_step, scaled_logits
 from asap.transport.masks import Support
 
 class SinkhornResult(NamedTuple):
@@ -97,6 +97,7 @@ def sinkhorn(
         raise ValueError(f"n_iters must be >= 1 half-step, got {n_iters}")
     if tol is not None and check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
+    row_logits, col_logits = scaled_logits(scores, eps=eps, supp=supp)
     g = scores.new_zeros(scores.shape[:-2] + (scores.shape[-1],))
     f = scores.new_zeros(scores.shape[:-1])
     f_prev = None  # f_{k-2} when the current step k is a row step
@@ -104,9 +105,9 @@ def sinkhorn(
     while step < n_iters:
         step += 1
         if step % 2 == 1:
-            f_prev, f = f, c_transform_rows(scores, g, eps=eps, supp=supp)
+            f_prev, f = f, row_step(row_logits, g, eps=eps, supp=supp)
         else:
-            g_new = c_transform_cols(scores, f, eps=eps, supp=supp)
+            g_new = col_step(col_logits, f, eps=eps, supp=supp)
             if tol is not None and step > 2 and (step // 2) % check_every == 0:
                 err = _column_marginal_error(g, g_new, eps=eps, supp=supp)
                 if bool((err < tol).all()):  # host sync: tolerance mode only
