@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from asap.attention.checks import check_positive
 from asap.attention.dual_map import SliceDualMap
 from asap.attention.functional import GRAD_MODES, asap_attention, sinkhorn_attention, softmax_attention
+from asap.transport.ctransform import DEFAULT_TILE_BYTES
 
 
 class AttentionOperator(nn.Module):
@@ -79,11 +80,13 @@ class AsapOperator(AttentionOperator):
         slice_type: str = "random",
         seed: int = 0,
         moment_features: bool = False,
+        tile_bytes: int = DEFAULT_TILE_BYTES,
         scale: float | None = None,
         dual_map: nn.Module | None = None,
     ):
         super().__init__(scale=scale)
         self.eps = check_positive("eps", eps)
+        self.tile_bytes = tile_bytes
         self.dual_map = dual_map or SliceDualMap(
             num_heads=num_heads,
             head_dim=head_dim,
@@ -92,20 +95,23 @@ class AsapOperator(AttentionOperator):
             seed=seed,
             moment_features=moment_features,
         )
-        self._warned_unfitted = False
+        self._checked_fitted = False
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}"
+        return f"eps={self.eps}, tile_bytes={self.tile_bytes}"
 
     def forward(self, q, k, v, *, attn_mask=None):
-        if not self._warned_unfitted and not getattr(self.dual_map, "fitted", True):
-            # A zero map is a valid operator (one column step then a row step), but almost
-            # certainly not what was meant: it has not been compiled from a teacher.
-            warnings.warn("ASAP operator used before its dual map was fitted (run `asap compile`)", stacklevel=2)
-            self._warned_unfitted = True
+        if not self._checked_fitted:
+            # Checked once (reading the flag is a host sync). A zero map is a valid operator
+            # (one column step then a row step), but almost certainly not what was meant.
+            self._checked_fitted = True
+            if not bool(getattr(self.dual_map, "fitted", True)):
+                warnings.warn("ASAP operator used before its dual map was fitted (run `asap compile`)", stacklevel=2)
         scale = self.resolved_scale(q)
         f_hat = self.dual_map(q, k, scale=scale, attn_mask=attn_mask)
-        return asap_attention(q, k, v, f_hat, eps=self.eps, scale=scale, attn_mask=attn_mask)
+        return asap_attention(
+            q, k, v, f_hat, eps=self.eps, scale=scale, attn_mask=attn_mask, tile_bytes=self.tile_bytes
+        )
 
 
 OPERATORS: dict[str, type[AttentionOperator]] = {

@@ -53,7 +53,9 @@ def project(q: Tensor, k: Tensor, directions: Tensor, *, scale: float) -> tuple[
         directions = directions.unsqueeze(0)
     x = torch.einsum("bhnd,hld->bhln", q, directions.to(q.dtype)) * scale
     y = torch.einsum("bhmd,hld->bhlm", k, directions.to(k.dtype))
-    return x, y
+    # einsum leaves L as the fastest dim; the sorts, gathers and cumulative sums that
+    # follow run along the token dim, about 2.5x faster on contiguous rows.
+    return x.contiguous(), y.contiguous()
 
 
 def _sorted_valid(x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:

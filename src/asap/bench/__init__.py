@@ -1,0 +1,12 @@
+"""Benchmarks and the results report.
+
+* :mod:`asap.bench.measure`: interleaved timing (median, IQR), peak memory, machine description;
+* :mod:`asap.bench.operators`: time and memory of every attention operator over a grid of shapes
+  (``python -m asap.bench.operators``, ``asap bench operators``);
+* :mod:`asap.bench.training_cost`: time and memory per training step, ESP vs Sinkhorn vs softmax;
+* :mod:`asap.bench.report`: ``results/README.md`` and plots from the result JSON (``asap report``).
+"""
+
+from asap.bench.measure import BenchmarkRun, MemoryReading, Timing, benchmark, machine_info, peak_memory, speedups
+
+__all__ = ["BenchmarkRun", "MemoryReading", "Timing", "benchmark", "machine_info", "peak_memory", "speedups"]

@@ -1,0 +1,758 @@
+"""Regenerate ``results/README.md`` and its plots from the committed result JSON.
+
+Nothing in the report is typed by hand: every measured number is read from a
+JSON file under ``results/``, and the README states the machine and the
+command that produced each file. Run ``python -m asap.bench.report`` (or
+``asap report``) after adding or updating any result.
+
+The generator is a list of :class:`Section` s. Each one names the JSON files
+it reads (glob patterns under ``results/``) and a renderer from the loaded
+files to Markdown lines (plus any plots it draws). A section whose files are
+absent prints a visible note saying which command produces them. A file whose
+schema has no dedicated renderer is still shown, flattened into a key/value
+table by :func:`render_generic`; adding a dedicated renderer for a new
+schema (compiled layers, teachers) is one function and one :class:`Section`.
+
+The "against the paper" section quotes the paper's claims (:data:`PAPER_CLAIMS`,
+with their source) next to the matching figures measured here, where we have
+them, and says "not measured yet" where we do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OPERATORS_SCHEMA = "asap.bench.operators/1"
+TRAINING_COST_SCHEMA = "training_cost"  # the "benchmark" field of asap.bench.training_cost's JSON
+
+#: The paper's published figures, quoted (not measured here). Sources: the abstract of Tran, Milkert & Hyde,
+#: "ASAP: Amortized Doubly-Stochastic Attention via Sliced Dual Projection" (arXiv 2605.12879), and the baseline
+#: accuracies of METHOD.md sec. 7 (a secondary source, likely the paper's table; unconfirmed).
+PAPER_CLAIMS: dict[str, Any] = {
+    "speedup_over_teacher": 5.3,
+    "accuracy_kept_in_replacement": 0.95,
+    "baseline_accuracy": {  # data set -> (Sinkformer, ESPFormer) top-1 accuracy in %, None = not reported
+        "CIFAR-100": (64.95, 58.46),
+        "DBpedia-14": (98.27, 96.58),
+        "Yelp Review Full": (54.54, 49.49),
+        "Cats & Dogs": (81.09, 81.23),
+        "AG News": (90.12, 86.5),
+        "IMDb": (87.34, None),
+    },
+}
+
+#: Targets the operator benchmark is reported against (issue #2); reported, never asserted.
+SPEED_TARGET = {"n": 512, "speedup_vs_teacher": 8.0}
+MEMORY_TARGET_N = 1024
+
+
+@dataclass(frozen=True)
+class Doc:
+    """One loaded result file: its path relative to the results directory and its parsed JSON."""
+
+    rel: str
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def schema(self) -> str | None:
+        return self.data.get("schema") or self.data.get("benchmark")
+
+
+@dataclass
+class Rendered:
+    """A section's Markdown lines and the plot files it wrote."""
+
+    lines: list[str] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+
+
+Renderer = Callable[[list[Doc], Path], Rendered]
+
+
+@dataclass(frozen=True)
+class Section:
+    """A part of the README: which JSON it reads, how it renders, and what to say when the JSON is absent."""
+
+    key: str
+    title: str
+    patterns: tuple[str, ...]
+    render: Renderer
+    absent: str
+    schemas: tuple[str, ...] | None = None  # keep only files of these schemas (None: any)
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+def fmt_bytes(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "-"
+    mib = nbytes / 2**20
+    if mib >= 1024:
+        return f"{mib / 1024:.2f} GiB"
+    return f"{mib:.1f} MiB" if mib >= 0.1 else f"{nbytes / 1024:.1f} KiB"
+
+
+def fmt_ratio(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A Markdown table (first column left-aligned, the others right-aligned)."""
+    align = [":--"] + ["--:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def machine_line(machine: dict[str, Any] | None) -> str:
+    if not machine:
+        return "Machine: not recorded."
+    gpu = machine.get("gpu")
+    gpu_text = f", GPU {gpu['name']}" if isinstance(gpu, dict) else (f", GPU {gpu}" if gpu else ", no GPU")
+    rev = machine.get("git_revision") or "unknown"
+    dirty = " (uncommitted changes)" if machine.get("git_dirty") else ""
+    load = machine.get("load_average")
+    load_text = f"; load average at start {load[0]:.2f}" if load else ""
+    return (
+        f"Machine: {machine.get('cpu_model', 'unknown CPU')}, {machine.get('cpu_count', '?')} cores "
+        f"({machine.get('torch_threads', '?')} torch threads){gpu_text}; torch {machine.get('torch', '?')}; "
+        f"git {str(rev)[:10]}{dirty}; {machine.get('date_utc', machine.get('date', 'date unknown'))}{load_text}."
+    )
+
+
+# ------------------------------------------------------------------------------------------ operator benchmark
+
+
+def _groups(doc: Doc, mode: str) -> list[dict[str, Any]]:
+    return sorted((g for g in doc.data["groups"] if g["mode"] == mode), key=lambda g: g["n"])
+
+
+def _cell(group: dict[str, Any], name: str, render: Callable[[dict[str, Any]], str]) -> str:
+    if name in group["skipped"]:
+        return "skipped"
+    res = group["methods"].get(name)
+    if res is None:
+        return ""
+    return "OOM" if res["oom"] else render(res)
+
+
+def _method_names(doc: Doc, mode: str) -> list[str]:
+    return [name for name, m in doc.data["methods"].items() if mode == "forward" or m["trainable"]]
+
+
+def _time_table(doc: Doc, mode: str) -> list[str]:
+    names = _method_names(doc, mode)
+    labels = [doc.data["methods"][n]["label"] for n in names]
+
+    def time_iqr(res: dict[str, Any]) -> str:
+        if res.get("median_s") is None:
+            return "-"
+        return f"{fmt_time(res['median_s'])} ±{fmt_time(res['iqr_s'] / 2)} ({res['repeats']})"
+
+    rows = [[g["n"], *(_cell(g, n, time_iqr) for n in names)] for g in _groups(doc, mode)]
+    return table(["n", *labels], rows)
+
+
+def _speedup_table(doc: Doc, mode: str) -> list[str]:
+    names = _method_names(doc, mode)
+    labels = [doc.data["methods"][n]["label"] for n in names]
+    rows = [[g["n"], *(_cell(g, n, lambda r: fmt_ratio(r.get("speedup_vs_teacher"))) for n in names)]
+            for g in _groups(doc, mode)]
+    return table(["n", *labels], rows)
+
+
+def _memory_table(doc: Doc, mode: str) -> list[str]:
+    names = _method_names(doc, mode)
+    labels = [doc.data["methods"][n]["label"] for n in names]
+    rows = [[g["n"], fmt_bytes(g["dense_fp32_bytes"]), *(_cell(g, n, lambda r: fmt_bytes(r.get("peak_bytes")))
+                                                         for n in names)] for g in _groups(doc, mode)]
+    return table(["n", "one (b,h,n,m) fp32 tensor", *labels], rows)
+
+
+def _asap_name(doc: Doc) -> str | None:
+    return next((n for n, m in doc.data["methods"].items() if m["family"] == "asap"), None)
+
+
+def operator_targets(doc: Doc) -> list[str]:
+    """The issue's targets, with the measured figures (reported, not asserted)."""
+    asap = _asap_name(doc)
+    teacher_label = doc.data["methods"].get(doc.data["teacher"], {}).get("label", doc.data["teacher"])
+    lines = []
+    forward = {g["n"]: g for g in _groups(doc, "forward")}
+    target_n, target_x = SPEED_TARGET["n"], SPEED_TARGET["speedup_vs_teacher"]
+    group = forward.get(target_n)
+    res = group["methods"].get(asap) if group and asap else None
+    if res and res.get("speedup_vs_teacher") is not None:
+        measured = res["speedup_vs_teacher"]
+        verdict = "met" if measured >= target_x else "NOT met"
+        lines.append(f"- Speed: ASAP at least {target_x:g}x faster than the {teacher_label} teacher at n={target_n} "
+                     f"(forward): measured **{measured:.2f}x** ({verdict}).")
+    else:
+        lines.append(f"- Speed target (n={target_n}): not measured in this file.")
+    group = forward.get(MEMORY_TARGET_N)
+    res = group["methods"].get(asap) if group and asap else None
+    if res and res.get("peak_bytes") is not None:
+        dense = group["dense_fp32_bytes"]
+        lines.append(
+            f"- Memory: ASAP's peak at n={MEMORY_TARGET_N} well under one (b,h,n,m) fp32 tensor "
+            f"({fmt_bytes(dense)} at b={group['b']}, h={group['h']}): measured **{fmt_bytes(res['peak_bytes'])}** "
+            f"({100 * res['peak_bytes'] / dense:.0f} % of it; teacher: "
+            f"{fmt_bytes(group['methods'].get(doc.data['teacher'], {}).get('peak_bytes'))})."
+        )
+    else:
+        lines.append(f"- Memory target (n={MEMORY_TARGET_N}): not measured in this file.")
+    return lines
+
+
+def _series(groups: list[dict[str, Any]], name: str, key: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(n, result)`` of one method over the groups where it ran and ``key`` was measured."""
+    return [(g["n"], g["methods"][name]) for g in groups
+            if name in g["methods"] and not g["methods"][name]["oom"] and g["methods"][name].get(key) is not None]
+
+
+def plot_operators(doc: Doc, out_dir: Path) -> list[Path]:
+    """Median time and peak memory against sequence length (log-log), forward and forward + backward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stem = Path(doc.rel).stem
+    paths = []
+    for quantity, ylabel in (("time", "median time (s)"), ("memory", "peak memory (MiB)")):
+        modes = [m for m in ("forward", "forward_backward") if _groups(doc, m)]
+        fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            groups = _groups(doc, mode)
+            for name in _method_names(doc, mode):
+                label = doc.data["methods"][name]["label"]
+                pts = _series(groups, name, "median_s" if quantity == "time" else "peak_bytes")
+                if not pts:
+                    continue
+                xs = [n for n, _ in pts]
+                if quantity == "time":
+                    ys = [r["median_s"] for _, r in pts]
+                    iqr = [[r["median_s"] - r["q1_s"] for _, r in pts], [r["q3_s"] - r["median_s"] for _, r in pts]]
+                    ax.errorbar(xs, ys, yerr=iqr, marker="o", capsize=3, label=label)
+                else:
+                    ax.plot(xs, [r["peak_bytes"] / 2**20 for _, r in pts], marker="o", label=label)
+            if quantity == "memory":
+                ax.plot([g["n"] for g in groups], [g["dense_fp32_bytes"] / 2**20 for g in groups], "k--",
+                        label="one (b,h,n,m) fp32 tensor")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length n = m")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{mode.replace('_', ' + ')}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        machine = doc.data.get("machine", {})
+        cfg = doc.data["config"]
+        hardware = machine.get("cpu_model") if cfg["device"] == "cpu" else (machine.get("gpu") or {}).get("name")
+        fig.suptitle(f"{stem}: b={cfg['batch']}, h={cfg['heads']}, d={cfg['head_dim']}, {cfg['dtype']}, {hardware}")
+        fig.tight_layout()
+        path = out_dir / f"{stem}_{quantity}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _verification_table(records: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for record in records:
+        errors = record["errors"]
+        grads = [err for key, err in errors.items() if key.startswith("grad")]
+        rows.append([record["method"], f"{errors['output']:.1e}", f"{max(grads):.1e}" if grads else "-",
+                     "yes" if record["passed"] else "NO"])
+    return table(["method", "output", "worst gradient", "passed"], rows)
+
+
+def _operator_header(doc: Doc) -> list[str]:
+    """Where, how and what was measured: machine, load, command, shapes, methods, verification."""
+    data, cfg = doc.data, doc.data["config"]
+    lines = [f"### `{doc.rel}` ({cfg['device']}, {cfg['dtype']})", "", machine_line(data.get("machine")), ""]
+    after = data.get("machine_after", {}).get("load_average")
+    if after:
+        duration = f"; the run took {data['duration_s']:.0f} s" if data.get("duration_s") is not None else ""
+        lines += [f"Load average at the end: {after[0]:.2f} (1-minute){duration}. On a shared machine absolute "
+                  "times are noisy; ratios come from interleaved runs.", ""]
+    lines += [f"Command: `{data.get('command') or 'not recorded'}`", ""]
+    lines += [f"Shapes: b={cfg['batch']}, h={cfg['heads']}, d={cfg['head_dim']}, n=m in "
+              f"{', '.join(str(n) for n in cfg['lengths'])}; eps={cfg['eps']}; "
+              f"teacher: {data['methods'][data['teacher']]['label']}; methods interleaved round-robin, each timed "
+              f"up to {cfg['repeats']} times per shape (fewer when its calls would exceed {cfg['budget_s']} s; the "
+              "count is in brackets); memory measured on the first (warm-up) call.", ""]
+    lines += ["Methods:", ""]
+    lines += [f"- **{m['label']}** (`{name}`): {m['description']}." for name, m in data["methods"].items()]
+    lines += [f"- **{family}: not available**: {reason}" for family, reason in data.get("unavailable", {}).items()]
+    lines += ["", "Verification against the fp64 references before timing (max error / max(1, max |ref|)):", ""]
+    return lines + _verification_table(data.get("verification", [])) + [""]
+
+
+def render_operators(docs: list[Doc], results_dir: Path) -> Rendered:
+    """Per operator-benchmark JSON: header, targets, time / speed-up / memory tables per mode, and two plots."""
+    out = Rendered()
+    for doc in docs:
+        out.lines += _operator_header(doc)
+        out.lines += ["**Targets** (reported, not asserted):", ""] + operator_targets(doc) + [""]
+        for mode, title in (("forward", "Forward (inference, `torch.no_grad`)"),
+                            ("forward_backward", "Forward + backward (trainable methods)")):
+            if not _groups(doc, mode):
+                continue
+            out.lines += [f"#### {title}: median time ± half the IQR (timed calls)", ""] + _time_table(doc, mode)
+            out.lines += ["", f"#### {title}: speed-up over the teacher (same run)", ""] + _speedup_table(doc, mode)
+            out.lines += ["", f"#### {title}: peak memory", ""] + _memory_table(doc, mode) + [""]
+        skipped = {reason for g in doc.data["groups"] for reason in g["skipped"].values()}
+        if skipped:
+            out.lines += ["Skipped cells: " + "; ".join(sorted(skipped)) + ".", ""]
+        plots = plot_operators(doc, doc.path.parent)
+        out.plots += plots
+        out.lines += [f"![{p.stem}]({p.relative_to(results_dir).as_posix()})" for p in plots] + [""]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ training cost
+
+
+def render_training_cost(docs: list[Doc], results_dir: Path) -> Rendered:
+    """Tables of :func:`asap.bench.training_cost.run_training_cost` output: per shape, time/step and memory."""
+    out = Rendered()
+    for doc in docs:
+        data = doc.data
+        out.lines += [f"### `{doc.rel}`", "", machine_line(data.get("machine")), ""]
+        out.lines += [f"Command: `{_recorded_command(doc) or 'not recorded'}`", ""]
+        cfg = data.get("config", {})
+        out.lines += [f"Step: {cfg.get('step', '?')}; depth {cfg.get('depth', '?')}; {cfg.get('repeats', '?')} "
+                      f"measured rounds. Memory: {data.get('memory_measure', 'not described')}.", ""]
+        for shape, methods in data.get("results", {}).items():
+            refs = sorted({r for entry in methods.values() for r in entry.get("time_ratio_to", {})})
+            header = ["method", "time / step", "memory", *(f"time vs {r}" for r in refs),
+                      *(f"memory vs {r}" for r in refs)]
+            rows = [[label, fmt_time(e.get("median_seconds")), fmt_bytes(e.get("median_memory_bytes")),
+                     *(fmt_ratio(e.get("time_ratio_to", {}).get(r)) for r in refs),
+                     *(fmt_ratio(e.get("memory_ratio_to", {}).get(r)) for r in refs)] for label, e in methods.items()]
+            out.lines += [f"Shape `{shape}`:", ""] + table(header, rows) + [""]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- compiled layers
+
+
+def _truncated_key(accuracy: dict[str, Any]) -> str | None:
+    return next((k for k in accuracy if k.startswith("sinkhorn_K")), None)
+
+
+def _mean_ms(record: dict[str, Any], name: str) -> float | None:
+    """Mean over compiled layers of one operator call's median milliseconds (``ms_<name>`` of the layer summary)."""
+    values = [row[f"ms_{name}"] for row in record.get("layers", []) if row.get(f"ms_{name}") is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _compile_row(record: dict[str, Any]) -> list[str]:
+    acc = record.get("accuracy", {})
+    trunc = _truncated_key(acc)
+    ms_teacher, ms_asap = _mean_ms(record, "teacher"), _mean_ms(record, "asap")
+    speedup = ms_teacher / ms_asap if ms_teacher and ms_asap else None
+    return [_pct(acc.get("teacher")), _pct(acc.get("asap")), _pct(acc.get(trunc)) if trunc else "-",
+            _pct(record.get("asap_fraction_of_teacher")), _scalar(record.get("mean_r2_held_out")),
+            _scalar(record.get("mean_row_tv_asap")), _scalar(record.get("mean_row_tv_truncated")),
+            fmt_ratio(speedup)]
+
+
+COMPILE_HEADER = ["teacher acc %", "ASAP acc %", "truncated acc %", "ASAP / teacher %", "dual fit R2 (held out)",
+                  "row TV ASAP", "row TV truncated", "operator speed-up (teacher ms / ASAP ms)"]
+
+
+def _teacher_text(doc: Doc) -> str:
+    att = doc.data.get("teacher_attention") or {}
+    opts = att.get("options", {})
+    return (f"{doc.data.get('dataset', '?')}: teacher {att.get('method', '?')} "
+            f"K={opts.get('n_iters', '?')}, eps={opts.get('eps', '?')}; {doc.data.get('num_sinkhorn_layers', '?')} "
+            f"Sinkhorn layers; accuracy on {doc.data.get('eval_examples', '?')} {doc.data.get('eval_split', '?')} "
+            "examples")
+
+
+def plot_accuracy_vs_cost(docs: list[Doc], path: Path) -> Path | None:
+    """Accuracy against the mean time of one attention call: teacher, truncated Sinkhorn and ASAP, per result."""
+    points = []
+    for doc in docs:
+        records = doc.data.get("results") if doc.data.get("experiment") == "frozen_layer" else [doc.data]
+        if doc.data.get("experiment") not in ("frozen_layer", "downstream_replacement"):
+            continue
+        for index, record in enumerate(records or []):
+            acc = record.get("accuracy", {})
+            trunc = _truncated_key(acc)
+            tag = f"{doc.data.get('dataset', '?')} {doc.data['experiment']}" + (
+                f" layer {index}" if doc.data["experiment"] == "frozen_layer" else "")
+            for name, key in (("teacher", "teacher"), ("truncated", trunc), ("asap", "asap")):
+                ms = _mean_ms(record, name)
+                if key and acc.get(key) is not None and ms is not None:
+                    points.append((tag, name, ms, 100 * acc[key]))
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"teacher": "s", "truncated": "^", "asap": "o"}
+    for tag in dict.fromkeys(p[0] for p in points):
+        pts = [p for p in points if p[0] == tag]
+        line = ax.plot([p[2] for p in pts], [p[3] for p in pts], ":", alpha=0.5)[0]
+        for _, name, ms, acc in pts:
+            ax.scatter([ms], [acc], marker=markers[name], color=line.get_color(), label=f"{tag}: {name}")
+    ax.set_xscale("log")
+    ax.set_xlabel("time of one attention call, mean over compiled layers (ms)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_compile(docs: list[Doc], results_dir: Path) -> Rendered:
+    """Frozen-layer, downstream-replacement and ablation results of :mod:`asap.compile.experiments`."""
+    out = Rendered()
+    known = [d for d in docs if d.data.get("experiment") or d.data.get("ablation")]
+    downstream = [d for d in known if d.data.get("experiment") == "downstream_replacement"]
+    frozen = [d for d in known if d.data.get("experiment") == "frozen_layer"]
+    ablations = [d for d in known if d.data.get("ablation")]
+    if downstream:
+        out.lines += ["### Downstream replacement: every Sinkhorn layer compiled, no retraining", ""]
+        out.lines += table(["result", *COMPILE_HEADER], [[f"`{d.rel}`", *_compile_row(d.data)] for d in downstream])
+        out.lines += [""] + [f"- `{d.rel}`: {_teacher_text(d)}. Command: `{_recorded_command(d) or 'not recorded'}`"
+                             for d in downstream] + [""]
+    if frozen:
+        out.lines += ["### Frozen-layer benchmark: one layer compiled at a time", ""]
+        rows = [[f"`{d.rel}`", i, *_compile_row(r)] for d in frozen for i, r in enumerate(d.data.get("results", []))]
+        out.lines += table(["result", "layer", *COMPILE_HEADER], rows)
+        out.lines += [""] + [f"- `{d.rel}`: {_teacher_text(d)}. Command: `{_recorded_command(d) or 'not recorded'}`"
+                             for d in frozen] + [""]
+    for d in ablations:
+        varied = d.data.get("varied", "?")
+        out.lines += [f"### Ablation `{d.data['ablation']}` (varies `{varied}`): `{d.rel}`", ""]
+        rows = [[_scalar(r.get("value")), *_compile_row(r)] for r in d.data.get("results", [])]
+        out.lines += table([varied, *COMPILE_HEADER], rows)
+        out.lines += ["", f"{_teacher_text(d)}. Command: `{_recorded_command(d) or 'not recorded'}`", ""]
+    plot = plot_accuracy_vs_cost(known, results_dir / "compile" / "accuracy_vs_cost.png")
+    if plot is not None:
+        out.plots.append(plot)
+        out.lines += [f"![accuracy vs inference cost]({plot.relative_to(results_dir).as_posix()})", ""]
+    rest = [d for d in docs if d not in known]
+    if rest:
+        out.lines += render_generic(rest, results_dir).lines
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ teachers
+
+
+def _sibling_json(doc: Doc, name: str) -> dict[str, Any]:
+    path = doc.path.parent / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _attention_text(attention: dict[str, Any]) -> str:
+    opts = attention.get("options", {})
+    extra = ", ".join(f"{k}={v}" for k, v in opts.items())
+    return f"{attention.get('method', '?')}" + (f" ({extra})" if extra else "")
+
+
+def render_teachers(docs: list[Doc], results_dir: Path) -> Rendered:
+    """Test accuracy of the trained models (``eval_<split>.json`` of each run, its ``config.json`` for the size)."""
+    rows = []
+    for doc in docs:
+        data = doc.data
+        model = _sibling_json(doc, "config.json").get("model", {})
+        size = ", ".join(f"{key} {model[key]}" for key in ("dim", "depth", "num_heads", "max_length", "image_size")
+                         if model.get(key) is not None)
+        rows.append([f"`{Path(doc.rel).parent.as_posix()}`", data.get("dataset", "?"),
+                     _attention_text(data.get("attention", {})), size or "-",
+                     f"{_pct(data.get('accuracy'))} ({data.get('split', '?')}, n={data.get('num_samples', '?')})",
+                     data.get("device", "?")])
+    lines = table(["run", "data set", "attention", "model", "accuracy %", "device"], rows)
+    lines += ["", "Each run's exact training command is in its `command.txt`; `teachers/README.md` (written by "
+              "`python -m asap.train.summary`) has the training details.", ""]
+    return Rendered(lines=lines)
+
+
+# ---------------------------------------------------------------------------------------------- generic fallback
+
+
+def _flatten(value: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
+    if isinstance(value, dict) and depth < 4:
+        items = []
+        for key, sub in value.items():
+            items += _flatten(sub, f"{prefix}.{key}" if prefix else str(key), depth + 1)
+        return items
+    if isinstance(value, list) and value and all(not isinstance(x, (dict, list)) for x in value):
+        return [(prefix, ", ".join(_scalar(x) for x in value[:8]) + (" ..." if len(value) > 8 else ""))]
+    if isinstance(value, (dict, list)):
+        return [(prefix, f"({type(value).__name__} of {len(value)})")]
+    return [(prefix, _scalar(value))]
+
+
+def _scalar(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def render_generic(docs: list[Doc], results_dir: Path, *, max_rows: int = 60) -> Rendered:
+    """Any JSON without a dedicated renderer: its fields flattened into a key/value table."""
+    out = Rendered()
+    for doc in docs:
+        items = [(k, v) for k, v in _flatten(doc.data) if not k.startswith("machine.")]
+        out.lines += [f"### `{doc.rel}` (schema `{doc.schema or 'none'}`: generic view)", ""]
+        out.lines += [machine_line(doc.data.get("machine")), ""]
+        out.lines += table(["field", "value"], items[:max_rows])
+        if len(items) > max_rows:
+            out.lines += ["", f"({len(items) - max_rows} more fields in the JSON.)"]
+        out.lines += [""]
+    return out
+
+
+def _recorded_command(doc: Doc) -> str | None:
+    """The command that produced ``doc``: its ``command`` field, else ``command.txt`` beside it.
+
+    ``command.txt`` holds either ``file.json: command`` lines (``asap bench``) or,
+    for a directory holding one result (``asap.compile.experiments``), the bare command.
+    """
+    if doc.data.get("command"):
+        return doc.data["command"]
+    commands = doc.path.parent / "command.txt"
+    if not commands.exists():
+        return None
+    lines = [line for line in commands.read_text().splitlines() if line.strip()]
+    for line in lines:
+        name, _, command = line.partition(": ")
+        if name == doc.path.name:
+            return command
+    if len(lines) == 1 and not lines[0].split(" ", 1)[0].endswith(".json:"):
+        return lines[0]
+    return None
+
+
+# --------------------------------------------------------------------------------------------- against the paper
+
+
+def _best_asap_speedup(docs: list[Doc]) -> list[str]:
+    lines = []
+    for doc in docs:
+        asap = _asap_name(doc)
+        rows = [(g["n"], g["methods"][asap]["speedup_vs_teacher"]) for g in _groups(doc, "forward")
+                if asap in g["methods"] and g["methods"][asap].get("speedup_vs_teacher") is not None]
+        if rows:
+            teacher = doc.data["methods"][doc.data["teacher"]]["label"]
+            text = ", ".join(f"{x:.1f}x at n={n}" for n, x in rows)
+            lines.append(f"  - ours (`{doc.rel}`, operator only, vs {teacher}): {text}.")
+    return lines
+
+
+def _dataset_key(name: str) -> str:
+    """``"AG News"``, ``"ag_news"`` -> ``"agnews"``; ``"Cats & Dogs"`` -> ``"catsdogs"``."""
+    return "".join(ch for ch in name.lower() if ch.isalnum()).replace("and", "")
+
+
+def _our_accuracies(all_docs: dict[str, list[Doc]]) -> dict[str, dict[str, Any]]:
+    """Data set key -> {"name": data set, method: test accuracy} from the trained models, else the compile results."""
+    found: dict[str, dict[str, Any]] = {}
+    for doc in all_docs.get("teachers", []):
+        name, acc = doc.data.get("dataset"), doc.data.get("accuracy")
+        method = doc.data.get("attention", {}).get("method")
+        if name and acc is not None and method and doc.data.get("split", "test") == "test":
+            found.setdefault(_dataset_key(name), {"name": name}).setdefault(method, acc)
+    for doc in all_docs.get("compile", []):
+        records = doc.data.get("results") or [doc.data]
+        acc = (records[0] if records else {}).get("accuracy", {}).get("teacher")
+        name = doc.data.get("dataset")
+        if name and acc is not None:
+            found.setdefault(_dataset_key(name), {"name": name}).setdefault("sinkhorn", acc)
+    return found
+
+
+def render_paper(all_docs: dict[str, list[Doc]], results_dir: Path) -> Rendered:
+    """The paper's claims beside our measured figures; 'not measured yet' where we have none."""
+    claims = PAPER_CLAIMS
+    ops = all_docs.get("operators", [])
+    lines = [
+        "Quoted claims: the abstract of arXiv 2605.12879 and the baseline table of a secondary source "
+        "(METHOD.md sec. 7); our figures are read from the JSON above.",
+        "",
+        f"- **Speed**: paper: ASAP {claims['speedup_over_teacher']}x faster than its trained Sinkhorn teacher at "
+        "matched accuracy (the teacher's K is not known to us).",
+    ]
+    speed = _best_asap_speedup(ops)
+    compiled = [d for d in all_docs.get("compile", [])
+                if d.data.get("experiment") in ("downstream_replacement", "frozen_layer")]
+    for doc in compiled:
+        records = doc.data.get("results", []) if doc.data["experiment"] == "frozen_layer" else [doc.data]
+        for index, record in enumerate(records):
+            ms_teacher, ms_asap = _mean_ms(record, "teacher"), _mean_ms(record, "asap")
+            acc = record.get("accuracy", {})
+            if ms_teacher and ms_asap and acc.get("teacher") is not None and acc.get("asap") is not None:
+                where = f", layer {index}" if doc.data["experiment"] == "frozen_layer" else ""
+                iters = (doc.data.get("teacher_attention") or {}).get("options", {}).get("n_iters", "?")
+                speed.append(f"  - ours (`{doc.rel}`{where}, {doc.data.get('dataset', '?')}, teacher K={iters}): "
+                             f"operator speed-up over the teacher {ms_teacher / ms_asap:.2f}x (below 1: slower), "
+                             f"accuracy {100 * (acc['asap'] - acc['teacher']):+.2f} points.")
+    lines += speed or ["  - ours: not measured yet (no operator benchmark or compile JSON)."]
+    if ops:
+        lines.append("  - caveat: the operator benchmark times the attention operator alone with random ASAP "
+                     "coefficients against a K=21 teacher; the paper's figure is at matched accuracy against its own "
+                     "teacher (compiled-layer rows, where present, are the like-for-like comparison).")
+    kept = claims["accuracy_kept_in_replacement"]
+    lines.append(f"- **Replacement without retraining**: paper: over {kept:.0%} of the teacher's accuracy kept.")
+    kept_lines = [
+        f"  - ours (`{d.rel}`, {d.data.get('dataset', '?')}): ASAP keeps "
+        f"{100 * d.data['asap_fraction_of_teacher']:.1f} % of the teacher's accuracy "
+        f"({_pct(d.data.get('accuracy', {}).get('asap'))} vs {_pct(d.data.get('accuracy', {}).get('teacher'))})."
+        for d in all_docs.get("compile", [])
+        if d.data.get("experiment") == "downstream_replacement" and d.data.get("asap_fraction_of_teacher") is not None
+    ]
+    lines += kept_lines or ["  - ours: not measured yet (no downstream-replacement JSON under results/compile/)."]
+    lines.append("- **Training cost**: paper: ESP needs substantially more training memory and time than Sinkhorn.")
+    cost_lines = []
+    for doc in all_docs.get("training_cost", []):
+        for shape, methods in doc.data.get("results", {}).items():
+            for label, entry in methods.items():
+                if entry.get("kind") != "esp":
+                    continue
+                for ref, t in entry.get("time_ratio_to", {}).items():
+                    mem = entry.get("memory_ratio_to", {}).get(ref)
+                    cost_lines.append(f"  - ours (`{doc.rel}`, shape `{shape}`): {label} takes {fmt_ratio(t)} the "
+                                      f"time and {fmt_ratio(mem)} the memory of {ref} per training step.")
+    lines += cost_lines or ["  - ours: not measured yet (no training-cost JSON)."]
+    lines += ["- **Baseline accuracies** (Sinkformer / ESPFormer top-1 %, as listed) beside the test accuracy of "
+              "our trained models (smaller models and shorter training than the paper's; see the sections above):", ""]
+    ours = _our_accuracies(all_docs)
+    methods = ("sinkhorn", "esp", "softmax")
+    rows = []
+    for name, (sink, esp) in claims["baseline_accuracy"].items():
+        mine = ours.pop(_dataset_key(name), {})
+        rows.append([name, f"{sink:.2f}", "-" if esp is None else f"{esp:.2f}",
+                     *(_pct(mine.get(m)) if m in mine else "not measured yet" for m in methods)])
+    rows += [[f"{mine['name']} (not in the paper)", "-", "-", *(_pct(mine.get(m)) for m in methods)]
+             for mine in ours.values()]
+    lines += table(["data set", "Sinkformer (paper)", "ESPFormer (paper)", "ours: Sinkhorn", "ours: ESP",
+                    "ours: softmax"], rows)
+    return Rendered(lines=lines + [""])
+
+
+# ------------------------------------------------------------------------------------------------------ driver
+
+SECTIONS: tuple[Section, ...] = (
+    Section("operators", "Operator benchmark", ("bench/operators_*.json",), render_operators,
+            "`python -m asap.bench.operators` (or `asap bench operators`)", schemas=(OPERATORS_SCHEMA,)),
+    Section("training_cost", "Training cost (ESP vs Sinkhorn vs softmax)",
+            ("bench/training_cost*.json", "training_cost*.json"), render_training_cost,
+            "`asap bench training-cost` (or `python -m asap.bench.training_cost --out ...`)",
+            schemas=(TRAINING_COST_SCHEMA,)),
+    Section("compile", "Compiled layers (frozen-layer benchmark, downstream replacement, ablations)",
+            ("compile/**/*.json",), render_compile,
+            "`python -m asap.compile.experiments RUN_DIR --out results/compile/<dataset>`"),
+    Section("teachers", "Trained models (teachers and baselines)", ("teachers/*/eval_*.json",), render_teachers,
+            "`asap train` then `asap eval`, run folders copied under `results/teachers/`"),
+)
+
+
+def load_docs(results_dir: Path, section: Section) -> tuple[list[Doc], list[str]]:
+    """The section's JSON files (sorted, unique) and notes on files skipped as unreadable or of another schema."""
+    docs, notes, seen = [], [], set()
+    for pattern in section.patterns:
+        for path in sorted(results_dir.glob(pattern)):
+            if path in seen or not path.is_file():
+                continue
+            seen.add(path)
+            rel = path.relative_to(results_dir).as_posix()
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                notes.append(f"`{rel}` could not be read ({err}); skipped.")
+                continue
+            doc = Doc(rel, path, data if isinstance(data, dict) else {"value": data})
+            if section.schemas is not None and doc.schema not in section.schemas:
+                notes.append(f"`{rel}` has schema `{doc.schema}`, not {section.schemas}; skipped.")
+                continue
+            docs.append(doc)
+    return docs, notes
+
+
+def generate_report(results_dir: str | Path = "results", *, out: str | Path | None = None) -> Path:
+    """Write ``<results_dir>/README.md`` (or ``out``) and the plots; returns the README path."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"results directory not found: {results_dir}")
+    out = Path(out) if out is not None else results_dir / "README.md"
+    lines = [
+        "# Results",
+        "",
+        "Generated by `python -m asap.bench.report` (`asap report`) from the JSON files under `results/`: "
+        "do not edit by hand; rerun the generator after adding or updating a result. Each section names its "
+        "JSON, the machine and the command that produced it.",
+        "",
+    ]
+    loaded: dict[str, list[Doc]] = {}
+    for section in SECTIONS:
+        docs, notes = load_docs(results_dir, section)
+        loaded[section.key] = docs
+        lines += [f"## {section.title}", ""]
+        lines += [f"> {note}" for note in notes] + ([""] if notes else [])
+        if not docs:
+            lines += [f"> **Not available yet**: no JSON matching {', '.join(f'`{p}`' for p in section.patterns)} "
+                      f"under `results/`. Produced by {section.absent}.", ""]
+            continue
+        lines += section.render(docs, results_dir).lines
+    lines += ["## Against the paper", ""] + render_paper(loaded, results_dir).lines
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", type=Path, default=Path("results"), help="results directory (default %(default)s)")
+    parser.add_argument("--out", type=Path, help="README to write (default RESULTS/README.md)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    print(f"wrote {generate_report(args.results, out=args.out)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m asap.bench.report", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Report generation from small synthetic result JSON: README tables, plots, and visible notes for absent data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asap.bench.operators import SCHEMA
+from asap.bench.report import PAPER_CLAIMS, generate_report, main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _method(median, peak, teacher_median, softmax_median, repeats=3):
+    return {"oom": False, "peak_bytes": peak, "median_s": median, "q1_s": median * 0.9, "q3_s": median * 1.1,
+            "iqr_s": median * 0.2, "repeats": repeats, "samples_s": [median] * repeats,
+            "speedup_vs_teacher": teacher_median / median, "speedup_vs_softmax": softmax_median / median}
+
+
+def synthetic_operators(asap_speedup_at_512: float) -> dict:
+    """An operators JSON of the real schema with made-up figures (the test checks they are carried through)."""
+    methods = {
+        "softmax": {"family": "softmax", "label": "softmax", "trainable": True, "description": "sdpa",
+                    "reference": "r"},
+        "sinkhorn_k21": {"family": "sinkhorn", "label": "Sinkhorn K=21", "trainable": True, "description": "t",
+                         "reference": "r"},
+        "asap_l16": {"family": "asap", "label": "ASAP L=16", "trainable": False, "description": "a", "reference": "r"},
+    }
+    groups = []
+    for n in (512, 1024):
+        teacher, soft = 0.021 * n, 0.001 * n
+        asap = teacher / asap_speedup_at_512 if n == 512 else teacher / 3
+        dense = 2 * 2 * n * n * 4
+        groups.append({
+            "mode": "forward", "b": 2, "h": 2, "n": n, "m": n, "d": 8, "dtype": "float32", "rounds": 3,
+            "dense_fp32_bytes": dense, "load_average_before": [1.0, 1.0, 1.0], "load_average_after": [1.0, 1.0, 1.0],
+            "methods": {"softmax": _method(soft, dense // 4, teacher, soft),
+                        "sinkhorn_k21": _method(teacher, 3 * dense, teacher, soft),
+                        "asap_l16": _method(asap, dense // 8, teacher, soft)},
+            "skipped": {},
+        })
+        fb_methods = {"softmax": _method(2 * soft, dense, 2 * teacher, 2 * soft)}
+        if n == 512:
+            fb_methods["sinkhorn_k21"] = _method(2 * teacher, 40 * dense, 2 * teacher, 2 * soft)
+        else:
+            fb_methods["sinkhorn_k21"] = {"oom": True, "peak_bytes": None, "error": "OutOfMemoryError: CUDA OOM",
+                                          "speedup_vs_teacher": None, "speedup_vs_softmax": None}
+        groups.append({**groups[-1], "mode": "forward_backward", "methods": fb_methods, "skipped": {}})
+    return {
+        "schema": SCHEMA, "command": "python -m asap.bench.operators --device cpu --lengths 512,1024",
+        "config": {"device": "cpu", "dtype": "float32", "batch": 2, "heads": 2, "head_dim": 8, "lengths": [512, 1024],
+                   "eps": 1.0, "repeats": 3, "budget_s": 5.0},
+        "teacher": "sinkhorn_k21",
+        "machine": {"cpu_model": "Synthetic CPU 9000", "cpu_count": 2, "torch_threads": 2, "gpu": None,
+                    "torch": "2.13.0", "git_revision": "abcdef1234567", "git_dirty": False,
+                    "date_utc": "2026-01-01T00:00:00+00:00", "load_average": [0.5, 0.5, 0.5]},
+        "machine_after": {"load_average": [0.7, 0.6, 0.5]},
+        "methods": methods,
+        "unavailable": {"esp": "ESP is not available in this checkout (synthetic)"},
+        "verification": [{"method": name, "reference": "r", "errors": {"output": 1e-7}, "tolerance": {"output": 1e-4},
+                          "passed": True} for name in methods],
+        "groups": groups,
+    }
+
+
+def synthetic_training_cost() -> dict:
+    entry = {"kind": "esp", "options": {}, "seconds": [0.3], "memory_bytes": [300 * 2**20], "median_seconds": 0.3,
+             "median_memory_bytes": 300 * 2**20, "time_ratio_to": {"sinkhorn_k3": 7.5},
+             "memory_ratio_to": {"sinkhorn_k3": 12.25}}
+    return {"benchmark": "training_cost", "config": {"step": "forward + backward + AdamW", "depth": 1, "repeats": 2},
+            "memory_measure": "saved tensors", "machine": {"cpu_model": "Synthetic CPU 9000"},
+            "results": {"vit": {"esp": entry}}}
+
+
+def write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    root = tmp_path / "results"
+    write(root / "bench" / "operators_cpu.json", synthetic_operators(asap_speedup_at_512=9.5))
+    return root
+
+
+def test_report_writes_readme_and_png_plots(results_dir):
+    readme = generate_report(results_dir)
+    assert readme == results_dir / "README.md"
+    for name in ("operators_cpu_time.png", "operators_cpu_memory.png"):
+        png = results_dir / "bench" / name
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert f"(bench/{name})" in readme.read_text()
+
+
+def test_operator_figures_come_from_the_json(results_dir):
+    text = generate_report(results_dir).read_text()
+    assert "Synthetic CPU 9000" in text and "abcdef1234" in text
+    assert "python -m asap.bench.operators --device cpu --lengths 512,1024" in text
+    assert "measured **9.50x** (met)" in text
+    assert "OOM" in text  # the out-of-memory cell is shown, not dropped
+    assert "esp: not available" in text
+    # 1024: dense tensor 2*2*1024*1024*4 bytes = 16 MiB; ASAP's peak dense/8 = 2 MiB = 12 %.
+    assert "measured **2.0 MiB** (12 % of it" in text
+
+    write(results_dir / "bench" / "operators_cpu.json", synthetic_operators(asap_speedup_at_512=4.0))
+    text = generate_report(results_dir).read_text()
+    assert "measured **4.00x** (NOT met)" in text
+
+
+def test_absent_sections_are_announced_and_the_paper_is_quoted(results_dir):
+    text = generate_report(results_dir).read_text()
+    assert text.count("**Not available yet**") == 3  # training cost, compile, teachers
+    assert f"ASAP {PAPER_CLAIMS['speedup_over_teacher']}x faster" in text
+    assert "9.5x at n=512" in text  # our operator speed-up beside the paper's claim
+    assert "not measured yet (no training-cost JSON)" in text
+    assert "| CIFAR-100 | 64.95 | 58.46 | not measured yet | not measured yet | not measured yet |" in text
+
+
+def test_training_cost_and_unknown_schemas_are_rendered(results_dir):
+    write(results_dir / "bench" / "training_cost.json", synthetic_training_cost())
+    write(results_dir / "compile" / "run1" / "fidelity.json", {"layers": {"0": {"kl_asap": 0.0123}}, "n_iters": 21})
+    (results_dir / "bench" / "command.txt").write_text("training_cost.json: asap bench training-cost --device cpu\n")
+    text = generate_report(results_dir).read_text()
+    assert text.count("**Not available yet**") == 1  # teachers only
+    assert "asap bench training-cost --device cpu" in text
+    assert "| esp | 300.0 ms | 300.0 MiB | 7.50x | 12.25x |" in text
+    assert "esp takes 7.50x the time and 12.25x the memory of sinkhorn_k3" in text
+    assert "| layers.0.kl_asap | 0.0123 |" in text
+
+
+def synthetic_compile_record(teacher_acc, asap_acc, ms_teacher, ms_asap):
+    layer = {"layer": 0, "K": 11, "r2_held_out": 0.97, "ms_teacher": ms_teacher, "ms_truncated": ms_teacher / 3,
+             "ms_asap": ms_asap}
+    return {"accuracy": {"teacher": teacher_acc, "sinkhorn_K3": teacher_acc - 0.1, "asap": asap_acc},
+            "asap_fraction_of_teacher": asap_acc / teacher_acc, "mean_r2_held_out": 0.97,
+            "mean_row_tv_asap": 0.01, "mean_row_tv_truncated": 0.2, "layers": [layer]}
+
+
+def test_compile_experiments_are_tabulated_and_plotted(results_dir):
+    context = {"dataset": "imdb", "teacher_attention": {"method": "sinkhorn", "options": {"n_iters": 11, "eps": 1.0}},
+               "num_sinkhorn_layers": 2, "eval_split": "test", "eval_examples": 500}
+    downstream = {**context, "experiment": "downstream_replacement", **synthetic_compile_record(0.8, 0.78, 12.0, 3.0)}
+    frozen = {**context, "experiment": "frozen_layer",
+              "results": [synthetic_compile_record(0.8, 0.79, 10.0, 2.5), synthetic_compile_record(0.8, 0.8, 9.0, 3.0)]}
+    write(results_dir / "compile" / "imdb" / "downstream" / "result.json", downstream)
+    command_file = results_dir / "compile" / "imdb" / "downstream" / "command.txt"
+    command_file.write_text("python -m asap.compile.experiments x\n")
+    write(results_dir / "compile" / "imdb" / "frozen_layer" / "result.json", frozen)
+    text = generate_report(results_dir).read_text()
+    assert "| `compile/imdb/downstream/result.json` | 80.00 | 78.00 | 70.00 | 97.50 |" in text
+    assert "| 4.00x |" in text  # 12 ms / 3 ms, from the layer summary
+    assert "| `compile/imdb/frozen_layer/result.json` | 1 | 80.00 | 80.00 |" in text
+    assert "imdb: teacher sinkhorn K=11, eps=1.0" in text
+    assert "Command: `python -m asap.compile.experiments x`" in text
+    assert (results_dir / "compile" / "accuracy_vs_cost.png").read_bytes()[:8] == PNG_MAGIC
+    assert "97.5 % of the teacher's accuracy" in text  # quoted beside the paper's > 95 %
+
+
+def test_trained_models_are_tabulated_and_compared_with_the_paper(results_dir):
+    run = results_dir / "teachers" / "imdb_sinkhorn_k11"
+    write(run / "eval_test.json", {"dataset": "imdb", "split": "test", "accuracy": 0.8125, "num_samples": 25000,
+                                   "attention": {"method": "sinkhorn", "options": {"n_iters": 11}}, "device": "cpu"})
+    write(run / "config.json", {"model": {"dim": 64, "depth": 2, "num_heads": 4, "max_length": 128}})
+    write(run / "tokenizer.json", {"model": {"vocab": {"[PAD]": 0}}})  # not an evaluation: never rendered
+    text = generate_report(results_dir).read_text()
+    assert "| `teachers/imdb_sinkhorn_k11` | imdb | sinkhorn (n_iters=11) | dim 64, depth 2, num_heads 4, " \
+           "max_length 128 | 81.25 (test, n=25000) | cpu |" in text
+    assert "| IMDb | 87.34 | - | 81.25 | not measured yet | not measured yet |" in text
+    assert "[PAD]" not in text
+
+
+def test_unreadable_json_is_noted_not_fatal(results_dir):
+    (results_dir / "bench" / "operators_broken.json").write_text("{not json")
+    text = generate_report(results_dir).read_text()
+    assert "`bench/operators_broken.json` could not be read" in text
+    assert "measured **9.50x**" in text
+
+
+def test_cli_entry_point(results_dir, tmp_path):
+    out = tmp_path / "elsewhere.md"
+    assert main(["--results", str(results_dir), "--out", str(out)]) == 0
+    assert out.read_text().startswith("# Results")
+    with pytest.raises(FileNotFoundError, match="results directory not found"):
+        generate_report(tmp_path / "missing")
+
+
+def test_asap_report_command_writes_the_readme(results_dir):
+    from asap.cli.main import main as asap_main
+
+    assert asap_main(["report", "--results", str(results_dir)]) == 0
+    assert "measured **9.50x**" in (results_dir / "README.md").read_text()
