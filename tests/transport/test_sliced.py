@@ -104,3 +104,17 @@ def test_property_feasible_and_tight(n, m, seed):
     y = torch.randn(1, m, generator=gen, dtype=torch.float64)
     f, g = kantorovich_potentials_1d(x, y)
     _check_against_lp(x[0].numpy(), y[0].numpy(), f[0].numpy(), g[0].numpy())
+
+
+def test_fast_equal_size_path_equals_general_path():
+    """Unpadded n = m takes a rank-to-rank fast path; all-True masks force the general one."""
+    from asap.transport import query_potentials_1d
+
+    x = torch.randn(2, 3, 5, 11, dtype=torch.float64)
+    y = torch.randn(2, 3, 5, 11, dtype=torch.float64)
+    valid = torch.ones(2, 3, 11, dtype=torch.bool)
+    f_fast, g_fast = kantorovich_potentials_1d(x, y)
+    f_gen, g_gen = kantorovich_potentials_1d(x, y, x_valid=valid, y_valid=valid)
+    torch.testing.assert_close(f_fast, f_gen, rtol=0, atol=1e-13)
+    torch.testing.assert_close(g_fast, g_gen, rtol=0, atol=1e-13)
+    torch.testing.assert_close(query_potentials_1d(x, y), f_gen, rtol=0, atol=1e-13)

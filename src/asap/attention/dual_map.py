@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from asap.transport.masks import valid_rows_cols
 from asap.transport.sinkhorn import center
-from asap.transport.sliced import kantorovich_potentials_1d, project
+from asap.transport.sliced import project, query_potentials_1d
 
 SliceType = Literal["random", "axis"]
 SLICE_TYPES: tuple[str, ...] = ("random", "axis")
@@ -71,8 +71,7 @@ def slice_potentials(q: Tensor, k: Tensor, directions: Tensor, *, scale: float, 
     if rows is not None:
         rows = rows.expand(*q.shape[:-1])
         cols = cols.expand(*k.shape[:-1])
-    phi, _ = kantorovich_potentials_1d(x, y, x_valid=rows, y_valid=cols)
-    return phi
+    return query_potentials_1d(x, y, x_valid=rows, y_valid=cols)
 
 
 def moment_features(q: Tensor, k: Tensor, *, scale: float, attn_mask: Tensor | None) -> Tensor:

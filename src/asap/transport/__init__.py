@@ -4,7 +4,7 @@ from asap.transport.ctransform import c_transform_cols, c_transform_cols_tiled, 
 from asap.transport.diagnostics import attention_column_error, dual_objective, log_plan, marginal_errors
 from asap.transport.masks import Support, key_padding_to_attn_mask, support, valid_rows_cols
 from asap.transport.sinkhorn import SinkhornResult, center, closure, sinkhorn
-from asap.transport.sliced import kantorovich_potentials_1d, project, transport_cost_1d
+from asap.transport.sliced import kantorovich_potentials_1d, project, query_potentials_1d, transport_cost_1d
 
 __all__ = [
     "Support",
@@ -22,6 +22,7 @@ __all__ = [
     "log_plan",
     "marginal_errors",
     "project",
+    "query_potentials_1d",
     "sinkhorn",
     "support",
     "transport_cost_1d",
