@@ -1,0 +1,126 @@
+"""``asap compile RUN_DIR``: turn a trained Sinkhorn run into an ASAP model, without retraining.
+
+    asap compile runs/imdb_sk11 --calibration 512 --out runs/imdb_asap
+    asap compile runs/fmnist_sk11 --calibration 1024 --out runs/fmnist_asap --refine kl --mode sequential
+    asap compile runs/imdb_sk11 --calibration 512 --out runs/imdb_asap_l0 --layers 0   # frozen-layer experiment
+
+Calibration inputs are the first ``--calibration`` examples of the run's
+training split (stratified, then shuffled; labels unused); the last
+``--holdout`` fraction of the batches is held out for the fidelity figures.
+Writes to OUT_DIR the compiled model (``model.safetensors``, ``manifest.json``,
+the tokenizer of a text run) and the fidelity report (``fidelity.json``,
+``fidelity.png``), and prints the report as a table. Unless ``--no-eval``, the
+report includes the accuracy on ``--eval-split`` of the teacher, of ASAP and of
+Sinkhorn truncated to ``--truncated-iters`` half-steps in the same layers.
+Load the result with ``asap.compile.load_compiled(OUT_DIR)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from asap.compile.maps import DEFAULT_EXTRA_FEATURES
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated layer indices like 0,1; got {text!r}") from None
+
+
+def _features(text: str) -> tuple[str, ...]:
+    return () if text == "none" else tuple(f for f in text.split(",") if f)
+
+
+def add_compile_options(parser: argparse.ArgumentParser) -> None:
+    """The fit options (shared with the experiment driver)."""
+    group = parser.add_argument_group("fit")
+    group.add_argument("--slices", type=int, default=16, help="number L of slice directions per head (default 16)")
+    group.add_argument("--slice-type", choices=("random", "axis"), default="random", help="slice directions")
+    group.add_argument("--extra-features", type=_features, default=DEFAULT_EXTRA_FEATURES,
+                       help="O(n d) per-token features added to the slice potentials, or 'none' (default qk_mean,q_norm)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random directions (layer l uses seed + l)")
+    group.add_argument("--ridge", type=float, default=1e-3, help="ridge, relative to the Gram trace (default 1e-3)")
+    group.add_argument("--refine", choices=("none", "kl"), default="none", help="second stage: KL refinement of the map")
+    group.add_argument("--refine-iters", type=int, default=30, help="L-BFGS iterations of the KL refinement")
+    group.add_argument("--mode", choices=("teacher", "sequential"), default="teacher", help="calibration activations")
+    group.add_argument("--layers", type=_layers, default=None, help="compile only these Sinkhorn layers, e.g. 0,1")
+    group.add_argument("--holdout", type=float, default=0.25, help="fraction of calibration batches held out")
+    group.add_argument("--reservoir", type=int, default=64, help="sequences kept per layer for refinement/figures")
+    group.add_argument("--truncated-iters", type=int, default=3, help="half-steps of the same-cost Sinkhorn baseline")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "compile", help="compile a trained Sinkhorn model to ASAP", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="directory written by asap train (a Sinkhorn model)")
+    parser.add_argument("--calibration", type=int, required=True, metavar="N", help="number of calibration examples")
+    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="directory for the compiled model and report")
+    parser.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
+    add_compile_options(parser)
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--no-eval", action="store_true", help="skip the accuracy comparison")
+    group.add_argument("--eval-split", default="test", help="split for accuracy (default test)")
+    group.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many examples")
+    group.add_argument("--eval-batch-size", type=int, default=128)
+    parser.add_argument("--data-dir", default=None, help="data directory (default: the run's, then $ASAP_DATA_DIR)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda[:i]")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run_compile)
+    return parser
+
+
+def compile_options(args: argparse.Namespace) -> dict:
+    """Keyword options of :func:`asap.compile.compile_model` from parsed arguments."""
+    return dict(
+        num_slices=args.slices, slice_type=args.slice_type, extra_features=args.extra_features, seed=args.seed,
+        ridge=args.ridge, refine=args.refine,
+        refine_iters=args.refine_iters, mode=args.mode, layers=args.layers, holdout_fraction=args.holdout,
+        reservoir_size=args.reservoir, truncated_iters=args.truncated_iters,
+    )  # fmt: skip
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from asap.compile import compile_model, fidelity_table, plot_report, save_compiled
+    from asap.compile.runs import accuracies, calibration_batches, load_data, load_teacher
+    from asap.train.checkpoint import CheckpointError, atomic_write_json
+
+    try:
+        teacher = load_teacher(args.run_dir, device=args.device)
+    except CheckpointError as err:
+        print(f"asap compile: {err}", file=sys.stderr)
+        return 2
+    progress = None if args.quiet else (lambda it, total: tqdm(it, total=total, desc="calibrating", leave=False))
+    batches = calibration_batches(teacher, num_samples=args.calibration, batch_size=args.batch_size, seed=args.seed,
+                                  data_dir=args.data_dir)  # fmt: skip
+    try:
+        compiled, report = compile_model(teacher.model, batches, progress=progress, **compile_options(args))
+    except ValueError as err:
+        print(f"asap compile: {err}", file=sys.stderr)
+        return 2
+    report["calibration"].update(examples=sum(len(b["labels"]) for b in batches), split="train", batch_size=args.batch_size)
+    report["source"] = {"run_dir": str(teacher.run_dir), "sha256": teacher.source_sha256}
+    if not args.no_eval:
+        data = load_data(teacher, split=args.eval_split, limit=args.eval_limit, data_dir=args.data_dir)
+        report["accuracy"] = accuracies(
+            teacher, compiled, data=data, layers=args.layers, truncated_iters=args.truncated_iters,
+            batch_size=args.eval_batch_size,
+        )  # fmt: skip
+        report["accuracy"]["split"] = args.eval_split
+    out = save_compiled(
+        args.out, compiled, report=report, run_config=teacher.run_config.to_dict(),
+        source_sha256=teacher.source_sha256, copy_files=teacher.extra_files(),
+    )  # fmt: skip
+    atomic_write_json(Path(out) / "fidelity.json", report)
+    plot_report(report, Path(out) / "fidelity.png")
+    print(fidelity_table(report))
+    print(f"\ncompiled model written to {out} (load with asap.compile.load_compiled)")
+    return 0

@@ -1,0 +1,149 @@
+"""``asap demo``: train a Sinkhorn teacher, compile it to ASAP, compare accuracy and speed.
+
+    asap demo                      # about 5 minutes on 2 CPU cores; writes runs/demo
+    asap demo --out /tmp/demo --epochs 5
+
+On the bundled ``digits`` data set (scikit-learn; nothing to download), the
+demo
+
+1. trains a small Vision Transformer whose attention is Sinkhorn with
+   ``K = --n-iters`` half-steps (the teacher), or reuses the one in
+   ``OUT/teacher`` if a previous demo finished training it;
+2. compiles it to ASAP on ``--calibration`` training images (``OUT/asap``);
+3. measures, side by side in this process and on the same test batches, the
+   test accuracy and the median time per batch (whole model, and attention
+   operators alone) of the teacher, of Sinkhorn truncated to ``K = 3``
+   (the same-cost baseline: one n x m pass more than ASAP) and of ASAP;
+4. prints the table and saves it (``OUT/demo.json``, ``OUT/demo.txt``) with a
+   picture of one head's attention matrix (first layer) for one test image
+   under each operator (``OUT/attention_maps.png``) and the fidelity report
+   (``OUT/asap/fidelity.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "demo", help="train, compile and compare on the bundled digits data (about 5 minutes on CPU)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    parser.add_argument("--epochs", type=int, default=20, help="teacher training epochs (default 20)")
+    parser.add_argument("--n-iters", type=int, default=11, help="Sinkhorn half-steps K of the teacher (odd, default 11)")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many images per split (quick runs)")
+    parser.add_argument("--calibration", type=int, default=512, help="calibration images (default 512)")
+    parser.add_argument("--slices", type=int, default=16, help="slice directions per head (default 16)")
+    parser.add_argument("--refine", choices=("none", "kl"), default="none", help="KL refinement of the map (default none)")
+    parser.add_argument("--repeats", type=int, default=5, help="timing rounds (default 5)")
+    parser.add_argument("--lengths", type=lambda t: [int(v) for v in t.split(",")], default=[17, 128, 512],
+                        help="sequence lengths of the operator timing (default 17,128,512)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run_demo)
+    return parser
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from asap.attention.operators import AttentionOperator
+    from asap.compile import compile_model, fidelity_table, plot_report, save_compiled, truncate_sinkhorn
+    from asap.compile.compare import attention_maps, plot_attention_maps, time_models, time_operator_scaling
+    from asap.compile.report import format_table
+    from asap.compile.runs import calibration_batches, load_data, load_teacher
+    from asap.train import TrainConfig, train
+    from asap.train.checkpoint import atomic_write_bytes, atomic_write_json
+    from asap.train.evaluate import evaluate
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = None if args.quiet else (lambda desc: lambda it, total: tqdm(it, total=total, desc=desc, leave=False))
+
+    # 1. The teacher.
+    teacher_dir = out / "teacher"
+    if (teacher_dir / "eval_test.json").is_file():
+        print(f"[1/4] reusing the teacher trained in {teacher_dir}")
+    else:
+        print(f"[1/4] training a Sinkhorn (K={args.n_iters}) Vision Transformer on digits, {args.epochs} epochs")
+        config = TrainConfig(
+            dataset="digits", out_dir=str(teacher_dir), method="sinkhorn", n_iters=args.n_iters, eps=1.0,
+            preset="tiny", patch_size=2, epochs=args.epochs, batch_size=32, lr=3e-3, limit=args.limit,
+            seed=args.seed, device="cpu", progress=not args.quiet,
+        )  # fmt: skip
+        train(config)
+    teacher = load_teacher(teacher_dir)
+
+    # 2. Compile.
+    print(f"[2/4] compiling to ASAP on {args.calibration} training images")
+    batches = calibration_batches(teacher, num_samples=args.calibration, batch_size=64, seed=args.seed)
+    compiled, report = compile_model(
+        teacher.model, batches, num_slices=args.slices, refine=args.refine, seed=args.seed,
+        progress=bar and bar("calibrating"),
+    )  # fmt: skip
+    truncated = truncate_sinkhorn(teacher.model, n_iters=3)
+    models = {f"teacher (Sinkhorn K={args.n_iters})": teacher.model, "Sinkhorn K=3 (same cost)": truncated, "ASAP": compiled}
+
+    # 3. Accuracy and speed on the same test batches.
+    print("[3/4] measuring accuracy and speed side by side")
+    dataset, collate = load_data(teacher, split="test", limit=args.limit)
+    accuracy = {name: evaluate(model, dataset, collate=collate, batch_size=128)["accuracy"]
+                for name, model in models.items()}
+    test_batches = [collate([dataset[i] for i in range(s, min(s + 128, len(dataset)))]) for s in range(0, len(dataset), 128)]
+    speed = time_models(models, test_batches, repeats=args.repeats, progress=bar and bar("timing"))
+    teacher_name = next(iter(models))
+    rows = []
+    for name in models:
+        rows.append({
+            "model": name,
+            "accuracy": 100 * accuracy[name],
+            "model_ms": speed[name]["model_ms"],
+            "attention_ms": speed[name]["attention_ms"],
+            "attention_speedup": speed[teacher_name]["attention_ms"] / speed[name]["attention_ms"],
+            "model_speedup": speed[teacher_name]["model_ms"] / speed[name]["model_ms"],
+        })  # fmt: skip
+    table = format_table(rows, ["model", "accuracy", "model_ms", "attention_ms", "model_speedup", "attention_speedup"])
+    note = (
+        f"accuracy in % on {len(dataset)} test images; times: median ms per batch of up to 128 images over "
+        f"{args.repeats} rounds (whole model / attention operators only); speed-ups relative to the teacher"
+    )
+    # The digits model has 17 tokens, where L sorts cost about as much as n x n passes; how it scales with n:
+    layer_ops = {name: [m for m in model.modules() if isinstance(m, AttentionOperator)][-1]
+                 for name, model in models.items()}  # fmt: skip
+    last = layer_ops["ASAP"].dual_map
+    scaling = time_operator_scaling(layer_ops, num_heads=last.num_heads, head_dim=last.head_dim, lengths=args.lengths,
+                                    repeats=args.repeats)  # fmt: skip
+    for row in scaling:
+        row["asap_speedup"] = row[teacher_name] / row["ASAP"]
+    scaling_note = (
+        "one attention layer (the last one, its fitted dual map) on random inputs of 8 sequences of n tokens: "
+        "median ms per call, and ASAP's speed-up over the teacher"
+    )
+
+    # 4. Save.
+    print("[4/4] saving")
+    report["accuracy"] = {"teacher": accuracy[teacher_name], "sinkhorn_K3": accuracy["Sinkhorn K=3 (same cost)"],
+                          "asap": accuracy["ASAP"], "num_samples": len(dataset)}  # fmt: skip
+    asap_dir = save_compiled(out / "asap", compiled, report=report, run_config=teacher.run_config.to_dict(),
+                             source_sha256=teacher.source_sha256)  # fmt: skip
+    atomic_write_json(asap_dir / "fidelity.json", report)
+    plot_report(report, asap_dir / "fidelity.png")
+    # Layer 0: every model sees the same inputs there, so the maps differ only by the normaliser.
+    maps = attention_maps(models, test_batches[0], layer=0)
+    plot_attention_maps(maps, str(out / "attention_maps.png"))
+    demo = {"rows": rows, "note": note, "scaling": scaling, "scaling_note": scaling_note, "teacher": str(teacher_dir),
+            "asap": str(asap_dir)}  # fmt: skip
+    atomic_write_json(out / "demo.json", demo)
+    scaling_table = format_table(scaling, ["n", *models, "asap_speedup"])
+    text = (
+        f"{table}\n\n{note}\n\n{scaling_table}\n\n{scaling_note}\n\n"
+        f"fidelity of the compiled layers:\n{fidelity_table(report)}\n"
+    )
+    atomic_write_bytes(out / "demo.txt", text.encode())
+    print(f"\n{text}")
+    print(f"written: {out / 'demo.json'}, {out / 'attention_maps.png'}, {asap_dir}")
+    return 0

@@ -1,0 +1,231 @@
+"""Fitting the ASAP dual map: normal equations, ridge least squares, KL refinement.
+
+Per (layer, head) the map is linear in the L slice potentials (METHOD.md sec. 4)::
+
+    f_hat_i = sum_l alpha_l phi_l(i)          (centred over valid queries)
+
+and is fitted to the teacher's closure target ``t_i = f_{K-2}(i)`` over every
+valid query of every calibration sequence.
+
+* :class:`NormalEquations` accumulates ``G = Phi^T Phi (h, L, L)``,
+  ``c = Phi^T t (h, L)``, ``t^T t``, ``sum t`` and the count of valid tokens, in
+  fp64, batch by batch: the activations themselves are never kept. Sums are
+  exact to rounding, so accumulating over batches equals one big batch.
+* :func:`solve_ridge` solves ``(G + lambda tr(G)/L I) alpha = c`` in fp64. The
+  ridge is *relative to the Gram trace* so that one default (``1e-3``) means
+  the same thing whatever the scale of the potentials (they grow with
+  ``|q| |k|``) and whatever the number of calibration tokens.
+* :func:`explained_variance` gives R^2 of a coefficient vector on any set of
+  normal equations (e.g. held-out ones), without revisiting the data.
+* :func:`refine_kl` is the optional second stage: it minimises the KL
+  divergence between the teacher's attention rows and ASAP's, directly on
+  the quantity that matters downstream (the least-squares fit weights every
+  dual error equally, while the attention is insensitive to some of them).
+
+Features and targets are centred per sequence before they arrive here (the
+1-D potentials and the closure target are both centred over valid queries),
+so the model has no intercept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from asap.compile.plans import asap_log_attention, row_kl, scores_and_support, sinkhorn_log_attention
+from asap.transport.masks import Support
+
+
+@dataclass
+class NormalEquations:
+    """Sufficient statistics of a least-squares fit, one problem per head (fp64).
+
+    ``gram (h, L, L)``, ``cross (h, L)``, ``target_sq (h,)`` = sum t^2,
+    ``target_sum (h,)`` = sum t, ``count (h,)`` = number of valid tokens.
+    """
+
+    gram: Tensor
+    cross: Tensor
+    target_sq: Tensor
+    target_sum: Tensor
+    count: Tensor
+
+    @classmethod
+    def zeros(cls, num_heads: int, num_features: int) -> "NormalEquations":
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        h, f = num_heads, num_features
+        return cls(z(h, f, f), z(h, f), z(h), z(h), z(h))
+
+    @property
+    def num_heads(self) -> int:
+        return self.gram.shape[0]
+
+    @property
+    def num_features(self) -> int:
+        return self.gram.shape[-1]
+
+    def add(self, phi: Tensor, target: Tensor, *, valid: Tensor | None) -> None:
+        """Accumulate one batch.
+
+        Args:
+            phi: features ``(b, h, L, n)``, zero at padding queries.
+            target: ``(b, h, n)``, zero at padding queries.
+            valid: ``(b, 1 or h, n)`` bool, True = valid query; ``None`` = all valid.
+        """
+        if phi.dim() != 4 or target.shape != (phi.shape[0], phi.shape[1], phi.shape[3]):
+            raise ValueError(f"phi (b, h, L, n) and target (b, h, n) disagree: {tuple(phi.shape)} vs {tuple(target.shape)}")
+        if phi.shape[1] != self.num_heads or phi.shape[2] != self.num_features:
+            raise ValueError(
+                f"features of shape {tuple(phi.shape)} for normal equations of {self.num_heads} heads "
+                f"x {self.num_features} features"
+            )
+        phi, target = phi.detach().double().cpu(), target.detach().double().cpu()
+        if valid is not None:
+            w = valid.detach().cpu().to(torch.float64).expand_as(target)
+            phi, target = phi * w.unsqueeze(2), target * w
+            count = w.sum(dim=(0, 2))
+        else:
+            count = torch.full((self.num_heads,), float(target.shape[0] * target.shape[2]), dtype=torch.float64)
+        self.gram += torch.einsum("bhln,bhkn->hlk", phi, phi)
+        self.cross += torch.einsum("bhln,bhn->hl", phi, target)
+        self.target_sq += (target * target).sum(dim=(0, 2))
+        self.target_sum += target.sum(dim=(0, 2))
+        self.count += count
+
+    def merged(self, other: "NormalEquations") -> "NormalEquations":
+        """The statistics of the union of both data sets."""
+        return NormalEquations(
+            self.gram + other.gram,
+            self.cross + other.cross,
+            self.target_sq + other.target_sq,
+            self.target_sum + other.target_sum,
+            self.count + other.count,
+        )
+
+
+def solve_ridge(normal: NormalEquations, *, ridge: float) -> Tensor:
+    """Ridge least squares per head: ``alpha (h, L)`` in fp64.
+
+    Solves ``(G + lambda * tr(G) / L * I) alpha = c`` with ``lambda = ridge``.
+    ``ridge = 0`` is plain least squares (a pseudo-inverse if ``G`` is singular).
+    """
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if bool((normal.count == 0).any()):
+        raise ValueError("cannot fit the dual map: no valid calibration token for at least one head")
+    gram, cross = normal.gram, normal.cross
+    num_features = gram.shape[-1]
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)  # (h,)
+    eye = torch.eye(num_features, dtype=gram.dtype)
+    system = gram + (ridge * trace / num_features)[:, None, None] * eye
+    if ridge > 0:
+        return torch.linalg.solve(system, cross.unsqueeze(-1)).squeeze(-1)
+    return (torch.linalg.pinv(system) @ cross.unsqueeze(-1)).squeeze(-1)
+
+
+def residual_sum_of_squares(normal: NormalEquations, coef: Tensor) -> Tensor:
+    """``sum (t - Phi alpha)^2 = t^T t - 2 alpha^T c + alpha^T G alpha`` per head: ``(h,)``."""
+    coef = coef.to(torch.float64)
+    quad = torch.einsum("hl,hlk,hk->h", coef, normal.gram, coef)
+    return (normal.target_sq - 2 * (coef * normal.cross).sum(-1) + quad).clamp(min=0)
+
+
+def explained_variance(normal: NormalEquations, coef: Tensor) -> Tensor:
+    """R^2 per head, ``1 - RSS / TSS`` with ``TSS = sum (t - mean t)^2``: ``(h,)``.
+
+    1 is a perfect fit, 0 is no better than predicting the mean; it can be
+    negative on held-out data.
+    """
+    count = normal.count.clamp(min=1)
+    total = (normal.target_sq - normal.target_sum**2 / count).clamp(min=torch.finfo(torch.float64).tiny)
+    return 1 - residual_sum_of_squares(normal, coef) / total
+
+
+# --------------------------------------------------------------------------- KL refinement
+
+
+@dataclass
+class KLProblem:
+    """One chunk of reservoir data prepared for KL refinement (all fp32, or fp64 for fp64 inputs).
+
+    ``scores (b, h, n, m)``, ``phi (b, h, L, n)``, the teacher's ``log_attn
+    (b, h, n, m)`` and the :class:`Support` of the chunk's mask.
+    """
+
+    scores: Tensor
+    phi: Tensor
+    teacher_log_attn: Tensor
+    supp: Support
+
+    def kl(self, coef: Tensor, *, eps: float) -> Tensor:
+        """Mean row KL per head ``(h,)`` for coefficients ``coef (h, L)``."""
+        f_hat = torch.einsum("bhln,hl->bhn", self.phi, coef.to(self.phi.dtype))
+        log_attn = asap_log_attention(self.scores, f_hat, eps=eps, supp=self.supp)
+        return row_kl(self.teacher_log_attn, log_attn, rows=self.supp.rows)
+
+
+@torch.no_grad()
+def kl_problems(
+    chunks: list[tuple[Tensor, Tensor, Tensor | None]], features: Callable, *, scale: float, n_iters: int, eps: float
+) -> list[KLProblem]:
+    """Prepare reservoir chunks ``(q, k, mask)`` for :func:`refine_kl`: scores, features and teacher rows.
+
+    ``features(q, k, mask) -> phi (b, h, F, n)`` is the dual map's feature function.
+    """
+    problems = []
+    for q, k, mask in chunks:
+        scores, supp = scores_and_support(q, k, scale=scale, attn_mask=mask)
+        phi = features(q, k, mask)
+        teacher = sinkhorn_log_attention(scores, supp, n_iters=n_iters, eps=eps)
+        problems.append(KLProblem(scores, phi, teacher, supp))
+    return problems
+
+
+def mean_kl(problems: list[KLProblem], coef: Tensor, *, eps: float) -> Tensor:
+    """Row KL per head ``(h,)`` averaged over chunks, weighted by their number of sequences."""
+    total = sum(p.kl(coef, eps=eps) * p.scores.shape[0] for p in problems)
+    return total / sum(p.scores.shape[0] for p in problems)
+
+
+def refine_kl(
+    coef: Tensor,
+    train: list[KLProblem],
+    held_out: list[KLProblem],
+    *,
+    eps: float,
+    max_iter: int = 30,
+) -> tuple[Tensor, dict[str, list[float]]]:
+    """Refine ``coef (h, L)`` by L-BFGS on the mean row KL of the ``train`` chunks.
+
+    The heads are independent problems; their losses are summed so one
+    L-BFGS run optimises all of them. The refined coefficients are kept *per
+    head* only where they lower the KL on the ``held_out`` chunks (or on
+    ``train`` when there is no held-out chunk); elsewhere the ridge solution
+    stays. Returns ``(coef, info)`` where ``info`` has the per-head KL of the
+    ridge and refined solutions on the held-out chunks and which heads were kept.
+    """
+    if not train:
+        raise ValueError("KL refinement needs at least one calibration chunk")
+    check = held_out or train
+    start = coef.detach().to(train[0].phi.dtype)
+    param = start.clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS([param], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimiser.zero_grad()
+        loss = mean_kl(train, param, eps=eps).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    refined = param.detach()
+    with torch.no_grad():
+        before = mean_kl(check, start, eps=eps)
+        after = mean_kl(check, refined, eps=eps)
+    improved = torch.isfinite(after) & (after < before)
+    out = torch.where(improved.unsqueeze(-1), refined, start)
+    info = {"kl_ridge": before.tolist(), "kl_refined": after.tolist(), "refined_kept": improved.tolist()}
+    return out.to(coef.dtype), info

@@ -1,0 +1,215 @@
+"""The fidelity report of a compiled model: per layer and head, how close ASAP is to its teacher.
+
+Figures, on the *held-out* calibration batches (the fit batches when there are
+none, which the report then says):
+
+* ``r2_fit`` / ``r2_held_out``: explained variance of the dual fit, from the
+  normal equations (all calibration tokens, no activation kept).
+* ``kl_*`` / ``row_tv_*``: mean over valid query rows of the KL divergence
+  ``KL(A_teacher || A)`` and of the total variation ``1/2 |A_teacher - A|_1``,
+  for ASAP and for Sinkhorn truncated to ``truncated_iters`` half-steps, on the
+  reservoir sequences.
+* ``col_err_*``: L1 column-marginal error ``sum_j |sum_i a_i A_ij - b_j|`` of
+  the teacher, ASAP and truncated Sinkhorn (0 = doubly stochastic).
+* ``time_ms``: median wall time (round-robin) of one call of each operator on one held-out
+  chunk (values: the keys, which have the right shape; the time does not
+  depend on them).
+
+**Same cost.** An odd-K Sinkhorn layer runs K log-sum-exp passes over the
+``n x m`` scores (K - 1 alternating c-transforms, then the row softmax of the
+attention itself). ASAP runs 2 (one column c-transform of the predicted dual,
+then the row softmax), plus ``L`` projections and sorts of ``n`` and ``m``
+numbers (``O(L (n d + n log n))``, no ``n x m`` work). The cheapest Sinkhorn
+that uses the column constraint at all is ``K = 3`` (row, column, row): one
+more ``n x m`` pass than ASAP, and exactly ASAP with its predicted dual
+replaced by ``f_1 = crow(0)``. It is the default truncated baseline; the
+measured times are reported beside it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from asap.attention.operators import SinkhornOperator
+from asap.compile.fit import explained_variance
+from asap.compile.plans import (
+    asap_log_attention,
+    column_error,
+    row_kl,
+    row_total_variation,
+    scores_and_support,
+    sinkhorn_log_attention,
+)
+
+if TYPE_CHECKING:
+    from asap.compile.calibrate import LayerCalibration
+
+
+def _to_list(x: Tensor) -> list[float]:
+    return [float(v) for v in x.double().cpu()]
+
+
+@torch.no_grad()
+def layer_fidelity(calib: "LayerCalibration", coef: Tensor, *, truncated_iters: int = 3) -> dict[str, Any]:
+    """Per-head fidelity figures of one fitted layer (see the module docstring)."""
+    held = bool(calib.held_out_reservoir.chunks)
+    chunks = calib.held_out_reservoir.chunks if held else calib.fit_reservoir.chunks
+    sums: dict[str, Tensor] = {}
+    weight = 0
+    for q, k, mask in chunks:
+        scores, supp = scores_and_support(q, k, scale=calib.scale, attn_mask=mask)
+        phi = calib.features(q, k, mask)
+        f_hat = torch.einsum("bhln,hl->bhn", phi, coef.to(phi.dtype))
+        teacher = sinkhorn_log_attention(scores, supp, n_iters=calib.n_iters, eps=calib.eps)
+        asap = asap_log_attention(scores, f_hat, eps=calib.eps, supp=supp)
+        truncated = sinkhorn_log_attention(scores, supp, n_iters=truncated_iters, eps=calib.eps)
+        figures = {
+            "kl_asap": row_kl(teacher, asap, rows=supp.rows),
+            "kl_truncated": row_kl(teacher, truncated, rows=supp.rows),
+            "row_tv_asap": row_total_variation(teacher, asap, rows=supp.rows),
+            "row_tv_truncated": row_total_variation(teacher, truncated, rows=supp.rows),
+            "col_err_teacher": column_error(teacher, supp).mean(0),
+            "col_err_asap": column_error(asap, supp).mean(0),
+            "col_err_truncated": column_error(truncated, supp).mean(0),
+        }
+        b = q.shape[0]
+        for key, value in figures.items():
+            sums[key] = sums.get(key, 0) + value * b
+        weight += b
+    out: dict[str, Any] = {
+        "r2_fit": _to_list(explained_variance(calib.fit, coef)),
+        "r2_held_out": _to_list(explained_variance(calib.held_out, coef)) if calib.held_out.count.sum() > 0 else None,
+        "fidelity_split": "held_out" if held else "fit",
+        "truncated_iters": truncated_iters,
+    }
+    out.update({key: _to_list(value / weight) for key, value in sums.items()})
+    out["time_ms"] = time_operators(calib, coef, chunk=chunks[0], truncated_iters=truncated_iters)
+    return out
+
+
+@torch.no_grad()
+def time_operators(
+    calib: "LayerCalibration", coef: Tensor, *, chunk: tuple, truncated_iters: int, repeats: int = 5
+) -> dict[str, float]:
+    """Median milliseconds of one call of the teacher, truncated Sinkhorn and ASAP operators on ``chunk``.
+
+    Round-robin (each round calls every operator once, after one warm-up round), so that the load of a
+    shared machine affects the three alike.
+    """
+    from asap.compile.swap import asap_operator_for  # local: swap imports this module
+
+    q, k, mask = chunk
+    teacher = calib.layer.operator
+    truncated = SinkhornOperator(n_iters=truncated_iters, eps=teacher.eps, scale=teacher.scale)
+    asap = asap_operator_for(calib, coef).cpu()
+    ops = {"teacher": teacher, "truncated": truncated, "asap": asap}
+    samples: dict[str, list[float]] = {name: [] for name in ops}
+    for round_index in range(repeats + 1):
+        for name, op in ops.items():
+            start = time.perf_counter()
+            op(q, k, k, attn_mask=mask)
+            if round_index > 0:
+                samples[name].append(1e3 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _mean(values: list[float] | None) -> float | None:
+    return None if values is None else sum(values) / len(values)
+
+
+def layer_summary(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per compiled layer: head-averaged figures."""
+    rows = []
+    for layer in report["layers"]:
+        row = {"layer": layer["index"], "K": layer["n_iters"]}
+        for key in ("r2_held_out", "r2_fit", "row_tv_asap", "row_tv_truncated", "kl_asap", "kl_truncated",
+                    "col_err_teacher", "col_err_asap", "col_err_truncated"):  # fmt: skip
+            row[key] = _mean(layer.get(key))
+        row.update({f"ms_{name}": value for name, value in layer["time_ms"].items()})
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain-text table of ``rows`` (dicts) over ``columns``; floats with 4 significant digits."""
+    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    cells = [columns] + [[fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fidelity_table(report: dict[str, Any]) -> str:
+    columns = ["layer", "K", "r2_held_out", "row_tv_asap", "row_tv_truncated", "col_err_teacher", "col_err_asap",
+               "col_err_truncated", "ms_teacher", "ms_truncated", "ms_asap"]  # fmt: skip
+    text = format_table(layer_summary(report), columns)
+    accuracy = report.get("accuracy")
+    if accuracy:
+        acc_rows = [{"model": name, "accuracy": value} for name, value in accuracy.items() if isinstance(value, float)]
+        text += "\n\n" + format_table(acc_rows, ["model", "accuracy"])
+    return text
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> None:
+    """A PNG with four panels: dual-fit R^2, row TV to the teacher, column errors, accuracy (or operator time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = layer_summary(report)
+    layers = [r["layer"] for r in rows]
+    x = list(range(len(layers)))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    ax = axes[0]
+    for i, layer in enumerate(report["layers"]):
+        r2 = layer["r2_held_out"] or layer["r2_fit"]
+        ax.scatter([i] * len(r2), r2, color="tab:blue", s=14)
+    ax.plot(x, [r["r2_held_out"] if r["r2_held_out"] is not None else r["r2_fit"] for r in rows], "k_", ms=18)
+    ax.set(title="dual fit R$^2$ (held out; dots = heads)", xlabel="layer", xticks=x, xticklabels=layers)
+    width = 0.38
+    ax = axes[1]
+    ax.bar([i - width / 2 for i in x], [r["row_tv_asap"] for r in rows], width, label="ASAP", color="tab:blue")
+    ax.bar([i + width / 2 for i in x], [r["row_tv_truncated"] for r in rows], width,
+           label=f"Sinkhorn K={report['options']['truncated_iters']}", color="tab:orange")  # fmt: skip
+    ax.set(title="row total variation to teacher", xlabel="layer", xticks=x, xticklabels=layers)
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    w3 = 0.27
+    series = (("col_err_teacher", "teacher", "tab:gray"), ("col_err_asap", "ASAP", "tab:blue"),
+              ("col_err_truncated", f"Sinkhorn K={report['options']['truncated_iters']}", "tab:orange"))  # fmt: skip
+    for j, (key, label, colour) in enumerate(series):
+        ax.bar([i + (j - 1) * w3 for i in x], [r[key] for r in rows], w3, label=label, color=colour)
+    ax.set(title="column marginal error (L1)", xlabel="layer", xticks=x, xticklabels=layers)
+    ax.legend(fontsize=8)
+    ax = axes[3]
+    accuracy = {k: v for k, v in (report.get("accuracy") or {}).items() if isinstance(v, float)}
+    if accuracy:
+        names = list(accuracy)
+        palette = {"teacher": "tab:gray", "asap": "tab:blue"}
+        colours = [palette.get(n, "tab:orange") for n in names]
+        ax.bar(names, [100 * accuracy[n] for n in names], color=colours)
+        low = min(100 * v for v in accuracy.values())
+        ax.set(title="test accuracy (%)", ylim=(max(0, low - 5), 100))
+        for i, n in enumerate(names):
+            ax.text(i, 100 * accuracy[n], f"{100 * accuracy[n]:.2f}", ha="center", va="bottom", fontsize=8)
+    else:
+        names = ["teacher", "truncated", "asap"]
+        ax.bar(names, [sum(r[f"ms_{n}"] for r in rows) for n in names], color=["tab:gray", "tab:orange", "tab:blue"])
+        ax.set(title="operator ms per call, summed over layers")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,139 @@
+"""Compiling a saved training run: load the teacher, draw calibration batches, compile, evaluate, save.
+
+This is what ``asap compile`` and the experiment driver share. Calibration
+inputs come from the run's *training* split (labels ignored); accuracy is
+measured on another split (``test`` by default), never on calibration data.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from asap.compile.artifact import MANIFEST_FILE, ArtifactError, load_compiled, sha256_file
+from asap.compile.swap import truncate_sinkhorn
+from asap.train.checkpoint import MODEL_FILE, RunConfig, load_model
+from asap.train.data import batch_inputs, load_split
+
+
+@dataclass
+class TeacherRun:
+    """A trained run loaded for compilation."""
+
+    run_dir: Path
+    model: nn.Module
+    run_config: RunConfig
+    source_sha256: str
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        return self.run_config.data
+
+    def extra_files(self) -> list[Path]:
+        """Files the compiled artifact needs beside the weights (the tokenizer of a text run)."""
+        tokenizer = self.data_info.get("tokenizer")
+        return [self.run_dir / tokenizer] if tokenizer else []
+
+
+def load_teacher(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> TeacherRun:
+    run_dir = Path(run_dir)
+    model, run_config = load_model(run_dir, device=device)
+    return TeacherRun(run_dir, model, run_config, sha256_file(run_dir / MODEL_FILE))
+
+
+def load_data(
+    teacher: TeacherRun, *, split: str, limit: int | None, data_dir: str | None = None
+) -> tuple[Dataset, Any]:
+    """``(dataset, collate)`` of a split, encoded as the teacher was trained (tokenizer, pixel statistics)."""
+    data_dir = data_dir or teacher.run_config.train.data_dir
+    return load_split(teacher.data_info, teacher.run_dir, split=split, data_dir=data_dir, limit=limit)
+
+
+def calibration_batches(
+    teacher: TeacherRun, *, num_samples: int, batch_size: int, seed: int = 0, data_dir: str | None = None
+) -> list[dict[str, Any]]:
+    """``num_samples`` training inputs (a stratified subset, shuffled with ``seed``) in batches of ``batch_size``.
+
+    Shuffling matters: the stratified subset is ordered by class, and the last
+    batches are held out for the fidelity figures.
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"calibration needs num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}")
+    dataset, collate = load_data(teacher, split="train", limit=num_samples, data_dir=data_dir)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [collate([dataset[i] for i in order[s : s + batch_size]]) for s in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: tuple[Dataset, Any], *, batch_size: int = 128) -> tuple[Tensor, Tensor]:
+    """``(predicted classes, labels)`` over a whole data set, in order (eval mode)."""
+    dataset, collate = data
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    preds, labels = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        logits = model(**batch_inputs(batch, model.input_names, device))
+        preds.append(logits.argmax(-1).cpu())
+        labels.append(batch["labels"])
+    model.train(was_training)
+    return torch.cat(preds), torch.cat(labels)
+
+
+def accuracies(
+    teacher: TeacherRun,
+    compiled: nn.Module,
+    *,
+    data: tuple[Dataset, Any],
+    layers: list[int] | None,
+    truncated_iters: int,
+    batch_size: int = 128,
+) -> dict[str, Any]:
+    """Test accuracy of the teacher, ASAP, and Sinkhorn truncated to ``truncated_iters`` in the same layers.
+
+    Also the *agreement* of ASAP and of the truncated model with the teacher (the fraction of examples
+    where their predicted class is the teacher's): a lower-variance measure of fidelity than the
+    difference of two accuracies on a small test set.
+    """
+    teacher_pred, labels = predict(teacher.model, data, batch_size=batch_size)
+    truncated = truncate_sinkhorn(teacher.model, n_iters=truncated_iters, layers=layers)
+    truncated_pred, _ = predict(truncated, data, batch_size=batch_size)
+    asap_pred, _ = predict(compiled, data, batch_size=batch_size)
+    accuracy = lambda pred: float((pred == labels).double().mean())  # noqa: E731
+    agreement = lambda pred: float((pred == teacher_pred).double().mean())  # noqa: E731
+    key = f"sinkhorn_K{truncated_iters}"
+    return {
+        "teacher": accuracy(teacher_pred),
+        key: accuracy(truncated_pred),
+        "asap": accuracy(asap_pred),
+        "agreement": {"asap": agreement(asap_pred), key: agreement(truncated_pred)},
+        "num_samples": len(labels),
+    }
+
+
+def load_run_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig]:
+    """A trained run *or* a compiled artifact: ``(model in eval mode, RunConfig)``.
+
+    This is what ``asap eval`` calls so that it accepts both: a directory with a
+    ``manifest.json`` is loaded strictly by :func:`~asap.compile.load_compiled`
+    (its run config is the teacher's, stored in the manifest; the tokenizer is
+    copied beside it), anything else by :func:`asap.train.load_model`.
+    """
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    if not (directory / MANIFEST_FILE).is_file():
+        return load_model(path, device=device)
+    model, manifest = load_compiled(directory, device=device)
+    if not manifest.get("run_config"):
+        raise ArtifactError(f"{directory / MANIFEST_FILE}: no run config (saved without its teacher run)")
+    try:
+        return model, RunConfig.from_dict(manifest["run_config"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise ArtifactError(f"{directory / MANIFEST_FILE}: invalid run config ({err})") from None
