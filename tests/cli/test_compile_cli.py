@@ -80,3 +80,15 @@ def test_experiment_driver_writes_results_and_commands(tiny_run, tmp_path):
     command = (out / "downstream" / "command.txt").read_text()
     assert command.startswith("python -m asap.compile.experiments ") and "--slice-grid 2,3" in command
     assert (out / "downstream" / "fidelity.png").is_file()
+
+
+def test_eval_cli_accepts_a_compiled_model(tiny_run, tmp_path, capsys):
+    out = tmp_path / "compiled"
+    assert main(["compile", str(tiny_run), "--calibration", "64", "--batch-size", "32", "--out", str(out),
+                 "--slices", "4", "--no-eval", "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["eval", str(out), "--limit", "50", "--output", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["attention"]["method"] == "asap" and result["attention"]["compiled_layers"] == [0, 1]
+    model, _ = load_compiled(out)
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["num_samples"] == 50

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from asap.models import swap_attention
-from asap.train.checkpoint import atomic_write_json, load_model
+from asap.models import attention_layers, swap_attention
+from asap.train.checkpoint import RunConfig, atomic_write_json, load_model
 from asap.train.data import batch_inputs, load_split, make_loader, shard_batches
 from asap.train.distributed import DistInfo, all_reduce_sum, resolve_device
 
@@ -65,6 +65,17 @@ def eval_record(
     }  # fmt: skip
 
 
+def _load_for_eval(run_dir: Path, *, device: torch.device) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
+    """A trained run or a model compiled by ``asap compile``, and the attention it runs."""
+    from asap.compile.runs import load_run_model  # compile builds on train, not the other way round
+
+    model, run_config = load_run_model(run_dir, device=device)
+    compiled = [i for i, layer in enumerate(attention_layers(model)) if layer.method == "asap"]
+    if compiled:
+        return model, run_config, {"method": "asap", "compiled_layers": compiled}
+    return model, run_config, run_config.model.attention.to_dict()
+
+
 def evaluate_run(
     run_dir: str | os.PathLike,
     *,
@@ -77,7 +88,7 @@ def evaluate_run(
     method_options: dict[str, Any] | None = None,
     output: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a saved run on one split, optionally with another attention method.
+    """Evaluate a saved run (or a compiled model directory) on one split, optionally with another method.
 
     ``method``/``method_options`` swap every layer's attention operator before
     evaluating (e.g. a Sinkhorn K=11 teacher evaluated with K=3 or softmax).
@@ -86,8 +97,7 @@ def evaluate_run(
     """
     run_dir = Path(run_dir)
     dev = resolve_device(device)
-    model, run_config = load_model(run_dir, device=dev)
-    attention = run_config.model.attention.to_dict()
+    model, run_config, attention = _load_for_eval(run_dir, device=dev)
     if method is not None:
         swap_attention(model, method, **(method_options or {}))
         attention = {"method": method, "options": dict(method_options or {})}
