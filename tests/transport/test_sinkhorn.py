@@ -169,3 +169,13 @@ def test_fused_and_tiled_column_logsumexp_agree(dtype):
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(fused, dense, rtol=0, atol=tol)
     torch.testing.assert_close(tiled.detach(), dense, rtol=0, atol=tol)
+
+
+def test_inplace_logsumexp_matches_torch_including_masked_entries():
+    from asap.transport.ctransform import logsumexp_
+
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    x[0, 1, :2] = float("-inf")
+    for dim in (-1, -2):
+        expected = torch.logsumexp(x, dim=dim)
+        torch.testing.assert_close(logsumexp_(x.clone(), dim=dim), expected, rtol=0, atol=1e-14)

@@ -198,7 +198,12 @@ def _sinkhorn_attention(
         else:
             g = sinkhorn(scores, n_iters=n_iters - 1, eps=eps, supp=supp, tol=tol, check_every=check_every).g
         row_logits = scaled_logits(scores, eps=eps, supp=supp)[0]
-        attn = torch.softmax(row_logits + (g / eps).unsqueeze(-2), dim=-1)
+        if torch.is_grad_enabled() and scores.requires_grad:
+            attn = torch.softmax(row_logits + (g / eps).unsqueeze(-2), dim=-1)
+        else:  # inference: row_logits is a fresh tensor of ours, normalise it in place
+            attn = row_logits.add_((g / eps).unsqueeze(-2))
+            attn.sub_(attn.amax(dim=-1, keepdim=True)).exp_()
+            attn.div_(attn.sum(dim=-1, keepdim=True))
     else:
         res = sinkhorn(scores, n_iters=n_iters, eps=eps, supp=supp, tol=tol, check_every=check_every)
         attn = (log_plan(scores, res.f, res.g, eps=eps, supp=supp) - supp.log_a.unsqueeze(-1)).exp()

@@ -52,15 +52,37 @@ def scaled_logits(scores: Tensor, *, eps: float, supp: Support) -> tuple[Tensor,
     return logits + supp.row_bias, logits + supp.col_bias
 
 
-def row_step(row_logits: Tensor, g: Tensor, *, eps: float, supp: Support) -> Tensor:
-    """``crow(g)`` from precomputed ``row_logits = S / eps + row_bias``: ``f (..., n)``."""
-    lse = torch.logsumexp(row_logits + (g / eps).unsqueeze(-2), dim=-1)
+def logsumexp_(work: Tensor, dim: int) -> Tensor:
+    """``logsumexp(work, dim)`` computed in place: ``work`` is overwritten, no autograd.
+
+    ``torch.logsumexp`` allocates a full-size temporary for the shifted
+    exponentials; reusing one workspace across Sinkhorn half-steps removes the
+    only large allocations of an inference-mode teacher.
+    """
+    shift = work.amax(dim=dim, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros((), dtype=shift.dtype, device=shift.device))
+    work.sub_(shift).exp_()
+    return work.sum(dim=dim).log_() + shift.squeeze(dim)
+
+
+def row_step(row_logits: Tensor, g: Tensor, *, eps: float, supp: Support, work: Tensor | None = None) -> Tensor:
+    """``crow(g)`` from precomputed ``row_logits = S / eps + row_bias``: ``f (..., n)``.
+
+    With ``work`` (a buffer shaped like ``row_logits``; inference only) no full-size tensor is allocated.
+    """
+    if work is None:
+        lse = torch.logsumexp(row_logits + (g / eps).unsqueeze(-2), dim=-1)
+    else:
+        lse = logsumexp_(torch.add(row_logits, (g / eps).unsqueeze(-2), out=work), dim=-1)
     return supp.zero_rows(eps * (supp.log_a - lse))
 
 
-def col_step(col_logits: Tensor, f: Tensor, *, eps: float, supp: Support) -> Tensor:
-    """``ccol(f)`` from precomputed ``col_logits = S / eps + col_bias``: ``g (..., m)``."""
-    lse = torch.logsumexp(col_logits + (f / eps).unsqueeze(-1), dim=-2)
+def col_step(col_logits: Tensor, f: Tensor, *, eps: float, supp: Support, work: Tensor | None = None) -> Tensor:
+    """``ccol(f)`` from precomputed ``col_logits = S / eps + col_bias``: ``g (..., m)`` (``work`` as in :func:`row_step`)."""
+    if work is None:
+        lse = torch.logsumexp(col_logits + (f / eps).unsqueeze(-1), dim=-2)
+    else:
+        lse = logsumexp_(torch.add(col_logits, (f / eps).unsqueeze(-1), out=work), dim=-2)
     return supp.zero_cols(eps * (supp.log_b - lse))
 
 

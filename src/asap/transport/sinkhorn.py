@@ -98,6 +98,8 @@ def sinkhorn(
     if tol is not None and check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
     row_logits, col_logits = scaled_logits(scores, eps=eps, supp=supp)
+    # Without autograd every half-step reuses one workspace (see logsumexp_).
+    work = None if (torch.is_grad_enabled() and scores.requires_grad) else torch.empty_like(row_logits)
     g = scores.new_zeros(scores.shape[:-2] + (scores.shape[-1],))
     f = scores.new_zeros(scores.shape[:-1])
     f_prev = None  # f_{k-2} when the current step k is a row step
@@ -105,9 +107,9 @@ def sinkhorn(
     while step < n_iters:
         step += 1
         if step % 2 == 1:
-            f_prev, f = f, row_step(row_logits, g, eps=eps, supp=supp)
+            f_prev, f = f, row_step(row_logits, g, eps=eps, supp=supp, work=work)
         else:
-            g_new = col_step(col_logits, f, eps=eps, supp=supp)
+            g_new = col_step(col_logits, f, eps=eps, supp=supp, work=work)
             if tol is not None and step > 2 and (step // 2) % check_every == 0:
                 err = _column_marginal_error(g, g_new, eps=eps, supp=supp)
                 if bool((err < tol).all()):  # host sync: tolerance mode only
