@@ -49,8 +49,8 @@ def text_batch(gen: torch.Generator, lengths=(9, 5, 12, 3)):
     return ids.masked_fill(~mask, 0), mask
 
 
-def fit_steps(model, inputs: dict, labels: torch.Tensor, steps: int = 25) -> list[float]:
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2)
+def fit_steps(model, inputs: dict, labels: torch.Tensor, steps: int = 25, lr: float = 1e-2) -> list[float]:
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
         loss = F.cross_entropy(model(**inputs), labels)
@@ -82,7 +82,9 @@ def test_vit_trains_with_every_method(method):
     model = VisionTransformer(vit_config(method))
     images = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 1, 2, 1])
-    losses = fit_steps(model, {"images": images}, labels)
+    # At lr 1e-2 ESP's loss oscillates (its near-hard soft sort passes little gradient to q, k), so
+    # whether the last step is below half depended on the thread count; at 3e-3 all fit with margin.
+    losses = fit_steps(model, {"images": images}, labels, steps=30, lr=3e-3)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0], losses
     assert model(images).shape == (4, 3)
