@@ -98,27 +98,3 @@ def test_operator_swap_in_place_and_config_round_trip():
     assert built.operator.n_iters == 11 and built.operator.eps == 0.5
     assert set(OPERATORS) == {"softmax", "sinkhorn", "esp", "asap"}
 
-
-def test_moment_features_match_direct_formula_and_ignore_padding():
-    from asap.attention import moment_features
-
-    q = torch.randn(2, 3, 5, 4, dtype=torch.float64)
-    k = torch.randn(2, 3, 6, 4, dtype=torch.float64)
-    feats = moment_features(q, k, scale=0.5, attn_mask=None)
-    kb = k.mean(-2)
-    cov = torch.einsum("bhmd,bhme->bhde", k - kb[..., None, :], k - kb[..., None, :]) / 6
-    torch.testing.assert_close(feats[:, :, 0], 0.5 * torch.einsum("bhnd,bhd->bhn", q, kb))
-    torch.testing.assert_close(feats[:, :, 1], 0.125 * torch.einsum("bhnd,bhde,bhne->bhn", q, cov, q))
-    mask = torch.ones(2, 1, 5, 6, dtype=torch.bool)
-    mask[1, ..., 4:] = False  # two padding keys
-    padded = moment_features(q, k, scale=0.5, attn_mask=mask)
-    torch.testing.assert_close(padded[1], moment_features(q[1:], k[1:, :, :4], scale=0.5, attn_mask=None)[0])
-
-
-def test_dual_map_with_moments_has_centred_features():
-    dm = SliceDualMap(num_heads=2, head_dim=4, num_slices=3, moment_features=True).double()
-    assert dm.coef.shape == (2, 5) and dm.num_features == 5
-    q = torch.randn(1, 2, 7, 4, dtype=torch.float64)
-    phi = dm.features(q, torch.randn(1, 2, 7, 4, dtype=torch.float64), scale=0.5)
-    assert phi.shape == (1, 2, 5, 7)
-    torch.testing.assert_close(phi.mean(-1), torch.zeros(1, 2, 5, dtype=torch.float64), atol=1e-12, rtol=0)

@@ -1,7 +1,7 @@
 """Attention operators (functions), their references, and the module with the method switch."""
 
 from asap.attention.checks import validate_attention_inputs
-from asap.attention.dual_map import SliceDualMap, make_directions, moment_features, slice_potentials
+from asap.attention.dual_map import SliceDualMap, make_directions, slice_potentials
 from asap.attention.functional import asap_attention, sinkhorn_attention, softmax_attention
 from asap.attention.module import AttentionConfig, MultiheadAttention, available_methods
 from asap.attention.operators import (
@@ -34,7 +34,6 @@ __all__ = [
     "esp_attention",
     "esp_attention_reference",
     "make_directions",
-    "moment_features",
     "register_operator",
     "sinkhorn_attention",
     "slice_potentials",

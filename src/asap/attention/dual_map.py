@@ -7,18 +7,6 @@ the features are the exact 1-D Kantorovich query potentials ``phi_l(i)``
 
     f_hat_i = sum_l alpha_{h,l} phi_l(i),   centred over valid queries.
 
-Optionally (``moment_features=True``) two per-token features are appended: the
-first two cumulants of the keys seen from query ``i``,
-
-    m1_i = scale <q_i, mean_j k_j>,    m2_i = scale^2 q_i^T Cov_j(k) q_i / 2,
-
-i.e. the second-order (Gaussian) expansion of the softmax normaliser
-``LSE_j(S_ij)`` that the first Sinkhorn row step computes. They cost
-``O((n + m) d^2)`` per head, far less than one ``n x m`` pass, and on inputs
-where the slice potentials alone explain the dual poorly they let ASAP beat
-Sinkhorn truncated to the same cost (``asap compile`` measures both). Every
-feature is centred over valid queries, as the target dual is.
-
 The directions and coefficients are *buffers*, not parameters: they are fitted
 by ``asap compile`` (ridge least squares, then optionally KL refinement), not
 by gradient descent of the host model, and they save and load with the model's
@@ -74,33 +62,12 @@ def slice_potentials(q: Tensor, k: Tensor, directions: Tensor, *, scale: float, 
     return query_potentials_1d(x, y, x_valid=rows, y_valid=cols)
 
 
-def moment_features(q: Tensor, k: Tensor, *, scale: float, attn_mask: Tensor | None) -> Tensor:
-    """``(b, h, 2, n)``: ``scale <q_i, mean k>`` and ``scale^2 q_i^T Cov(k) q_i / 2`` over valid keys.
-
-    Cost ``O((n + m) d^2)``; no ``n x m`` tensor. Computed in fp32 (fp64 for fp64 inputs).
-    """
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, k = q.to(dtype), k.to(dtype)
-    _, cols = valid_rows_cols(attn_mask, q.shape[-2], k.shape[-2])
-    if cols is None:
-        w = torch.full(k.shape[:-1], 1.0 / k.shape[-2], dtype=dtype, device=k.device)
-    else:
-        w = cols.expand(*k.shape[:-1]).to(dtype)
-        w = w / w.sum(dim=-1, keepdim=True).clamp(min=1)
-    mean = torch.einsum("bhm,bhmd->bhd", w, k)
-    centred = k - mean.unsqueeze(-2)
-    cov = torch.einsum("bhm,bhmd,bhme->bhde", w, centred, centred)
-    first = scale * torch.einsum("bhnd,bhd->bhn", q, mean)
-    second = 0.5 * scale**2 * torch.einsum("bhnd,bhde,bhne->bhn", q, cov, q)
-    return torch.stack([first, second], dim=2)
-
-
 class SliceDualMap(nn.Module):
-    """Linear map from slice potentials (and optional moment features) to the Sinkhorn query dual, per head.
+    """Linear map from slice potentials to the Sinkhorn query dual, one per head.
 
-    Buffers: ``directions (h, L, d)``, ``coef (h, F)`` with ``F = L`` (+2 with
-    ``moment_features``), ``seed`` and ``fitted`` (False until ``asap compile``
-    writes the coefficients).
+    Buffers: ``directions (h, L, d)``, ``coef (h, L)``, ``seed`` and ``fitted``
+    (False until ``asap compile`` writes the coefficients). Cheap extra
+    per-token features are added by :class:`asap.compile.maps.ExtendedSliceDualMap`.
     """
 
     def __init__(
@@ -111,38 +78,24 @@ class SliceDualMap(nn.Module):
         num_slices: int = 16,
         slice_type: SliceType = "random",
         seed: int = 0,
-        moment_features: bool = False,
     ):
         super().__init__()
         self.num_heads, self.head_dim, self.num_slices = num_heads, head_dim, num_slices
-        self.slice_type, self.moment_features = slice_type, moment_features
+        self.slice_type = slice_type
         directions = make_directions(
             num_heads=num_heads, head_dim=head_dim, num_slices=num_slices, slice_type=slice_type, seed=seed
         )
         self.register_buffer("directions", directions)
-        self.register_buffer("coef", torch.zeros(num_heads, self.num_features))
+        self.register_buffer("coef", torch.zeros(num_heads, num_slices))
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("fitted", torch.tensor(False))
 
-    @property
-    def num_features(self) -> int:
-        return self.num_slices + (2 if self.moment_features else 0)
-
     def extra_repr(self) -> str:
-        return (
-            f"heads={self.num_heads}, slices={self.num_slices}, slice_type={self.slice_type!r}, "
-            f"moment_features={self.moment_features}"
-        )
+        return f"heads={self.num_heads}, slices={self.num_slices}, slice_type={self.slice_type!r}"
 
     def features(self, q: Tensor, k: Tensor, *, scale: float, attn_mask: Tensor | None = None) -> Tensor:
-        """``phi (b, h, F, n)``: the features the map is linear in, centred over valid queries."""
-        phi = slice_potentials(q, k, self.directions, scale=scale, attn_mask=attn_mask)
-        if not self.moment_features:
-            return phi  # the 1-D potentials are centred already
-        rows, _ = valid_rows_cols(attn_mask, q.shape[-2], k.shape[-2])
-        moments = moment_features(q, k, scale=scale, attn_mask=attn_mask)
-        valid = None if rows is None else rows.expand(*q.shape[:-1]).unsqueeze(2)
-        return torch.cat([phi, center(moments, valid=valid)], dim=2)
+        """``phi (b, h, L, n)``: the features the map is linear in (centred over valid queries)."""
+        return slice_potentials(q, k, self.directions, scale=scale, attn_mask=attn_mask)
 
     def forward(self, q: Tensor, k: Tensor, *, scale: float, attn_mask: Tensor | None = None) -> Tensor:
         """Predicted, centred query dual ``f_hat (b, h, n)``."""

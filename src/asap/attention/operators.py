@@ -79,7 +79,6 @@ class AsapOperator(AttentionOperator):
         num_slices: int = 16,
         slice_type: str = "random",
         seed: int = 0,
-        moment_features: bool = False,
         tile_bytes: int = DEFAULT_TILE_BYTES,
         scale: float | None = None,
         dual_map: nn.Module | None = None,
@@ -93,7 +92,6 @@ class AsapOperator(AttentionOperator):
             num_slices=num_slices,
             slice_type=slice_type,
             seed=seed,
-            moment_features=moment_features,
         )
         self._checked_fitted = False
 
