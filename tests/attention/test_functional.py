@@ -249,3 +249,16 @@ def test_sinkhorn_chunking_does_not_change_the_result(chunk_bytes, mask_shape):
     g_chunked = torch.autograd.grad(chunked.square().sum(), (q, k, v))
     for a, b in zip(g_chunked, g_full):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+def test_asap_inference_never_materialises_the_score_matrix():
+    """Peak memory well under one (b, h, n, m) fp32 tensor (a strided bias once made SDPA expand it)."""
+    from asap.bench.measure import peak_memory
+
+    b, h, n, d = 2, 4, 512, 16
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    f_hat = torch.randn(b, h, n)
+    full = b * h * n * n * 4
+    with torch.no_grad():
+        peak = peak_memory(lambda: asap_attention(q, k, v, f_hat), device=torch.device("cpu")).peak_bytes
+    assert 0 < peak < 0.25 * full, (peak, full)

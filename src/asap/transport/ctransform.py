@@ -116,7 +116,9 @@ def _fused_column_logsumexp_cpu(q: Tensor, k: Tensor, f: Tensor, *, scale: float
         _, lse = kernel(k, q, values, 0.0, False, attn_mask=(f / eps).to(q.dtype).unsqueeze(-2), scale=scale / eps)
     except RuntimeError:
         return None
-    return lse
+    # The kernel returns the log-sum-exp in its own (b, m, h) memory layout; a strided
+    # bias would later make scaled_dot_product_attention materialise the full mask.
+    return lse.contiguous()
 
 
 def column_logsumexp(
