@@ -30,8 +30,8 @@ from torch import Tensor
 from asap.attention.checks import check_positive, default_scale, validate_attention_inputs
 from asap.transport.ctransform import (
     DEFAULT_TILE_BYTES,
-    c_transform_cols,
     c_transform_cols_tiled,
+    col_step,
     reduction_dtype,
     scaled_logits,
 )
@@ -189,18 +189,20 @@ def _sinkhorn_attention(
 
     if n_iters % 2 == 1:
         # Odd K: the last row step is the softmax normaliser itself, A = softmax((S + g_{K-1}) / eps).
+        logits = scaled_logits(scores, eps=eps, supp=supp)  # formed once, read by every half-step
+        row_logits, col_logits = logits
+        loop = dict(eps=eps, supp=supp, tol=tol, check_every=check_every, logits=logits)
         if n_iters == 1:
             g = scores.new_zeros(scores.shape[:-2] + (m,))
         elif grad_mode == "closure":
             with torch.no_grad():
-                f_target = sinkhorn(scores, n_iters=n_iters - 2, eps=eps, supp=supp, tol=tol, check_every=check_every).f
-            g = c_transform_cols(scores, f_target, eps=eps, supp=supp)
+                f_target = sinkhorn(scores, n_iters=n_iters - 2, **loop).f
+            g = col_step(col_logits, f_target, eps=eps, supp=supp)
         else:
-            g = sinkhorn(scores, n_iters=n_iters - 1, eps=eps, supp=supp, tol=tol, check_every=check_every).g
-        row_logits = scaled_logits(scores, eps=eps, supp=supp)[0]
+            g = sinkhorn(scores, n_iters=n_iters - 1, **loop).g
         if torch.is_grad_enabled() and scores.requires_grad:
             attn = torch.softmax(row_logits + (g / eps).unsqueeze(-2), dim=-1)
-        else:  # inference: row_logits is a fresh tensor of ours, normalise it in place
+        else:  # inference: the loop is done with row_logits, a fresh tensor of ours; normalise it in place
             attn = row_logits.add_((g / eps).unsqueeze(-2))
             attn.sub_(attn.amax(dim=-1, keepdim=True)).exp_()
             attn.div_(attn.sum(dim=-1, keepdim=True))

@@ -81,6 +81,7 @@ def sinkhorn(
     supp: Support,
     tol: float | None = None,
     check_every: int = 10,
+    logits: tuple[Tensor, Tensor] | None = None,
 ) -> SinkhornResult:
     """Run ``n_iters`` Sinkhorn half-steps on a score matrix.
 
@@ -92,12 +93,15 @@ def sinkhorn(
         tol: if set, stop once the L1 column-marginal error of every problem is
             below ``tol`` (checked every ``check_every`` column steps, always
             stopping after a row step). Synchronises with the host at each check.
+        logits: the log-kernels ``scaled_logits(scores, eps=eps, supp=supp)`` when
+            the caller needs them too (Sinkhorn attention's final row
+            normalisation), so they are formed once; computed here otherwise.
     """
     if n_iters < 1:
         raise ValueError(f"n_iters must be >= 1 half-step, got {n_iters}")
     if tol is not None and check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
-    row_logits, col_logits = scaled_logits(scores, eps=eps, supp=supp)
+    row_logits, col_logits = logits if logits is not None else scaled_logits(scores, eps=eps, supp=supp)
     # Without autograd every half-step reuses one workspace (see logsumexp_).
     work = None if (torch.is_grad_enabled() and scores.requires_grad) else torch.empty_like(row_logits)
     g = scores.new_zeros(scores.shape[:-2] + (scores.shape[-1],))
