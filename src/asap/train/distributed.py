@@ -8,6 +8,7 @@ Backend: NCCL on GPUs, gloo on CPU. Only rank 0 writes files and shows progress.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -67,7 +68,15 @@ def setup_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup_distributed(info: DistInfo) -> None:
+    """Destroy the process group this module created.
+
+    DDP reducers keep the group alive and can sit in reference cycles; collecting
+    them first means no gloo worker thread outlives the group into interpreter
+    shutdown, where it aborts the process (SIGABRT, "terminate called without
+    an active exception").
+    """
     if info.owns_group and torch_dist.is_initialized():
+        gc.collect()
         torch_dist.destroy_process_group()
 
 

@@ -66,7 +66,12 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """
     dist = setup_distributed(config.device)
     try:
-        return Trainer(config, dist, resume=resume).run()
+        result = Trainer(config, dist, resume=resume).run()
+        # Wait for rank 0 to finish writing: a rank that tears down its gloo group
+        # while a peer is still in flight aborts ("terminate called without an
+        # active exception"). Not on the error path, where a peer may never arrive.
+        barrier(dist)
+        return result
     finally:
         cleanup_distributed(dist)
 
