@@ -3,6 +3,8 @@
     asap bench operators                        # time + peak memory of every attention operator (CPU grid)
     asap bench operators --lengths 64,128,256 --no-backward
     asap bench training-cost --shape vit:197    # ESP vs Sinkhorn vs softmax per training step
+    asap bench accuracy --suite digits          # accuracy table: every method, 3 seeds, same budget
+    asap bench frozen-layer RUN_DIR             # teacher vs ASAP in one layer of a trained model
 
 ``operators`` is :mod:`asap.bench.operators` (``--help`` for the grid and
 measurement options). ``training-cost`` passes its arguments to
@@ -19,7 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from asap.bench import operators
+from asap.bench import accuracy, operators
 
 DEFAULT_TRAINING_COST_OUT = Path("results") / "bench" / "training_cost.json"
 
@@ -59,4 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                "(options of python -m asap.bench.training_cost)")
     cost.add_argument("args", nargs=argparse.REMAINDER, help="passed to asap.bench.training_cost")
     cost.set_defaults(func=_run_training_cost)
+    acc = sub.add_parser("accuracy", help="accuracy table: softmax, Sinkhorn, truncated, ESP, ASAP over seeds",
+                         description=accuracy.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    accuracy.add_arguments(acc)
+    acc.set_defaults(func=accuracy.run_from_args)
     return parser
