@@ -471,6 +471,147 @@ def render_compile(docs: list[Doc], results_dir: Path) -> Rendered:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ accuracy table
+
+ACCURACY_SCHEMA = "asap.bench.accuracy/1"
+FROZEN_LAYER_SCHEMA = "asap.bench.frozen_layer/1"
+
+
+def _method_kind(doc: Doc, method: str) -> str:
+    teacher = f"sinkhorn_K{doc.data.get('teacher_iters')}"
+    if method == "asap":
+        return f"compiled from {teacher}"
+    if method.startswith("sinkhorn_K") and method != teacher:
+        return f"{teacher} truncated at inference"
+    return "trained" + (" (teacher)" if method == teacher else "")
+
+
+def _mean_std(summary: dict[str, Any] | None) -> str:
+    if not summary:
+        return "-"
+    std = summary.get("std")
+    return f"{100 * summary['mean']:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _accuracy_rows(doc: Doc) -> list[list[Any]]:
+    data = doc.data
+    inference = data.get("inference") or {}
+    ms = inference.get("median_ms", {})
+    soft, teacher = ms.get("softmax"), ms.get(f"sinkhorn_K{data.get('teacher_iters')}")
+    rows = []
+    for method in data.get("methods", []):
+        seeds = [data["per_seed"][str(s)].get(method, {}) for s in data.get("seeds", [])]
+        values = " / ".join(_pct(r.get("accuracy")) for r in seeds)
+        agree = [r["agreement_with_teacher"] for r in seeds if r.get("agreement_with_teacher") is not None]
+        m = ms.get(method)
+        rows.append([f"`{method}`", _method_kind(doc, method), _mean_std(data.get("summary", {}).get(method)), values,
+                     _pct(sum(agree) / len(agree)) if agree else "-", "-" if m is None else f"{m:.1f}",
+                     fmt_ratio(m / soft) if m and soft else "-", fmt_ratio(m / teacher) if m and teacher else "-"])
+    return rows
+
+
+def plot_accuracy_table(docs: list[Doc], path: Path) -> Path | None:
+    """One panel per data set: mean test accuracy (± std over seeds) against inference time relative to softmax."""
+    docs = [d for d in docs if (d.data.get("inference") or {}).get("median_ms", {}).get("softmax")]
+    if not docs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(docs), figsize=(4.2 * len(docs), 3.8), squeeze=False)
+    for ax, doc in zip(axes[0], docs):
+        ms = doc.data["inference"]["median_ms"]
+        for method in doc.data["methods"]:
+            summary = doc.data["summary"].get(method)
+            if method not in ms or not summary:
+                continue
+            ax.errorbar([ms[method] / ms["softmax"]], [100 * summary["mean"]], yerr=[100 * (summary["std"] or 0)],
+                        marker="o", capsize=3, linestyle="none", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("inference time / softmax (same batch)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{doc.data['dataset']} ({len(doc.data['seeds'])} seeds)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_accuracy(docs: list[Doc], results_dir: Path) -> Rendered:
+    """The accuracy table of :mod:`asap.bench.accuracy`: one table per data set, and the accuracy-vs-cost plot."""
+    out = Rendered()
+    for doc in docs:
+        data = doc.data
+        train = data.get("train", {})
+        budget = ", ".join(f"{k} {train[k]}" for k in ("preset", "dim", "depth", "num_heads", "patch_size",
+                                                        "max_length", "limit", "epochs", "batch_size", "lr")
+                           if train.get(k) is not None)  # fmt: skip
+        inference = data.get("inference") or {}
+        out.lines += [f"### {data['dataset']}: `{doc.rel}`", "",
+                      f"{data.get('note', '')} Same budget for every trained method: {budget}; Sinkhorn eps "
+                      f"{data.get('eps')}. Seeds: {', '.join(str(s) for s in data.get('seeds', []))}.", ""]
+        out.lines += table(["method", "how obtained", "test accuracy % (mean ± std)", "per seed",
+                            "agrees with teacher %", "inference ms", "time / softmax", "time / teacher"],
+                           _accuracy_rows(doc))  # fmt: skip
+        out.lines += ["", f"Inference time: the median forward time of each whole model (seed "
+                          f"{inference.get('seed', '?')}) on the same {inference.get('batch', '?')} test examples "
+                          f"(input {inference.get('input_shape', '?')}), timed round-robin in one run.",
+                      "", machine_line(data.get("machine")), "", f"Command: `{_recorded_command(doc) or 'not recorded'}`",
+                      ""]  # fmt: skip
+    plot = plot_accuracy_table(docs, results_dir / "accuracy" / "accuracy_vs_cost.png")
+    if plot is not None:
+        out.plots.append(plot)
+        out.lines += [f"![accuracy vs inference cost]({plot.relative_to(results_dir).as_posix()})", ""]
+    return out
+
+
+def frozen_layer_target(record: dict[str, Any], reference: str) -> str:
+    ratio = record.get("speedup_of_asap_over", {}).get(reference)
+    n = record["shape"]["k"][-2]
+    if ratio is None:
+        return f"{reference}: not timed"
+    verdict = "met" if ratio >= SPEED_TARGET["speedup_vs_teacher"] else "NOT met"
+    at = "" if n == SPEED_TARGET["n"] else f" (measured at n={n}, the target is stated at n={SPEED_TARGET['n']})"
+    return f"{ratio:.2f}x over {reference}: {SPEED_TARGET['speedup_vs_teacher']:g}x goal {verdict}{at}"
+
+
+def render_frozen_layer(docs: list[Doc], results_dir: Path) -> Rendered:
+    """``asap bench frozen-layer``: per layer, accuracy of teacher / ASAP / truncated and the speed ratios."""
+    out = Rendered()
+    for doc in docs:
+        data = doc.data
+        ref, trunc = f"sinkhorn_K{data['reference_iters']}", f"sinkhorn_K{data['truncated_iters']}"
+        rows = []
+        for r in data["layers"]:
+            acc, agree, ms = r["accuracy"], r["agreement_with_teacher"], r["median_ms"]
+            teacher = f"sinkhorn_K{r['teacher_iters']}"
+            shape = r["shape"]["q"]
+            rows.append([r["layer"], f"{shape[0]}x{shape[1]}x{shape[2]}" + (" (padded)" if r.get("padded") else ""),
+                         _pct(acc["teacher"]), _pct(acc["asap"]), _pct(acc.get(trunc)), _pct(agree["asap"]),
+                         _pct(agree.get(trunc)),
+                         *(f"{ms[k]:.2f}" if k in ms else "-" for k in ("asap", teacher, ref, trunc, "softmax")),
+                         fmt_ratio(r["speedup_of_asap_over"].get(ref)), fmt_ratio(r["speedup_of_asap_over"].get(teacher)),
+                         fmt_ratio(ms["asap"] / ms["softmax"]) if ms.get("softmax") else "-"])  # fmt: skip
+        teacher_k = data["layers"][0]["teacher_iters"] if data["layers"] else "?"
+        out.lines += [f"### {data['dataset']}: `{doc.rel}`", "",
+                      f"Teacher `{data['run_dir']}` (Sinkhorn K={teacher_k}); accuracy on {data['eval_examples']} "
+                      f"{data['eval_split']} examples; ASAP calibrated on {data['calibration_examples']} training "
+                      f"examples; times are one call of the layer's attention on the q, k, v it receives for "
+                      f"{data['timing_batch']} test examples (b x h x n), median of a round-robin run.", ""]
+        out.lines += table(["layer", "b x h x n", "teacher %", "ASAP %", f"K={data['truncated_iters']} %",
+                            "ASAP agrees %", f"K={data['truncated_iters']} agrees %", "ms ASAP",
+                            f"ms K={teacher_k} (teacher)", f"ms K={data['reference_iters']}",
+                            f"ms K={data['truncated_iters']}", "ms softmax", f"ASAP speed-up over K={data['reference_iters']}",
+                            f"over K={teacher_k}", "ASAP time / softmax"], rows)  # fmt: skip
+        out.lines += [""] + [f"- Layer {r['layer']}: {frozen_layer_target(r, ref)}." for r in data["layers"]]
+        out.lines += ["", machine_line(data.get("machine")), "", f"Command: `{_recorded_command(doc) or 'not recorded'}`", ""]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------ teachers
 
 
@@ -681,6 +822,11 @@ SECTIONS: tuple[Section, ...] = (
     Section("compile", "Compiled layers (frozen-layer benchmark, downstream replacement, ablations)",
             ("compile/**/*.json",), render_compile,
             "`python -m asap.compile.experiments RUN_DIR --out results/compile/<dataset>`"),
+    Section("accuracy", "Accuracy table: every method at the same budget, over seeds", ("accuracy/*.json",),
+            render_accuracy, "`asap bench accuracy --suite <data set>`", schemas=(ACCURACY_SCHEMA,)),
+    Section("frozen_layer", "Frozen-layer benchmark: speed and accuracy in one layer of a trained teacher",
+            ("frozen_layer/*.json",), render_frozen_layer, "`asap bench frozen-layer RUN_DIR`",
+            schemas=(FROZEN_LAYER_SCHEMA,)),
     Section("teachers", "Trained models (teachers and baselines)", ("teachers/*/eval_*.json",), render_teachers,
             "`asap train` then `asap eval`, run folders copied under `results/teachers/`"),
 )

@@ -21,7 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from asap.bench import accuracy, operators
+from asap.bench import accuracy, frozen_layer, operators
 
 DEFAULT_TRAINING_COST_OUT = Path("results") / "bench" / "training_cost.json"
 
@@ -65,4 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          description=accuracy.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     accuracy.add_arguments(acc)
     acc.set_defaults(func=accuracy.run_from_args)
+    frozen = sub.add_parser("frozen-layer", help="one layer of a trained teacher compiled: accuracy and speed ratio",
+                            description=frozen_layer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    frozen_layer.add_arguments(frozen)
+    frozen.set_defaults(func=frozen_layer.run_from_args)
     return parser

@@ -1,0 +1,235 @@
+"""Frozen-layer benchmark: one layer of a trained Sinkhorn model compiled to ASAP, the rest left as trained.
+
+    asap bench frozen-layer results/teachers/imdb256_sinkhorn_k11 --data-dir ../shared/data
+    asap bench frozen-layer runs/my_teacher --layers 0 --teacher-iters 21 --eval-limit 2000
+
+This is the paper's main benchmark. For each chosen Sinkhorn layer, in turn:
+
+* **accuracy**: the test accuracy of the model with that layer compiled
+  (calibrated on ``--calibration`` training examples, the defaults of
+  ``asap compile``), of the teacher, and of the teacher with that layer
+  truncated to ``--truncated-iters`` half-steps (the same-cost baseline by
+  number of passes); plus each one's agreement with the teacher's predictions;
+* **speed**: the layer's attention on *the same inputs*: the ``q, k, v`` (and
+  padding mask) that layer receives on ``--timing-batch`` test examples. Timed
+  round-robin in one run (median): ASAP, the teacher at its trained K, the
+  teacher at ``--teacher-iters`` (K = 21 in the paper), truncated Sinkhorn and
+  softmax ``scaled_dot_product_attention``. Reported as ratios measured side
+  by side; absolute times only mean something for the machine recorded.
+
+Before timing, the captured ASAP output is checked against the fp64 reference
+of the same operator (a wrong fast path is not timed). Writes
+``results/frozen_layer/<run name>.json`` unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from asap.bench.measure import benchmark, machine_info, speedups
+from asap.bench.operators import record_command
+from asap.train.checkpoint import atomic_write_json
+
+SCHEMA = "asap.bench.frozen_layer/1"
+
+
+def capture_layer_inputs(model: nn.Module, operator: nn.Module, inputs: dict[str, Tensor]) -> tuple:
+    """``(q, k, v, attn_mask)`` that ``operator`` receives when ``model`` runs on ``inputs`` (eval mode)."""
+    captured: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        q, k, v = args[:3]
+        captured.update(q=q.detach().clone(), k=k.detach().clone(), v=v.detach().clone(), mask=kwargs.get("attn_mask"))
+
+    handle = operator.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model.eval()(**inputs)
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError("the layer was not called by the model's forward pass")
+    return captured["q"], captured["k"], captured["v"], captured["mask"]
+
+
+def verify_asap(operator: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> float:
+    """Largest absolute error of the compiled operator against the fp64 reference c-transform on the captured inputs.
+
+    The predicted dual is the operator's own (a small linear map); what is checked is the fast two-sided
+    c-transform (SDPA row step, fused/tiled column log-sum-exp) that the timing measures.
+    """
+    from asap.attention.reference import asap_attention_reference
+
+    with torch.inference_mode():
+        fast = operator(q, k, v, attn_mask=mask)
+        scale = operator.resolved_scale(q)
+        f_hat = operator.dual_map(q, k, scale=scale, attn_mask=mask).double()
+        ref = asap_attention_reference(q.double(), k.double(), v.double(), f_hat, eps=operator.eps, scale=scale,
+                                       attn_mask=mask)  # fmt: skip
+    return float((fast.double() - ref).abs().max())
+
+
+def time_layer(
+    operators: dict[str, nn.Module], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, budget_s: float
+) -> dict[str, Any]:
+    """Median time and peak memory of every operator on the same inputs, round-robin in one run."""
+    fns = {}
+    for name, op in operators.items():
+
+        def call(op=op):
+            with torch.inference_mode():
+                return op(q, k, v, attn_mask=mask)
+
+        fns[name] = call
+    run = benchmark(fns, device=q.device, warmup=2, repeats=50, min_repeats=5, budget_s=budget_s)
+    return {
+        "median_ms": {n: r.timing.median_s * 1e3 for n, r in run.results.items() if r.timing is not None},
+        "peak_bytes": {n: r.peak_bytes for n, r in run.results.items()},
+        "speedup_of_asap_over": {n: None if s is None else 1 / s
+                                 for n, s in speedups(run, reference="asap").items() if n != "asap"},
+        "timing": {n: r.to_dict() for n, r in run.results.items()},
+        "rounds": run.rounds,
+    }  # fmt: skip
+
+
+def run_frozen_layer(args: argparse.Namespace, command: str, *, log=print) -> dict[str, Any]:
+    from asap.attention import SinkhornOperator, SoftmaxOperator
+    from asap.compile import compile_model
+    from asap.compile.runs import calibration_batches, load_data, load_teacher, predict
+    from asap.compile.swap import sinkhorn_layers, truncate_sinkhorn
+    from asap.train.data import batch_inputs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher = load_teacher(args.run_dir)
+    layers = sinkhorn_layers(teacher.model)
+    chosen = list(range(len(layers))) if args.layers is None else args.layers
+    bad = [i for i in chosen if not 0 <= i < len(layers)]
+    if not layers or bad:
+        raise ValueError(f"layers {bad} out of range: {args.run_dir} has {len(layers)} Sinkhorn layers")
+    batches = calibration_batches(teacher, num_samples=args.calibration, batch_size=32, seed=args.seed,
+                                  data_dir=args.data_dir)  # fmt: skip
+    data = load_data(teacher, split=args.eval_split, limit=args.eval_limit, data_dir=args.data_dir)
+    teacher_pred, labels = predict(teacher.model, data)
+    accuracy = lambda pred: float((pred == labels).double().mean())  # noqa: E731
+    agreement = lambda pred: float((pred == teacher_pred).double().mean())  # noqa: E731
+    dataset, collate = data
+    timing_examples = collate([dataset[i] for i in range(min(args.timing_batch, len(dataset)))])
+    inputs = batch_inputs(timing_examples, teacher.model.input_names, torch.device("cpu"))
+    log(f"teacher accuracy {100 * accuracy(teacher_pred):.2f} % on {len(labels)} {args.eval_split} examples")
+
+    results = []
+    for index in chosen:
+        layer = layers[index]
+        start = time.perf_counter()
+        compiled, report = compile_model(teacher.model, batches, layers=[index], seed=args.seed,
+                                         truncated_iters=args.truncated_iters)  # fmt: skip
+        compile_seconds = time.perf_counter() - start
+        asap_pred = predict(compiled, data)[0]
+        truncated_pred = predict(truncate_sinkhorn(teacher.model, n_iters=args.truncated_iters, layers=[index]), data)[0]
+
+        q, k, v, mask = capture_layer_inputs(teacher.model, layer.operator, inputs)
+        asap_op = compiled.get_submodule(layer.name)
+        error = verify_asap(asap_op, q, k, v, mask)
+        if not error < args.tolerance:
+            raise RuntimeError(f"layer {index}: ASAP differs from its fp64 reference by {error:.3g}; not timing it")
+        teacher_op = layer.operator
+        operators = {
+            "asap": asap_op,
+            f"sinkhorn_K{teacher_op.n_iters}": teacher_op,
+            f"sinkhorn_K{args.teacher_iters}": SinkhornOperator(n_iters=args.teacher_iters, eps=teacher_op.eps,
+                                                                scale=teacher_op.scale),
+            f"sinkhorn_K{args.truncated_iters}": SinkhornOperator(n_iters=args.truncated_iters, eps=teacher_op.eps,
+                                                                  scale=teacher_op.scale),
+            "softmax": SoftmaxOperator(scale=teacher_op.scale),
+        }  # fmt: skip
+        timing = time_layer(operators, q, k, v, mask, budget_s=args.budget)
+        fit = report["layers"][0]
+        record = {
+            "layer": index, "name": layer.name, "teacher_iters": teacher_op.n_iters, "eps": teacher_op.eps,
+            "shape": {"q": list(q.shape), "k": list(k.shape)}, "padded": mask is not None,
+            "accuracy": {"teacher": accuracy(teacher_pred), "asap": accuracy(asap_pred),
+                         f"sinkhorn_K{args.truncated_iters}": accuracy(truncated_pred)},
+            "agreement_with_teacher": {"asap": agreement(asap_pred),
+                                       f"sinkhorn_K{args.truncated_iters}": agreement(truncated_pred)},
+            "r2_held_out": _mean(fit.get("r2_held_out")), "row_tv_asap": _mean(fit.get("row_tv_asap")),
+            "row_tv_truncated": _mean(fit.get("row_tv_truncated")),
+            "asap_max_abs_error_vs_fp64": error, "compile_seconds": compile_seconds, **timing,
+        }  # fmt: skip
+        results.append(record)
+        ratio = timing["speedup_of_asap_over"]
+        log(f"layer {index}: teacher {100 * record['accuracy']['teacher']:.2f} asap {100 * record['accuracy']['asap']:.2f} "
+            f"K{args.truncated_iters} {100 * record['accuracy'][f'sinkhorn_K{args.truncated_iters}']:.2f} | "
+            + ", ".join(f"{name} {ms:.2f} ms" for name, ms in timing["median_ms"].items())
+            + f" | ASAP {ratio[f'sinkhorn_K{args.teacher_iters}']:.2f}x over K={args.teacher_iters}")  # fmt: skip
+    return {
+        "schema": SCHEMA, "run_dir": str(args.run_dir), "teacher_sha256": teacher.source_sha256,
+        "dataset": teacher.data_info["dataset"], "eval_split": args.eval_split, "eval_examples": len(labels),
+        "calibration_examples": args.calibration, "timing_batch": len(timing_examples["labels"]),
+        "reference_iters": args.teacher_iters, "truncated_iters": args.truncated_iters,
+        "layers": results, "machine": machine_info("cpu"), "command": command,
+    }  # fmt: skip
+
+
+def _mean(values: list[float] | None) -> float | None:
+    return None if not values else sum(values) / len(values)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained Sinkhorn run (asap train)")
+    parser.add_argument("--layers", type=_ints, default=None, help="Sinkhorn layers to compile, one at a time (default all)")
+    parser.add_argument("--teacher-iters", type=int, default=21, help="K of the timed reference teacher (default 21)")
+    parser.add_argument("--truncated-iters", type=int, default=3, help="K of the same-cost baseline (default 3)")
+    parser.add_argument("--calibration", type=int, default=512, help="calibration examples (default 512)")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sample and slice directions")
+    parser.add_argument("--eval-split", default="test")
+    parser.add_argument("--eval-limit", type=int, default=None, help="at most this many evaluation examples")
+    parser.add_argument("--timing-batch", type=int, default=32, help="test examples whose layer inputs are timed")
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed calls per operator")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest ASAP error vs fp64 accepted")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--data-dir", default=None, help="data directory (default: the run's, then $ASAP_DATA_DIR)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON to write (default results/frozen_layer/RUN.json)")
+
+
+def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = "asap " + shlex.join(argv) if argv[:2] == ["bench", "frozen-layer"] else "asap bench frozen-layer " + shlex.join(argv)
+    out = args.out or Path("results") / "frozen_layer" / f"{Path(args.run_dir).resolve().name}.json"
+    try:
+        doc = run_frozen_layer(args, command)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"asap bench frozen-layer: {err}", file=sys.stderr)
+        return 2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, doc)
+    record_command(out, command)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m asap.bench.frozen_layer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    return run_from_args(parser.parse_args(argv), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
