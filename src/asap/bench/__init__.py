@@ -4,6 +4,10 @@
 * :mod:`asap.bench.operators`: time and memory of every attention operator over a grid of shapes
   (``python -m asap.bench.operators``, ``asap bench operators``);
 * :mod:`asap.bench.training_cost`: time and memory per training step, ESP vs Sinkhorn vs softmax;
+* :mod:`asap.bench.accuracy`: the accuracy table, every method trained at one budget over seeds
+  (``asap bench accuracy``);
+* :mod:`asap.bench.frozen_layer`: one layer of a trained teacher compiled, accuracy and speed ratio
+  (``asap bench frozen-layer``);
 * :mod:`asap.bench.report`: ``results/README.md`` and plots from the result JSON (``asap report``).
 """
 
