@@ -93,3 +93,11 @@ def test_the_report_tabulates_and_plots_the_table(table):
 def test_command_line_reports_bad_options(capsys):
     assert accuracy.main(["--suite", "digits", "--teacher-iters", "4"]) == 2
     assert "odd" in capsys.readouterr().err
+
+
+def test_esp_can_be_limited_to_the_first_seeds(table):
+    root, _, _ = table
+    doc = run_accuracy(tiny(root, esp_seeds=1), out=root / "esp1.json", command="x", log=lambda *_: None)
+    assert "esp" in doc["per_seed"]["0"] and "esp" not in doc["per_seed"]["1"]
+    assert doc["summary"]["esp"]["n"] == 1 and doc["summary"]["esp"]["std"] is None
+    assert doc["summary"]["asap"]["n"] == 2 and doc["esp_seeds"] == 1
