@@ -34,6 +34,7 @@ ch. 2 (1-D transport); Peyre & Cuturi, "Computational Optimal Transport",
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -59,14 +60,36 @@ def project(q: Tensor, k: Tensor, directions: Tensor, *, scale: float) -> tuple[
     return x, y
 
 
+def argsort_last(x: Tensor) -> Tensor:
+    """``torch.argsort(x, dim=-1)`` (int64), with a CPU fast path.
+
+    On CPU, outside ``torch.compile``, the permutation comes from NumPy's
+    vectorised argsort, 10-25x faster than ``torch.sort`` on the many short
+    rows sorted here (``b h L`` rows of ``n``); a permutation carries no
+    gradient, so nothing is lost. Ties may come out in another order than
+    ``torch.sort``'s: the sorted values and the query potentials do not change
+    (a tie is a zero step), and the potentials of exactly tied keys are another
+    optimal dual pair.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+        return torch.from_numpy(np.argsort(x.detach().numpy(), axis=-1)).to(torch.int64)
+    return torch.sort(x, dim=-1).indices
+
+
+def sort_last(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.sort(x, dim=-1)`` through :func:`argsort_last`; the values are gathered, so autograd flows."""
+    perm = argsort_last(x)
+    return torch.gather(x, -1, perm), perm
+
+
 def _sorted_valid(x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Sort the last dim with padding last; returns (values with pads zeroed, permutation, sorted validity)."""
     if valid is None:
-        values, perm = torch.sort(x, dim=-1)
+        values, perm = sort_last(x)
         return values, perm, None
     valid = valid.unsqueeze(-2).expand_as(x)
     key = torch.where(valid, x, torch.full_like(x, float("inf")))
-    perm = torch.sort(key, dim=-1).indices
+    perm = argsort_last(key)
     valid_sorted = torch.gather(valid, -1, perm)
     # Gather from x (not key) so gradients flow; zero the pads so no inf enters arithmetic.
     values = torch.where(valid_sorted, torch.gather(x, -1, perm), torch.zeros((), dtype=x.dtype, device=x.device))
@@ -75,8 +98,8 @@ def _sorted_valid(x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tens
 
 def _potentials_equal_unpadded(x: Tensor, y: Tensor, *, with_keys: bool) -> tuple[Tensor, Tensor | None]:
     """Fast path for ``n = m`` and no padding: the matching is rank to rank, no index arithmetic."""
-    xs, x_perm = torch.sort(x, dim=-1)
-    ys, y_perm = torch.sort(y, dim=-1)
+    xs, x_perm = sort_last(x)
+    ys, y_perm = sort_last(y)
     step = -ys * torch.diff(xs, dim=-1, append=xs[..., -1:])  # the last step is 0
     f_sorted = torch.cumsum(step, dim=-1) - step
     f_mean = f_sorted.mean(dim=-1, keepdim=True)
