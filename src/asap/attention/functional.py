@@ -236,9 +236,15 @@ def _biased_row_attention(
     k_extra = torch.cat([(g / scale).to(k.dtype).unsqueeze(-1), k_extra[..., 1:]], dim=-1)
     q_aug = torch.cat([q, q_extra], dim=-1)
     k_aug = torch.cat([k, k_extra], dim=-1)
+    # Fused kernels need one head size for q, k and v (else PyTorch falls back to the
+    # math path, which materialises the scores): pad v with zero columns, drop them after.
+    dv = v.shape[-1]
+    v_aug = v
+    if dv < q_aug.shape[-1]:
+        v_aug = torch.cat([v, v.new_zeros(*v.shape[:-1], q_aug.shape[-1] - dv)], dim=-1)
     out = F.scaled_dot_product_attention(
-        q_aug, k_aug, v, attn_mask=_open_padding_rows(mask, rows), scale=sdpa_scale
-    )
+        q_aug, k_aug, v_aug, attn_mask=_open_padding_rows(mask, rows), scale=sdpa_scale
+    )[..., :dv]
     return torch.where(rows.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 

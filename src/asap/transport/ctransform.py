@@ -96,24 +96,37 @@ def c_transform_cols(scores: Tensor, f: Tensor, *, eps: float, supp: Support) ->
     return col_step(scaled_logits(scores, eps=eps, supp=supp)[1], f, eps=eps, supp=supp)
 
 
-def _fused_column_logsumexp_cpu(q: Tensor, k: Tensor, f: Tensor, *, scale: float, eps: float) -> Tensor | None:
+def _fused_column_logsumexp_cpu(
+    q: Tensor, k: Tensor, f: Tensor, *, scale: float, eps: float, col_bias: Tensor | None = None
+) -> Tensor | None:
     """The column log-sum-exp from PyTorch's fused CPU attention kernel, or ``None`` if unavailable.
 
     ``LSE_i((scale <q_i, k_j> + f_i) / eps)`` is the row log-sum-exp of an
     attention call with the roles swapped (keys as queries, queries as keys)
     and the additive bias ``f / eps``; the flash kernel computes it in tiles
     without materialising the scores and returns it beside the (here unused)
-    output, about 2.5x faster than :func:`column_logsumexp`'s tiles on CPU. The
-    op is private to PyTorch and has no backward for its log-sum-exp output,
-    so it is only used without autograd, and any failure falls back to tiles.
+    output, 2-2.5x faster than :func:`column_logsumexp`'s tiles on CPU. The
+    kernel takes one additive mask: without ``col_bias`` that is the broadcast
+    ``f / eps``; with it (a mask), ``f`` is folded into the dot product instead
+    (``q' = [q, f / scale]``, ``k' = [k, 1]``, head size padded to a multiple
+    of 8) and the transposed ``0 / -inf`` bias is the mask. The op is private
+    to PyTorch and has no backward for its log-sum-exp output, so it is only
+    used without autograd, and any failure falls back to tiles.
     """
     kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if kernel is None:
         return None
+    if col_bias is None:
+        queries, keys, mask = k, q, (f / eps).to(q.dtype).unsqueeze(-2)
+    else:
+        pad = 8 - q.shape[-1] % 8
+        keys = torch.cat([q, (f / scale).to(q.dtype).unsqueeze(-1), q.new_zeros(*q.shape[:-1], pad - 1)], dim=-1)
+        queries = torch.cat([k, k.new_ones(*k.shape[:-1], 1), k.new_zeros(*k.shape[:-1], pad - 1)], dim=-1)
+        mask = col_bias.to(q.dtype).transpose(-1, -2)
     # A zero-stride value tensor: the kernel needs one, its output is discarded.
-    values = q.new_zeros(()).expand(*q.shape)
+    values = keys.new_zeros(()).expand(*keys.shape)
     try:
-        _, lse = kernel(k, q, values, 0.0, False, attn_mask=(f / eps).to(q.dtype).unsqueeze(-2), scale=scale / eps)
+        _, lse = kernel(queries, keys, values, 0.0, False, attn_mask=mask, scale=scale / eps)
     except RuntimeError:
         return None
     # The kernel returns the log-sum-exp in its own (b, m, h) memory layout; a strided
@@ -142,8 +155,8 @@ def column_logsumexp(
             ``O(b h n tile)`` instead of ``O(b h n m)``; each tile's reduction is
             complete (it runs over all queries), so no online rescaling is needed.
 
-    On CPU, for fp32/fp64 inputs without a mask and without autograd, the
-    fused attention kernel computes the same quantity in one call
+    On CPU, for fp32/fp64 inputs without autograd, the fused attention kernel
+    computes the same quantity in one call
     (:func:`_fused_column_logsumexp_cpu`); everywhere else the tiles run.
 
     Returns:
@@ -151,14 +164,13 @@ def column_logsumexp(
     """
     rdtype = reduction_dtype(q.dtype)
     fused_ok = (
-        col_bias is None
-        and q.device.type == "cpu"
+        q.device.type == "cpu"
         and q.dtype in (torch.float32, torch.float64)  # a low-precision bias would round f
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or f.requires_grad))
         and not torch.compiler.is_compiling()
     )
     if fused_ok:
-        lse = _fused_column_logsumexp_cpu(q, k, f.to(q.dtype), scale=scale, eps=eps)
+        lse = _fused_column_logsumexp_cpu(q, k, f.to(q.dtype), scale=scale, eps=eps, col_bias=col_bias)
         if lse is not None:
             return lse.to(rdtype)
     b, h, n, _ = q.shape
