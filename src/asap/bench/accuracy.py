@@ -43,7 +43,6 @@ import argparse
 import dataclasses
 import json
 import math
-import shlex
 import statistics
 import sys
 import time
@@ -54,7 +53,7 @@ from typing import Any
 import torch
 
 from asap.bench.measure import benchmark, machine_info
-from asap.bench.operators import record_command
+from asap.bench.operators import command_line, record_command
 from asap.train.checkpoint import atomic_write_json
 
 SCHEMA = "asap.bench.accuracy/1"
@@ -360,7 +359,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
         return 2
     out = args.out or Path("results") / "accuracy" / f"{args.suite}.json"
     argv = sys.argv[1:] if argv is None else argv
-    command = "asap " + shlex.join(argv) if argv[:2] == ["bench", "accuracy"] else "asap bench accuracy " + shlex.join(argv)
+    command = command_line("accuracy", argv)
     try:
         run_accuracy(cfg, out=out, command=command)
     except (ValueError, FileNotFoundError) as err:  # a changed budget; a data set not in the data directory

@@ -25,7 +25,6 @@ of the same operator (a wrong fast path is not timed). Writes
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from asap.bench.measure import benchmark, machine_info, speedups
-from asap.bench.operators import record_command
+from asap.bench.operators import command_line, record_command
 from asap.train.checkpoint import atomic_write_json
 
 SCHEMA = "asap.bench.frozen_layer/1"
@@ -209,7 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = "asap " + shlex.join(argv) if argv[:2] == ["bench", "frozen-layer"] else "asap bench frozen-layer " + shlex.join(argv)
+    command = command_line("frozen-layer", argv)
     out = args.out or Path("results") / "frozen_layer" / f"{Path(args.run_dir).resolve().name}.json"
     try:
         doc = run_frozen_layer(args, command)

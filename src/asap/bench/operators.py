@@ -409,6 +409,13 @@ def run_operator_bench(
     }
 
 
+def command_line(subcommand: str, argv: Sequence[str]) -> str:
+    """The ``asap bench SUBCOMMAND ...`` command a result records, from ``argv`` with or without its prefix."""
+    if list(argv[:2]) == ["bench", subcommand]:
+        argv = argv[2:]
+    return f"asap bench {subcommand} " + shlex.join(argv)
+
+
 def record_command(json_path: str | Path, command: str) -> Path:
     """Record ``command`` for ``json_path`` in ``command.txt`` beside it: one ``file.json: command`` line per file."""
     json_path = Path(json_path)
