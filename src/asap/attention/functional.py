@@ -30,6 +30,7 @@ from torch import Tensor
 from asap.attention.checks import check_positive, default_scale, validate_attention_inputs
 from asap.transport.ctransform import (
     DEFAULT_TILE_BYTES,
+    append_bias_column,
     c_transform_cols_tiled,
     col_step,
     reduction_dtype,
@@ -228,14 +229,7 @@ def _biased_row_attention(
     if mask is None:
         bias = (g / eps).to(q.dtype).unsqueeze(-2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=sdpa_scale)
-    d = q.shape[-1]
-    pad = 8 - d % 8
-    q_extra = torch.zeros(*q.shape[:-1], pad, dtype=q.dtype, device=q.device)
-    q_extra[..., 0] = 1.0
-    k_extra = torch.zeros(*k.shape[:-1], pad, dtype=k.dtype, device=k.device)
-    k_extra = torch.cat([(g / scale).to(k.dtype).unsqueeze(-1), k_extra[..., 1:]], dim=-1)
-    q_aug = torch.cat([q, q_extra], dim=-1)
-    k_aug = torch.cat([k, k_extra], dim=-1)
+    q_aug, k_aug = append_bias_column(q, 1.0), append_bias_column(k, (g / scale).to(k.dtype))
     # Fused kernels need one head size for q, k and v (else PyTorch falls back to the
     # math path, which materialises the scores): pad v with zero columns, drop them after.
     dv = v.shape[-1]

@@ -40,7 +40,6 @@ tau_sort=...``). The temperature is recorded in the JSON.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import statistics
@@ -314,15 +313,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from asap.train import TrainConfig
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for name in ("epochs", "limit", "batch_size", "lr", "max_length", "dim", "depth"):
-        value = getattr(args, name)
-        if value is not None and name in names:
-            out[name] = value
-    return out
+    """The budget options given on the command line (each a :class:`~asap.train.TrainConfig` field)."""
+    names = ("epochs", "limit", "batch_size", "lr", "max_length", "dim", "depth")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -96,6 +96,20 @@ def c_transform_cols(scores: Tensor, f: Tensor, *, eps: float, supp: Support) ->
     return col_step(scaled_logits(scores, eps=eps, supp=supp)[1], f, eps=eps, supp=supp)
 
 
+def append_bias_column(x: Tensor, column: Tensor | float) -> Tensor:
+    """``[x, column, 0, ...]``: ``x (..., d)`` with one extra coordinate, padded to a multiple of 8.
+
+    Folding an additive bias into a dot product: ``[q, 1] . [k, c] = q . k + c``.
+    Fused attention kernels take a single mask; this frees it for the boolean
+    one. The zero padding keeps the head size a multiple of 8, which fused
+    kernels want. ``column`` is ``(...)`` (one value per row) or a scalar.
+    """
+    pad = 8 - x.shape[-1] % 8
+    extra = x.new_zeros(*x.shape[:-1], pad)
+    extra[..., 0] = column
+    return torch.cat([x, extra], dim=-1)
+
+
 def _fused_column_logsumexp_cpu(
     q: Tensor, k: Tensor, f: Tensor, *, scale: float, eps: float, col_bias: Tensor | None = None
 ) -> Tensor | None:
@@ -119,9 +133,7 @@ def _fused_column_logsumexp_cpu(
     if col_bias is None:
         queries, keys, mask = k, q, (f / eps).to(q.dtype).unsqueeze(-2)
     else:
-        pad = 8 - q.shape[-1] % 8
-        keys = torch.cat([q, (f / scale).to(q.dtype).unsqueeze(-1), q.new_zeros(*q.shape[:-1], pad - 1)], dim=-1)
-        queries = torch.cat([k, k.new_ones(*k.shape[:-1], 1), k.new_zeros(*k.shape[:-1], pad - 1)], dim=-1)
+        keys, queries = append_bias_column(q, (f / scale).to(q.dtype)), append_bias_column(k, 1.0)
         mask = col_bias.to(q.dtype).transpose(-1, -2)
     # A zero-stride value tensor: the kernel needs one, its output is discarded.
     values = keys.new_zeros(()).expand(*keys.shape)
