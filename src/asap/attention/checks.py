@@ -15,7 +15,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CAUSAL_ERROR = (
     "is_causal=True is not supported by doubly-stochastic attention ({method!r}): a lower-triangular "
     "matrix whose rows and columns all sum to 1 is the identity, so exact doubly-stochastic causal "
-    "attention does not exist (METHOD.md sec. 6). Use method='softmax' for causal models."
+    "attention does not exist (docs/method.md sec. 6.2). Use method='softmax' for causal models."
 )
 
 

@@ -3,7 +3,7 @@
 For each head, ``L`` fixed unit directions ``theta_l`` define slices. Per token
 the features are the exact 1-D Kantorovich query potentials ``phi_l(i)``
 (:func:`asap.transport.sliced.kantorovich_potentials_1d`) and the map is linear
-(METHOD.md sec. 4)::
+(docs/method.md sec. 4.3)::
 
     f_hat_i = sum_l alpha_{h,l} phi_l(i),   centred over valid queries.
 

@@ -53,7 +53,7 @@ Padding. Only key-padding masks are supported (the mask must be the outer
 product of its valid queries and valid keys, as built by
 :func:`asap.transport.masks.key_padding_to_attn_mask`); padded tokens are
 sorted last, carry no mass, the marginals are uniform over valid tokens, and
-padded queries output zero. ``is_causal`` is refused (METHOD.md sec. 6).
+padded queries output zero. ``is_causal`` is refused (docs/method.md sec. 6.2).
 
 All sorting, softmaxes and log-sum-exps run in fp32 (fp64 for fp64 inputs);
 the output has the input dtype.

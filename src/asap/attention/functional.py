@@ -8,7 +8,7 @@ and keyword-only options, and returns ``(b, h, n, dv)`` in the input dtype:
 * :func:`sinkhorn_attention`: the teacher: ``K`` log-domain Sinkhorn
   half-steps (Sinkformers, Sander et al. 2022).
 * :func:`asap_attention`: the compiled operator: given a predicted query dual
-  ``f_hat``, the two-sided entropic c-transform (METHOD.md sec. 4)::
+  ``f_hat``, the two-sided entropic c-transform (docs/method.md sec. 4.5)::
 
       g = ccol(f_hat)                        # one tiled log-sum-exp over queries
       A = softmax_j( (S_ij + g_j) / eps )    # an ordinary attention call with a key bias

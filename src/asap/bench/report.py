@@ -34,7 +34,7 @@ TRAINING_COST_SCHEMA = "training_cost"  # the "benchmark" field of asap.bench.tr
 
 #: The paper's published figures, quoted (not measured here). Sources: the abstract of Tran, Milkert & Hyde,
 #: "ASAP: Amortized Doubly-Stochastic Attention via Sliced Dual Projection" (arXiv 2605.12879), and the baseline
-#: accuracies of METHOD.md sec. 7 (a secondary source, likely the paper's table; unconfirmed).
+#: accuracies of docs/method.md sec. 7 (a secondary source, likely the paper's table; unconfirmed).
 PAPER_CLAIMS: dict[str, Any] = {
     "speedup_over_teacher": 5.3,
     "accuracy_kept_in_replacement": 0.95,

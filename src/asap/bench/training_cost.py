@@ -1,6 +1,6 @@
 """Training cost of doubly-stochastic attention: time per step and memory, ESP vs Sinkhorn vs softmax.
 
-The claim checked (METHOD.md sec. 7, "Training cost"): ESP attention needs
+The claim checked (docs/method.md sec. 7, "Training cost"): ESP attention needs
 substantially more training memory and time than Sinkhorn attention at the
 same model size. One small pre-norm transformer encoder stack
 (:class:`asap.models.blocks.Block`, whose attention is

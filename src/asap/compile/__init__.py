@@ -1,4 +1,4 @@
-"""``asap compile``: turn a trained Sinkhorn model into an ASAP model without retraining (METHOD.md sec. 4).
+"""``asap compile``: turn a trained Sinkhorn model into an ASAP model without retraining (docs/method.md sec. 4).
 
 Typical use::
 

@@ -4,7 +4,7 @@ A forward *pre*-hook on every selected :class:`~asap.attention.SinkhornOperator`
 sees the ``q, k`` (``b h n d``) and boolean mask it is called with. From them
 the hook computes, outside autograd and in the reduction dtype,
 
-* the teacher's closure target ``f_{K-2} (b, h, n)`` (METHOD.md sec. 4),
+* the teacher's closure target ``f_{K-2} (b, h, n)`` (docs/method.md sec. 4.1),
 * the features ``phi (b, h, L, n)``: the slice potentials on the layer's fixed
   directions (and any extra per-token features, :mod:`asap.compile.maps`),
 

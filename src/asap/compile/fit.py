@@ -1,6 +1,6 @@
 """Fitting the ASAP dual map: normal equations, ridge least squares, KL refinement.
 
-Per (layer, head) the map is linear in the L slice potentials (METHOD.md sec. 4)::
+Per (layer, head) the map is linear in the L slice potentials (docs/method.md sec. 4.3, 4.4)::
 
     f_hat_i = sum_l alpha_l phi_l(i)          (centred over valid queries)
 

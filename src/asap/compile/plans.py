@@ -5,7 +5,7 @@ materialise the ``(b, h, n, m)`` score matrix (the fast operators in
 :mod:`asap.attention` never do). Everything runs in the reduction dtype
 (fp32, or fp64 for fp64 inputs).
 
-Conventions (METHOD.md sec. 1): ``S = scale q k^T``, plan
+Conventions (docs/method.md sec. 1): ``S = scale q k^T``, plan
 ``P = exp((S + f + g) / eps)``, attention ``A = P / a`` (rows sum to 1).
 Log-attentions carry ``-inf`` at masked entries; padding query rows are
 returned open (finite) and must be excluded with ``supp.rows``.

@@ -6,7 +6,7 @@ The compiled model is a copy of the teacher in which each selected
 carrying a fitted :class:`~asap.attention.SliceDualMap`. Every other weight is
 the teacher's, untouched.
 
-Two calibration modes (METHOD.md sec. 4):
+Two calibration modes (docs/method.md sec. 4.4):
 
 * ``"teacher"``: one pass of the teacher; every layer is fitted on the
   activations the *teacher* produces. Cheapest; each layer's fit is as good as

@@ -1,4 +1,4 @@
-"""Entropic c-transforms in the log domain (METHOD.md sec. 1).
+"""Entropic c-transforms in the log domain (docs/method.md sec. 1.4).
 
 With scores ``S = scale * q k^T`` (cost ``C = -S``), regularisation ``eps`` and
 uniform marginals ``a``, ``b`` over valid tokens::

@@ -1,6 +1,6 @@
 """Diagnostics of an entropic plan: dual objective and marginal errors.
 
-The plan is ``P_ij = exp((S_ij + f_i + g_j) / eps)`` (METHOD.md sec. 1). It is
+The plan is ``P_ij = exp((S_ij + f_i + g_j) / eps)`` (docs/method.md sec. 1.3, 1.5). It is
 the minimiser of ``<C, P> - eps H(P)`` over the transport polytope when its
 marginals are ``a`` and ``b``; the corresponding (concave) dual objective is
 

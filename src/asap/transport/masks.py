@@ -5,7 +5,7 @@ a boolean ``mask`` broadcastable to ``(..., n, m)`` with ``True`` = "query i may
 attend to key j". A query whose row allows no key, or a key whose column is
 allowed by no query, is *padding*: it gets zero mass, and the marginals are
 uniform over the remaining tokens, ``a_i = 1 / n_valid``, ``b_j = 1 / m_valid``
-(METHOD.md sec. 1). This makes a padded batch give, at valid positions, exactly
+(docs/method.md sec. 1.2). This makes a padded batch give, at valid positions, exactly
 what the unpadded sequences give.
 
 Masked entries are excluded with additive ``-inf`` biases, never with large

@@ -1,7 +1,7 @@
 """Fixed-K log-domain Sinkhorn: the teacher's duals and the ASAP closure target.
 
 Starting from ``g_0 = 0``, ``K`` half-steps alternate, the first being a row
-step (METHOD.md sec. 2)::
+step (docs/method.md sec. 2.1)::
 
     f_1 = crow(g_0),  g_2 = ccol(f_1),  f_3 = crow(g_2),  ...
 
@@ -12,7 +12,7 @@ step (METHOD.md sec. 2)::
 * For odd ``K >= 3`` the final plan is exactly the *closure* of ``f_{K-2}``:
   ``g_{K-1} = ccol(f_{K-2})``, ``f_K = crow(g_{K-1})``. ``f_{K-2}`` (centred over
   valid queries) is therefore the target that ASAP's dual map learns
-  (METHOD.md sec. 4).
+  (docs/method.md sec. 4.1).
 
 The default path runs exactly ``K`` half-steps with no host synchronisation, so
 it can be captured by ``torch.compile(fullgraph=True)`` and CUDA graphs. A

@@ -1,4 +1,4 @@
-"""Exact one-dimensional Kantorovich potentials on many slices at once (METHOD.md sec. 3).
+"""Exact one-dimensional Kantorovich potentials on many slices at once (docs/method.md sec. 3).
 
 For a unit direction ``theta`` project ``x_i = scale <theta, q_i>`` and
 ``y_j = <theta, k_j>``. The 1-D cost ``c(x, y) = -x y`` is submodular, so the

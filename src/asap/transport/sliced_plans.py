@@ -1,4 +1,4 @@
-"""Sliced transport plans: one 1-D optimal plan per slice, soft or exact (ESPFormer, METHOD.md sec. 5).
+"""Sliced transport plans: one 1-D optimal plan per slice, soft or exact (ESPFormer, docs/method.md sec. 5).
 
 For a slice direction ``theta_l`` the queries and keys project to the lines
 ``x = q theta_l`` (``n`` points) and ``y = k theta_l`` (``m`` points). In one
