@@ -131,12 +131,15 @@ def _fused_column_logsumexp_cpu(
     if kernel is None:
         return None
     if col_bias is None:
-        queries, keys, mask = k, q, (f / eps).to(q.dtype).unsqueeze(-2)
+        # The kernel silently mishandles a last dim that is not unit-stride (transposed or
+        # sliced views give wrong log-sum-exps), so it only ever sees contiguous operands.
+        queries, keys, mask = k.contiguous(), q.contiguous(), (f / eps).to(q.dtype).unsqueeze(-2)
     else:
         keys, queries = append_bias_column(q, (f / scale).to(q.dtype)), append_bias_column(k, 1.0)
         mask = col_bias.to(q.dtype).transpose(-1, -2)
-    # A zero-stride value tensor: the kernel needs one, its output is discarded.
-    values = keys.new_zeros(()).expand(*keys.shape)
+    # The kernel needs a value tensor; its output is discarded. ``keys`` has the right shape
+    # and costs nothing: a zero-stride tensor would make the kernel about 2x slower.
+    values = keys
     try:
         _, lse = kernel(queries, keys, values, 0.0, False, attn_mask=mask, scale=scale / eps)
     except RuntimeError:
