@@ -144,7 +144,9 @@ def test_asap_cli_registers_bench_commands():
 
     parser = build_parser()
     args = parser.parse_args(["bench", "operators", "--lengths", "64,128", "--no-backward"])
-    assert args.func is operators.run_from_args
+    from asap.cli import bench as bench_cli
+
+    assert args.func is bench_cli._run_operators  # validates the grid, then operators.run_from_args
     assert config_from_args(args).lengths == (64, 128) and not config_from_args(args).backward
     # training-cost hands every option, --help included, to asap.bench.training_cost's own parser.
     args = parser.parse_args(["bench", "training-cost", "--shape", "vit:197", "--help"])

@@ -3,28 +3,38 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 
+from asap.errors import UnsafePathError
 from asap.models import swap_attention
-from asap.train import CheckpointError, load_model, train
+from asap.train import CheckpointError, load_model, read_run_config, train
 from asap.train.checkpoint import (
+    CHECKPOINT_FILE,
     CONFIG_FILE,
+    HASH_KEY,
     MODEL_FILE,
+    WriteError,
+    append_json_line,
     atomic_write_bytes,
+    atomic_write_json,
     capture_rng_state,
     flatten_optimizer_state,
     load_tensors,
     restore_rng_state,
     save_tensors,
+    tensors_sha256,
     unflatten_optimizer_state,
 )
-from asap.train.data import load_split
+from asap.train.data import load_split, to_model_dataset
 from asap.train.evaluate import evaluate
 
 
@@ -175,3 +185,151 @@ def test_swapped_method_evaluates(trained_run):
     dataset, collate = load_split(run_config.data, trained_run[0], split="test", data_dir=None, limit=50)
     swap_attention(model, "softmax")
     assert 0.0 <= evaluate(model, dataset, collate=collate)["accuracy"] <= 1.0
+
+
+# --------------------------------------------------------------------------- integrity (D11)
+
+
+def raw_header(path) -> dict[str, str]:
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def test_weights_record_their_sha256_and_a_changed_byte_is_caught(trained_run, tmp_path):
+    run = copy_run(trained_run[0], tmp_path / "patched")
+    header = raw_header(run / MODEL_FILE)
+    tensors, _ = load_tensors(run / MODEL_FILE)
+    assert json.loads(header[HASH_KEY]) == tensors_sha256(tensors)
+    tensors["head.bias"][0] += 1e-3  # a silent edit, the recorded hash kept
+    safetensors.torch.save_file(tensors, str(run / MODEL_FILE), metadata=header)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: the weights do not match the sha256"):
+        load_model(run)
+
+
+@pytest.mark.parametrize("weights_file", [MODEL_FILE, CHECKPOINT_FILE])
+def test_non_finite_weights_are_refused_naming_the_file(trained_run, tmp_path, weights_file):
+    run = copy_run(trained_run[0], tmp_path / "nan")
+    (run / CHECKPOINT_FILE).write_bytes((trained_run[0] / CHECKPOINT_FILE).read_bytes())
+    header = raw_header(run / weights_file)
+    del header[HASH_KEY]  # an older file without a hash, or a re-signed one: finiteness is still checked
+    tensors, _ = load_tensors(run / weights_file)
+    key = next(k for k in tensors if k.endswith("head.weight"))
+    tensors[key][0, 0] = float("nan")
+    safetensors.torch.save_file(tensors, str(run / weights_file), metadata=header)
+    with pytest.raises(CheckpointError, match=rf"{weights_file}: non-finite values .*head\.weight"):
+        load_model(run / weights_file)
+
+
+def test_runs_written_without_a_hash_still_load(trained_run, tmp_path):
+    run = copy_run(trained_run[0], tmp_path / "old")
+    header = raw_header(run / MODEL_FILE)
+    del header[HASH_KEY]
+    tensors, _ = load_tensors(run / MODEL_FILE)
+    safetensors.torch.save_file(tensors, str(run / MODEL_FILE), metadata=header)
+    model, _ = load_model(run)
+    assert torch.equal(model.state_dict()["head.weight"], tensors["head.weight"])
+
+
+def test_json_is_strict_everywhere(tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"loss": float("nan"), "x": [float("inf"), 1.5], "t": (1, -math.inf)})
+    text = (tmp_path / "a.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"loss": None, "x": [None, 1.5], "t": [1, None]}
+    append_json_line(tmp_path / "m.jsonl", {"train_loss": float("nan")})
+    assert (tmp_path / "m.jsonl").read_text() == '{"train_loss": null}\n'
+
+
+def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(WriteError, match=r"x\.json: cannot write \(No space left on device\)") as info:
+        atomic_write_json(tmp_path / "x.json", {})
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- config schema (D13)
+
+
+def edited_run(trained_run, tmp_path, edit) -> Path:
+    run = copy_run(trained_run[0], tmp_path / "edited")
+    config = json.loads((run / CONFIG_FILE).read_text())
+    edit(config)
+    (run / CONFIG_FILE).write_text(json.dumps(config))
+    return run
+
+
+def _set(path: str, value):
+    def edit(config):
+        *parents, last = path.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+
+    return edit
+
+
+_DELETE = object()
+SCHEMA_CASES = [
+    ("model", None, "'model' must be a JSON object"),
+    ("model", "vit", "'model' must be a JSON object"),
+    ("train", [], "'train' must be a JSON object"),
+    ("data", None, "'data' must be a JSON object"),
+    ("format_version", True, "format version True"),
+    ("format_version", 2, "format version 2"),
+    ("model.model_type", "gpt", "model.model_type must be one of"),
+    ("model.dim", _DELETE, "model.dim is missing"),
+    ("model.dim", "64", "model.dim must be an integer"),
+    ("model.dim", True, "model.dim must be an integer"),
+    ("model.depth", 10**6, "model.depth must be an integer in \\[1, 1024\\]"),
+    ("model.mlp_ratio", None, "model.mlp_ratio must be a finite number"),
+    ("model.attention", None, "model.attention must be"),
+    ("model.attention.options", [], "model.attention.options must be a JSON object"),
+    ("model.extra", 1, "unknown field"),
+    ("train.lr", -1, "TrainConfig.lr"),
+    ("train.grad_clip", -1, "TrainConfig.grad_clip"),
+    ("train.batch_size", "64", "TrainConfig.batch_size"),
+    ("data.kind", "audio", "data.kind must be 'text' or 'image'"),
+    ("data.classes", None, "data.classes must be a non-empty list"),
+    ("data.mean", [0.5, 0.5], "data.mean must be 1 finite number"),
+    ("data.std", [0.0], "data.std must be positive"),
+    ("versions", "x", "'versions' must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), SCHEMA_CASES, ids=[c[0] + "=" + repr(c[1])[:12] for c in SCHEMA_CASES])
+def test_malformed_config_is_a_checkpoint_error_naming_the_file(trained_run, tmp_path, path, value, message):
+    run = edited_run(trained_run, tmp_path, _set(path, value))
+    with pytest.raises(CheckpointError, match=rf"{CONFIG_FILE}: .*{message}"):
+        load_model(run)
+
+
+def test_deep_or_huge_json_is_refused(trained_run, tmp_path):
+    run = copy_run(trained_run[0], tmp_path / "deep")
+    (run / CONFIG_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        read_run_config(run)
+
+
+def test_a_config_claiming_a_huge_model_is_refused_before_allocating(trained_run, tmp_path):
+    # dim 2**20: one real qkv matrix would be 12 TiB. The shapes are compared with the file's
+    # header on a meta-device model, so this fails fast instead of allocating (or being OOM-killed).
+    run = edited_run(trained_run, tmp_path, _set("model.dim", 2**20))
+    tensors, _ = load_tensors(run / MODEL_FILE)
+    save_tensors(run / MODEL_FILE, tensors)  # no embedded model config: only config.json speaks
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: weights do not match .*shape/dtype mismatches"):
+        load_model(run)
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../x/tokenizer.json", "..", "sub/tok.json"])
+def test_tokenizer_names_must_stay_inside_the_run(tmp_path, name):
+    info = {"kind": "text", "tokenizer": name, "max_length": 8, "dataset": "imdb"}
+    with pytest.raises(UnsafePathError):
+        to_model_dataset(None, info, tmp_path)

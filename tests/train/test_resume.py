@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 
+from asap.errors import ConfigError
 from asap.train import CheckpointError, read_metrics, train
 from asap.train.checkpoint import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, load_tensors
 from asap.train.loop import Trainer
@@ -83,10 +84,58 @@ def test_resume_refuses_other_settings(tiny_config):
 
 def test_new_run_refuses_an_existing_run_dir(tiny_config):
     train(tiny_config("taken", stop_after_steps=2))
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(CheckpointError, match="already holds a run; continue it with --resume"):
         train(tiny_config("taken", stop_after_steps=2))
 
 
-def test_resume_without_checkpoint(tiny_config, tmp_path):
-    with pytest.raises(CheckpointError, match=f"{CHECKPOINT_FILE}: file not found"):
+def test_resume_of_a_folder_without_a_run_says_so(tiny_config, tmp_path):
+    with pytest.raises(CheckpointError, match="no such run directory; nothing to resume"):
         train(tiny_config("nothing"), resume=True)
+    assert not (tmp_path / "nothing").exists()  # the refusal created nothing
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json: file not found; .* holds no run to resume"):
+        train(tiny_config("empty"), resume=True)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def died_before_first_checkpoint(tiny_config, name: str, **overrides):
+    """A run folder as a crash in epoch 1 leaves it: config.json (and metrics.jsonl), no checkpoint."""
+    config = tiny_config(name, stop_after_steps=3, **overrides)
+    train(config)
+    for leftover in (CHECKPOINT_FILE, MODEL_FILE):
+        os.remove(f"{config.out_dir}/{leftover}")
+    return config
+
+
+def test_a_run_that_died_before_its_first_checkpoint_resumes_from_step_0(tiny_config, reference, capsys):
+    kwargs = dict(dropout=0.2, method="sinkhorn", n_iters=3)
+    died_before_first_checkpoint(tiny_config, "died", **kwargs)
+    config = tiny_config("died", **kwargs)
+    resumed = train(config, resume=True)
+    assert "holds no checkpoint yet (the run stopped before its first one): starting at step 0" in capsys.readouterr().out
+    assert resumed["completed"] and resumed["global_step"] == 32
+    assert_same_run(reference.out_dir, config.out_dir)  # exactly the uninterrupted run
+
+
+def test_a_new_run_in_that_folder_says_what_to_do(tiny_config):
+    died_before_first_checkpoint(tiny_config, "died2")
+    with pytest.raises(CheckpointError, match=r"stopped before its first checkpoint; start it again from step 0 with --resume"):
+        train(tiny_config("died2"))
+    with pytest.raises(CheckpointError, match=r"lr=0\.5 \(run: 0\.003\)"):  # resume still checks the settings
+        train(tiny_config("died2", lr=0.5), resume=True)
+
+
+def test_stop_after_steps_already_reached_is_refused(tiny_config):
+    train(tiny_config("far", stop_after_steps=5))
+    with pytest.raises(ConfigError, match="--stop-after-steps 3: the run is already at step 5"):
+        train(tiny_config("far", stop_after_steps=3), resume=True)
+
+
+def test_a_refused_set_up_leaves_no_folder_behind(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="--patch-size 3 does not divide"):
+        train(tiny_config("deep/er/run", patch_size=3))
+    assert not (tmp_path / "deep").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ConfigError, match="--batch-size 500 is larger than"):
+        train(tiny_config("mine", batch_size=500))
+    assert list((tmp_path / "mine").iterdir()) == []  # not even the lock file

@@ -17,11 +17,13 @@ JSON into ``results/README.md``.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
 
 from asap.bench import accuracy, frozen_layer, operators
+from asap.errors import ConfigError
 
 DEFAULT_TRAINING_COST_OUT = Path("results") / "bench" / "training_cost.json"
 
@@ -44,6 +46,31 @@ def _run_training_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``asap bench operators`` options that are sizes or counts (>= 1), and those that may be 0.
+_OPERATOR_POSITIVE = ("batch", "heads", "head_dim", "teacher_iters", "slices", "repeats", "min_repeats")
+_OPERATOR_NONNEGATIVE = ("warmup", "seed", "backward_max_length")
+
+
+def _run_operators(args: argparse.Namespace) -> int:
+    """Check the grid before the first measurement: a bad option is one line naming it, nothing written."""
+    for names, low in ((_OPERATOR_POSITIVE, 1), (_OPERATOR_NONNEGATIVE, 0)):
+        for dest in names:
+            value = getattr(args, dest, None)
+            if value is not None and value < low:
+                raise ConfigError(f"--{dest.replace('_', '-')}: must be an integer >= {low}, got {value}")
+    for dest in ("eps", "budget_s"):
+        value = getattr(args, dest, None)
+        if value is not None and not (math.isfinite(value) and (value > 0 or (dest == "budget_s" and value == 0))):
+            raise ConfigError(f"--{dest.replace('_', '-')}: must be a finite number > 0, got {value}")
+    if args.iters is not None and any(k < 1 for k in args.iters):
+        raise ConfigError(f"--iters: every K must be >= 1, got {','.join(map(str, args.iters))}")
+    try:
+        operators.config_from_args(args)
+    except (ValueError, RuntimeError) as err:  # the config's own checks (lengths, methods, teacher, device)
+        raise ConfigError(str(err)) from None
+    return operators.run_from_args(args)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "bench", help="benchmark the attention operators and the training cost", description=__doc__,
@@ -53,7 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     ops = sub.add_parser("operators", help="time and peak memory of every operator over a grid of shapes",
                          description=operators.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     operators.add_arguments(ops)
-    ops.set_defaults(func=operators.run_from_args)
+    ops.set_defaults(func=_run_operators)
     # prefix_chars="+": this parser treats every "-" token as a plain argument, so that all of them
     # (--help included) reach asap.bench.training_cost's own parser.
     cost = sub.add_parser("training-cost", add_help=False, prefix_chars="+",

@@ -27,6 +27,12 @@ from __future__ import annotations
 
 import argparse
 
+from asap.cli.options import int_list, nonnegative_int, positive_int
+from asap.errors import ConfigError
+
+#: The digits images are 8 x 8 pixels; the patch size must divide 8.
+DIGITS_IMAGE_SIZE = 8
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -34,18 +40,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    parser.add_argument("--epochs", type=int, default=20, help="teacher training epochs (default 20)")
-    parser.add_argument("--n-iters", type=int, default=11, help="Sinkhorn half-steps K of the teacher (odd, default 11)")
-    parser.add_argument("--patch-size", type=int, default=2,
+    parser.add_argument("--epochs", type=positive_int, default=20, help="teacher training epochs (default 20)")
+    parser.add_argument("--n-iters", type=positive_int, default=11, help="Sinkhorn half-steps K of the teacher (odd, default 11)")
+    parser.add_argument("--patch-size", type=positive_int, default=2,
                         help="patch size on the 8x8 digits: 2 gives 17 tokens, 1 gives 65 (default 2)")
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many images per split (quick runs)")
-    parser.add_argument("--calibration", type=int, default=512, help="calibration images (default 512)")
-    parser.add_argument("--slices", type=int, default=16, help="slice directions per head (default 16)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many images per split (quick runs)")
+    parser.add_argument("--calibration", type=positive_int, default=512, help="calibration images (default 512)")
+    parser.add_argument("--slices", type=positive_int, default=16, help="slice directions per head (default 16)")
     parser.add_argument("--refine", choices=("none", "kl"), default="none", help="KL refinement of the map (default none)")
-    parser.add_argument("--repeats", type=int, default=5, help="timing rounds (default 5)")
-    parser.add_argument("--lengths", type=lambda t: [int(v) for v in t.split(",")], default=[17, 128, 512],
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timing rounds (default 5)")
+    parser.add_argument("--lengths", type=int_list(), default=[17, 128, 512],
                         help="sequence lengths of the operator timing (default 17,128,512)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="default 0")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_demo)
     return parser
@@ -65,8 +71,11 @@ def run_demo(args: argparse.Namespace) -> int:
     from asap.train.checkpoint import atomic_write_bytes, atomic_write_json
     from asap.train.evaluate import evaluate
 
+    if args.patch_size > DIGITS_IMAGE_SIZE or DIGITS_IMAGE_SIZE % args.patch_size:
+        raise ConfigError(f"--patch-size {args.patch_size} does not divide the {DIGITS_IMAGE_SIZE} x {DIGITS_IMAGE_SIZE} digits images")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
     bar = None if args.quiet else (lambda desc: lambda it, total: tqdm(it, total=total, desc=desc, leave=False))
 
     # 1. The teacher.
@@ -80,7 +89,8 @@ def run_demo(args: argparse.Namespace) -> int:
             preset="tiny", patch_size=args.patch_size, epochs=args.epochs, batch_size=32, lr=3e-3, limit=args.limit,
             seed=args.seed, device="cpu", progress=not args.quiet,
         )  # fmt: skip
-        train(config)
+        # Creates OUT/teacher (and OUT) once its checks have passed; an interrupted demo continues its teacher.
+        train(config, resume=(teacher_dir / "config.json").is_file())
     teacher = load_teacher(teacher_dir)
 
     # 2. Compile.

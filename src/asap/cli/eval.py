@@ -5,6 +5,8 @@
     asap eval runs/imdb_sk11 --method-override softmax --split test
 
 Prints the result as JSON and writes it to ``RUN_DIR/eval_<split>[_<method>...].json`` (or ``--output``).
+A model with ASAP layers whose dual map was never fitted (``--method-override asap``
+on a teacher) is refused unless ``--allow-unfitted``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from asap.cli.options import positive_int
 from asap.cli.train import add_attention_options
+from asap.errors import ConfigError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -23,11 +27,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("run_dir", metavar="RUN_DIR", help="directory written by asap train")
     parser.add_argument("--split", default="test", help="data split (default: test)")
     parser.add_argument("--data-dir", default=None, help="data directory (default: the run's, then $ASAP_DATA_DIR)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate on at most this many examples")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate on at most this many examples")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="default 256")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     parser.add_argument("--output", default=None, help="JSON file to write (default: in RUN_DIR)")
     add_attention_options(parser, method_flag="--method-override")
+    parser.add_argument("--allow-unfitted", action="store_true",
+                        help="evaluate ASAP layers whose dual map was never fitted (a zero map)")
     parser.set_defaults(func=run_eval)
     return parser
 
@@ -41,10 +47,11 @@ def run_eval(args: argparse.Namespace) -> int:
         if hasattr(args, name):
             options[name] = getattr(args, name)
     if method is None and options:
-        raise SystemExit("asap eval: --n-iters/--eps/--attention-option need --method-override")
+        raise ConfigError("--n-iters/--eps/--attention-option need --method-override")
     result = evaluate_run(
         args.run_dir, split=args.split, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
         device=args.device, method=method, method_options=options if method else None, output=args.output,
+        allow_unfitted=args.allow_unfitted,
     )  # fmt: skip
     print(json.dumps(result, indent=2))
     return 0

@@ -17,6 +17,7 @@ can execute arbitrary code, so only the plain binary version is read.
 from __future__ import annotations
 
 import gzip
+import math
 import pathlib
 import zlib
 
@@ -118,7 +119,7 @@ def read_idx_ubyte(path: pathlib.Path, *, ndim: int) -> np.ndarray:
             f"(unsigned bytes, {ndim} dimension(s))"
         )
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape))
+    expected = math.prod(shape)  # Python ints: np.prod's int64 wraps round (2^64 -> 0) on a hostile header
     actual = len(data) - header_size
     if actual != expected:
         state = "truncated" if actual < expected else "has trailing bytes"

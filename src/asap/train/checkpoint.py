@@ -13,13 +13,22 @@ A run directory holds
 
 Every write goes to a temporary file in the same directory, is flushed to disk
 and then ``os.replace``-d over the target: an interrupted write leaves the
-previous good file untouched. ``torch.load`` (pickle) is never used.
+previous good file untouched. ``torch.load`` (pickle) is never used. JSON is
+strict (no bare ``NaN``/``Infinity``: a non-finite number is written as null).
+
+Integrity: every weights file written by a run records in its own header the
+sha256 of its tensors (:func:`tensors_sha256`: names, dtypes, shapes and bytes),
+so the hash is written atomically with the weights; loading checks it, and
+refuses non-finite weights. Runs written before the hash existed (no
+``weights_sha256`` entry) still load, and are still checked for finiteness.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -35,7 +44,10 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from asap.errors import AsapError
+from asap.io import file_inside
 from asap.models import ModelConfig, build_model, model_config_from_dict
+from asap.models.config import MODEL_CONFIGS
 from asap.train.config import TrainConfig
 
 #: Version of the run-directory layout; bump on incompatible changes.
@@ -46,14 +58,24 @@ MODEL_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 METRICS_FILE = "metrics.jsonl"
 TOKENIZER_FILE = "tokenizer.json"
+LOCK_FILE = ".lock"
+
+#: Header entry of a weights file holding :func:`tensors_sha256` of its tensors.
+HASH_KEY = "weights_sha256"
+#: A run's config.json is a few KiB; anything this large is not one (and is not read into memory).
+MAX_CONFIG_BYTES = 16 * 2**20
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AsapError, RuntimeError):
     """A checkpoint or run directory that cannot be used; the message names the file and the problem."""
+
+
+class WriteError(AsapError, OSError):
+    """A file that could not be written (disk full, read-only, ...); the message names the file."""
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -62,7 +84,10 @@ class CheckpointError(RuntimeError):
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_error(path, err) from err
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -70,30 +95,118 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, err) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _write_error(path: Path, err: OSError) -> WriteError:
+    """``err`` (often a bare "[Errno 28] No space left on device") as a one-line error naming ``path``."""
+    if isinstance(err, WriteError):
+        return err
+    error = WriteError(f"{path}: cannot write ({err.strerror or err})")
+    error.errno = err.errno
+    return error
+
+
+def strict_json_value(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, tuples as lists: valid strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json_value(v) for v in obj]
+    return obj
+
+
+def dumps_strict(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that never writes a bare ``NaN``/``Infinity`` (those become null)."""
+    return json.dumps(strict_json_value(obj), allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Write ``obj`` as strict JSON (non-finite numbers as null), atomically."""
+    atomic_write_bytes(path, (dumps_strict(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def append_json_line(path: str | os.PathLike, obj: Any) -> None:
+    """Append ``obj`` as one strict-JSON line (``metrics.jsonl``); the file is named if the write fails."""
+    path = Path(path)
+    try:
+        with open(path, "a") as f:
+            f.write(dumps_strict(obj) + "\n")
+    except OSError as err:
+        raise _write_error(path, err) from err
 
 
 # --------------------------------------------------------------------------- safetensors
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], *, metadata: dict[str, Any] | None = None) -> None:
-    """Atomically save ``tensors`` (made contiguous, on CPU) with JSON-encoded ``metadata`` values."""
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 over ``tensors`` in name order: each name, dtype and shape, then its bytes.
+
+    A hash of the content rather than of the file, so that it can be stored in
+    the file's own header (written atomically with the weights).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, Tensor], *, metadata: dict[str, Any] | None = None,
+    record_hash: bool = False,
+) -> None:  # fmt: skip
+    """Atomically save ``tensors`` (made contiguous, on CPU) with JSON-encoded ``metadata`` values.
+
+    ``record_hash`` stores :func:`tensors_sha256` under ``weights_sha256``, which
+    :func:`load_tensors` then checks.
+    """
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    header = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    header = {k: dumps_strict(v) for k, v in (metadata or {}).items()}
+    if record_hash:
+        header[HASH_KEY] = json.dumps(tensors_sha256(tensors))
     atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=header))
+
+
+def _open_error(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: corrupted or not a safetensors file ({err})")
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict[str, Any]]:
+    """``({name: (shape, dtype)}, metadata)`` of a safetensors file, from its header alone (no tensor is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            out = {}
+            for key in f.keys():
+                piece = f.get_slice(key)
+                dtype = safetensors.torch._TYPES.get(piece.get_dtype())
+                if dtype is None:
+                    raise ValueError(f"tensor {key!r} has unsupported dtype {piece.get_dtype()}")
+                out[key] = (tuple(piece.get_shape()), dtype)
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except (safetensors.SafetensorError, OSError, ValueError, RecursionError) as err:
+        raise _open_error(path, err) from None
+    return out, meta
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a safetensors file written by :func:`save_tensors`: ``(tensors, metadata)`` (CPU).
 
+    If the header records ``weights_sha256``, the tensors must match it.
+
     Raises:
-        CheckpointError: missing, truncated or otherwise unreadable file.
+        CheckpointError: missing, truncated, altered or otherwise unreadable file.
     """
     path = Path(path)
     if not path.is_file():
@@ -103,20 +216,48 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = {k: json.loads(v) for k, v in header.items()}
-    except (safetensors.SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: corrupted or not a safetensors file ({err})") from None
+    except (safetensors.SafetensorError, OSError, ValueError, RecursionError) as err:
+        raise _open_error(path, err) from None
+    recorded = meta.pop(HASH_KEY, None)
+    if recorded is not None and recorded != tensors_sha256(tensors):
+        raise CheckpointError(
+            f"{path}: the weights do not match the sha256 recorded when they were saved (the file was altered or damaged)"
+        )
     return tensors, meta
+
+
+def check_finite(tensors: dict[str, Tensor], *, source: str) -> None:
+    """Raise a :class:`CheckpointError` naming ``source`` if a floating tensor holds NaN or infinity."""
+    bad = [k for k, t in tensors.items() if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(
+            f"{source}: non-finite values (NaN or infinity) in {bad[:8]}{' ...' if len(bad) > 8 else ''}; "
+            "these weights cannot be used"
+        )
 
 
 def check_state_dict(module: nn.Module, tensors: dict[str, Tensor], *, source: str) -> None:
     """Raise a :class:`CheckpointError` unless ``tensors`` has exactly ``module``'s keys, shapes and dtypes."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    check_shapes(
+        {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()},
+        {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()},
+        source=source,
+    )
+
+
+def check_shapes(
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    found: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    *,
+    source: str,
+) -> None:
+    """:func:`check_state_dict` on ``{name: (shape, dtype)}`` maps (e.g. a meta model against a file header)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     mismatched = [
-        f"{k}: file {tuple(tensors[k].shape)} {tensors[k].dtype}, model {tuple(v.shape)} {v.dtype}"
-        for k, v in expected.items()
-        if k in tensors and (tensors[k].shape != v.shape or tensors[k].dtype != v.dtype)
+        f"{k}: file {found[k][0]} {found[k][1]}, model {shape} {dtype}"
+        for k, (shape, dtype) in expected.items()
+        if k in found and found[k] != (shape, dtype)
     ]
     problems = []
     if missing:
@@ -241,7 +382,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "progress": progress,
     }
-    save_tensors(path, tensors, metadata=meta)
+    save_tensors(path, tensors, metadata=meta, record_hash=True)
 
 
 @dataclass
@@ -261,21 +402,36 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> ResumeState:
     """Restore ``model``, ``optimizer`` and ``scheduler`` in place from :func:`save_checkpoint`'s file."""
+    check_shapes(_expected_shapes(model, prefix="model"), _header_part(read_header(path)[0], "model"), source=str(path))
     tensors, meta = load_tensors(path)
     for key in ("format_version", "optimizer", "scheduler", "progress"):
         if key not in meta:
             raise CheckpointError(f"{path}: not a training checkpoint (metadata entry {key!r} missing)")
     if meta["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {meta['format_version']}, this asap reads {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: format version {meta['format_version']!r}, this asap reads {FORMAT_VERSION}")
+    progress = meta["progress"]
+    needed = ("epoch", "batch_in_epoch", "global_step", "epoch_seconds", "elapsed_seconds", "world_size")
+    if not isinstance(progress, dict) or any(k not in progress for k in needed):
+        raise CheckpointError(f"{path}: progress entry malformed (expected the keys {list(needed)})")
+    check_finite(tensors, source=str(path))
     weights = _strip("model", tensors)
     check_state_dict(model, weights, source=str(path))
     model.load_state_dict(weights)
     try:
         optimizer.load_state_dict(unflatten_optimizer_state(_strip("optimizer", tensors), meta["optimizer"]))
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: optimizer state does not match the model ({err})") from None
-    scheduler.load_state_dict(meta["scheduler"])
-    return ResumeState(_strip("rng", tensors), meta["progress"], _strip("progress", tensors))
+        scheduler.load_state_dict(meta["scheduler"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: optimizer or schedule state does not match the model ({err})") from None
+    return ResumeState(_strip("rng", tensors), progress, _strip("progress", tensors))
+
+
+def _expected_shapes(model: nn.Module, *, prefix: str | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    start = "" if prefix is None else prefix + "/"
+    return {start + k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def _header_part(header: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k: v for k, v in header.items() if k.startswith(prefix + "/")}
 
 
 # --------------------------------------------------------------------------- run config + model
@@ -319,15 +475,120 @@ class RunConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        return cls(
-            model=model_config_from_dict(d["model"]),
-            train=TrainConfig.from_dict(d["train"]),
-            data=d["data"],
-            format_version=d["format_version"],
-            versions=d.get("versions", {}),
-            environment=d.get("environment", {}),
-        )
+    def from_dict(cls, d: Any, *, source: str = "run config") -> RunConfig:
+        """Rebuild from :meth:`to_dict` after checking its schema (:func:`validate_run_config`).
+
+        Raises:
+            CheckpointError: naming ``source`` and the first problem found.
+        """
+        validate_run_config(d, source=source)
+        try:
+            return cls(
+                model=model_config_from_dict(d["model"]),
+                train=TrainConfig.from_dict(d["train"]),
+                data=d["data"],
+                format_version=d["format_version"],
+                versions=d.get("versions", {}),
+                environment=d.get("environment", {}),
+            )
+        except (KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{source}: invalid run config ({err})") from None
+
+
+# --------------------------------------------------------------------------- run config schema
+
+#: Upper bounds on a model config's sizes: far beyond any model this library trains, small
+#: enough that a config cannot make the loader build millions of modules.
+MAX_MODEL_SIZES = {"depth": 1024, "num_heads": 4096, "dim": 2**20, "vocab_size": 2**24, "max_length": 2**20,
+                   "image_size": 2**16, "in_channels": 2**12, "num_classes": 2**20}  # fmt: skip
+
+
+def _schema_error(source: str, where: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{source}: {where} {problem}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_run_config(d: Any, *, source: str) -> None:
+    """Check the structure of a run config (``config.json``, or the copy inside a compiled manifest).
+
+    Types, required keys, every field of the model config present (a missing
+    one is never filled with a default: the config must describe the weights),
+    sizes within :data:`MAX_MODEL_SIZES`, the data description of its kind.
+    Raises :class:`CheckpointError` naming ``source`` and the field.
+    """
+    if not isinstance(d, dict):
+        raise _schema_error(source, "the run config", f"must be a JSON object, got {type(d).__name__}")
+    if not _is_int(d.get("format_version")) or d["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{source}: format version {d.get('format_version')!r}, this asap reads {FORMAT_VERSION}")
+    for key in ("model", "train", "data"):
+        if not isinstance(d.get(key), dict):
+            raise _schema_error(source, f"{key!r}", f"must be a JSON object, got {d.get(key)!r:.60}")
+    for key in ("versions", "environment"):
+        if key in d and not isinstance(d[key], dict):
+            raise _schema_error(source, f"{key!r}", f"must be a JSON object, got {d[key]!r:.60}")
+    _validate_model_dict(d["model"], source=source)
+    _validate_data_dict(d["data"], source=source)
+
+
+def _validate_model_dict(model: dict[str, Any], *, source: str) -> None:
+    cls = MODEL_CONFIGS.get(model.get("model_type"))
+    if cls is None:
+        raise _schema_error(source, "model.model_type", f"must be one of {sorted(MODEL_CONFIGS)}, got {model.get('model_type')!r}")
+    for f in dataclasses.fields(cls):
+        if f.name not in model:
+            raise _schema_error(source, f"model.{f.name}", "is missing")
+        value = model[f.name]
+        if f.name == "attention":
+            if not isinstance(value, dict) or not isinstance(value.get("method"), str):
+                raise _schema_error(source, "model.attention", f"must be {{'method': str, 'options': {{...}}}}, got {value!r:.80}")
+            if not isinstance(value.get("options", {}), dict):
+                raise _schema_error(source, "model.attention.options", f"must be a JSON object, got {value['options']!r:.60}")
+        elif f.name in ("mlp_ratio", "dropout"):
+            if not _is_number(value):
+                raise _schema_error(source, f"model.{f.name}", f"must be a finite number, got {value!r:.60}")
+        elif f.name == "pooling":
+            if not isinstance(value, str):
+                raise _schema_error(source, "model.pooling", f"must be a string, got {value!r:.60}")
+        elif not _is_int(value) or value < 1 or value > MAX_MODEL_SIZES.get(f.name, 2**31):
+            bound = MAX_MODEL_SIZES.get(f.name, 2**31)
+            raise _schema_error(source, f"model.{f.name}", f"must be an integer in [1, {bound}], got {value!r:.60}")
+    unknown = sorted(set(model) - {f.name for f in dataclasses.fields(cls)} - {"model_type"}, key=str)
+    if unknown:
+        raise _schema_error(source, "model", f"has unknown field(s) {unknown[:8]}")
+
+
+def _validate_data_dict(data: dict[str, Any], *, source: str) -> None:
+    if not isinstance(data.get("dataset"), str):
+        raise _schema_error(source, "data.dataset", f"must be a string, got {data.get('dataset')!r:.60}")
+    classes = data.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise _schema_error(source, "data.classes", f"must be a non-empty list of strings, got {classes!r:.60}")
+    kind = data.get("kind")
+    if kind == "text":
+        if not isinstance(data.get("tokenizer"), str):
+            raise _schema_error(source, "data.tokenizer", f"must be a file name, got {data.get('tokenizer')!r:.60}")
+        if not _is_int(data.get("max_length")) or data["max_length"] < 1:
+            raise _schema_error(source, "data.max_length", f"must be a positive integer, got {data.get('max_length')!r:.60}")
+    elif kind == "image":
+        for key in ("image_size", "in_channels"):
+            if not _is_int(data.get(key)) or data[key] < 1:
+                raise _schema_error(source, f"data.{key}", f"must be a positive integer, got {data.get(key)!r:.60}")
+        for key in ("mean", "std"):
+            values = data.get(key)
+            if (not isinstance(values, list) or len(values) != data["in_channels"]
+                    or not all(_is_number(v) for v in values)):  # fmt: skip
+                raise _schema_error(source, f"data.{key}", f"must be {data['in_channels']} finite number(s), got {values!r:.60}")
+        if not all(v > 0 for v in data["std"]):
+            raise _schema_error(source, "data.std", f"must be positive, got {data['std']!r:.60}")
+    else:
+        raise _schema_error(source, "data.kind", f"must be 'text' or 'image', got {kind!r:.60}")
 
 
 def describe_environment(device: torch.device, world_size: int) -> dict[str, Any]:
@@ -357,28 +618,47 @@ def write_run_config(run_dir: str | os.PathLike, config: RunConfig) -> None:
     atomic_write_json(Path(run_dir) / CONFIG_FILE, config.to_dict())
 
 
-def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
-    """Read ``RUN_DIR/config.json``; a clear :class:`CheckpointError` if it is missing or malformed."""
-    path = Path(run_dir) / CONFIG_FILE
+def read_json_file(path: str | os.PathLike, *, what: str = "file") -> Any:
+    """Parse a JSON file, refusing what is not JSON (or absurdly large or deep) with a one-line error naming it."""
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: file not found (is {run_dir} a run directory?)")
+        raise CheckpointError(f"{path}: file not found")
     try:
-        raw = json.loads(path.read_text())
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, too large for a {what}")
+        return json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
-        found = raw.get("format_version") if isinstance(raw, dict) else None
-        raise CheckpointError(f"{path}: format version {found!r}, this asap reads {FORMAT_VERSION}")
-    try:
-        return RunConfig.from_dict(raw)
-    except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: invalid run config ({err})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a {what} (JSON nested too deeply)") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
+    """Read and validate ``RUN_DIR/config.json``; a clear :class:`CheckpointError` if it is missing or malformed.
+
+    The file names it holds (the tokenizer of a text run) must be plain names inside ``RUN_DIR``.
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found (is {run_dir} a run directory?)")
+    config = RunConfig.from_dict(read_json_file(path, what="run config"), source=str(path))
+    if config.data["kind"] == "text":
+        try:
+            file_inside(run_dir, config.data["tokenizer"], what=f"{path}: data.tokenizer")
+        except AsapError as err:
+            raise CheckpointError(str(err)) from None
+    return config
 
 
 def save_model(run_dir: str | os.PathLike, model: nn.Module, *, step: int) -> None:
-    """Atomically write the weights to ``RUN_DIR/model.safetensors`` (the model config rides along)."""
+    """Atomically write the weights to ``RUN_DIR/model.safetensors`` (the model config and the weights'
+    sha256 ride along in its header)."""
     meta = {"format_version": FORMAT_VERSION, "step": step, "model": model.config.to_dict()}
-    save_tensors(Path(run_dir) / MODEL_FILE, model.state_dict(), metadata=meta)
+    save_tensors(Path(run_dir) / MODEL_FILE, model.state_dict(), metadata=meta, record_hash=True)
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig]:
@@ -393,16 +673,30 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
             config (missing or extra keys, other shapes); the message names the file.
     """
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run directory or weights file")
     run_dir, weights_path = (path, path / MODEL_FILE) if path.is_dir() else (path.parent, path)
     run_config = read_run_config(run_dir)
-    tensors, meta = load_tensors(weights_path)
-    if "progress" in meta:  # a resumable checkpoint: its weights are stored under "model/"
-        tensors = _strip("model", tensors)
-    stored = meta.get("model")
+    header, header_meta = read_header(weights_path)
+    is_checkpoint = "progress" in header_meta  # a resumable checkpoint: its weights are stored under "model/"
+    if is_checkpoint:
+        header = {k[len("model/") :]: v for k, v in header.items() if k.startswith("model/")}
+    stored = header_meta.get("model")
     if stored is not None and stored != run_config.model.to_dict():
         raise CheckpointError(
             f"{weights_path}: written for a different model than {run_dir / CONFIG_FILE} describes"
         )
+    try:
+        with torch.device("meta"):  # shapes only: a config claiming a huge model allocates nothing
+            skeleton = build_model(run_config.model)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{run_dir / CONFIG_FILE}: cannot build its model ({err})") from None
+    check_shapes(_expected_shapes(skeleton), header, source=str(weights_path))
+    del skeleton
+    tensors, _ = load_tensors(weights_path)
+    if is_checkpoint:
+        tensors = _strip("model", tensors)
+    check_finite(tensors, source=str(weights_path))
     model = build_model(run_config.model)
     check_state_dict(model, tensors, source=str(weights_path))
     model.load_state_dict(tensors)

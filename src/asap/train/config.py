@@ -1,12 +1,77 @@
-"""The training configuration: one dataclass, serialised beside every run."""
+"""The training configuration: one dataclass, serialised beside every run.
+
+Every field is checked once, here, when a :class:`TrainConfig` is built (from
+Python, the command line or a run's ``config.json``): a refused value raises
+:class:`OptionError` naming the field, before anything is loaded or written.
+Booleans are not numbers here (``True`` is refused where an int is expected),
+and no value is silently replaced by a default.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from asap.attention.module import AttentionConfig
+from asap.errors import ConfigError
+
+
+class OptionError(ConfigError):
+    """A refused :class:`TrainConfig` field: ``field`` is its name, ``problem`` what is wrong with it.
+
+    The command line reports it under the option's name (``--grad-clip: ...``).
+    """
+
+    def __init__(self, field_name: str, problem: str):
+        super().__init__(f"TrainConfig.{field_name}: {problem}")
+        self.field, self.problem = field_name, problem
+
+
+def _int(name: str, value: Any, *, minimum: int, maximum: int | None = None, optional: bool = False) -> None:
+    """An int (not a bool) in ``[minimum, maximum]``; None allowed when ``optional``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise OptionError(name, f"expected an integer{' or None' if optional else ''}, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise OptionError(name, f"must be {bound}, got {value!r}")
+
+
+def _real(
+    name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False,
+    optional: bool = False,
+) -> None:  # fmt: skip
+    """A finite real number (not a bool) in the interval given; None allowed when ``optional``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptionError(name, f"expected a number{' or None' if optional else ''}, got {value!r}")
+    inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not math.isfinite(value) or not inside:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        if high == math.inf:
+            interval = f"{'> ' if low_open else '>= '}{low:g} and finite"
+            raise OptionError(name, f"must be {interval}, got {value!r}")
+        raise OptionError(name, f"must be a finite number in {interval}, got {value!r}")
+
+
+def _str(name: str, value: Any, *, choices: tuple[str, ...] | None = None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value:
+        raise OptionError(name, f"expected a non-empty string{' or None' if optional else ''}, got {value!r}")
+    if choices is not None and value not in choices:
+        raise OptionError(name, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise OptionError(name, f"expected true or false, got {value!r}")
 
 #: Fields that describe *where and how fast* a run executes, not *what* it computes.
 #: They may differ when a run is resumed (another data copy, more workers, a
@@ -94,23 +159,112 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # JSON gives a list
-        positive = ("epochs", "batch_size", "max_length", "vocab_size", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.seed < 0:
-            raise ValueError(f"TrainConfig.seed must be >= 0, got {self.seed!r}")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr!r}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"TrainConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"TrainConfig.checkpoint_every must be >= 0, got {self.checkpoint_every!r}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"TrainConfig.limit must be >= 1 or None, got {self.limit!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"TrainConfig.device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)  # JSON gives a list
+        if not isinstance(self.attention_options, dict):
+            raise OptionError("attention_options", f"expected a mapping of option names to values, got {self.attention_options!r}")
+        self.attention_options = dict(self.attention_options)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (called by ``__init__``); raises :class:`OptionError` naming the first bad one.
+
+        Conventions: ``grad_clip`` is a finite norm > 0, or None for no clipping
+        (the command line's ``--grad-clip 0`` means None); ``patch_size``,
+        ``eval_batch_size``, ``stop_after_steps``, ``limit`` and the size
+        overrides are None for "the default" and otherwise >= 1.
+        """
+        from asap.attention.operators import OPERATORS  # the registry may grow after import
+        from asap.models.config import PRESETS
+
+        _str("dataset", self.dataset)
+        _str("data_dir", self.data_dir, optional=True)
+        _str("out_dir", self.out_dir)
+        # model
+        _str("preset", self.preset, choices=tuple(PRESETS))
+        for name in ("dim", "depth", "num_heads", "patch_size"):
+            _int(name, getattr(self, name), minimum=1, optional=True)
+        _real("mlp_ratio", self.mlp_ratio, low=0.0, low_open=True, optional=True)
+        _real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        _str("pooling", self.pooling, choices=("mean", "cls"))
+        size = self.model_size()
+        if size["dim"] % size["num_heads"] != 0:
+            field_name = "dim" if self.dim is not None else "num_heads"
+            raise OptionError(field_name, f"dim={size['dim']} must be divisible by num_heads={size['num_heads']}")
+        # attention
+        _str("method", self.method, choices=tuple(sorted(OPERATORS)))
+        _int("n_iters", self.n_iters, minimum=1, optional=True)
+        _real("eps", self.eps, low=0.0, low_open=True, optional=True)
+        bad_keys = [k for k in self.attention_options if not isinstance(k, str) or not k]
+        if bad_keys:
+            raise OptionError("attention_options", f"option names must be strings, got {bad_keys!r}")
+        clash = sorted({"n_iters", "eps"} & set(self.attention_options))
+        if clash:
+            raise OptionError("attention_options", f"give {', '.join(clash)} as its own field (--n-iters/--eps), not as an attention option")
+        self._check_attention_options(size)
+        # data
+        _int("max_length", self.max_length, minimum=1)
+        _int("vocab_size", self.vocab_size, minimum=1)
+        _real("val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+        _int("limit", self.limit, minimum=1, optional=True)
+        _bool("augment", self.augment)
+        # optimisation
+        _int("epochs", self.epochs, minimum=1)
+        _int("batch_size", self.batch_size, minimum=1)
+        _real("lr", self.lr, low=0.0, low_open=True)
+        _real("weight_decay", self.weight_decay, low=0.0)
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
+            raise OptionError("betas", f"expected two numbers, got {self.betas!r}")
+        for beta in self.betas:
+            try:
+                _real("betas", beta, low=0.0, high=1.0, high_open=True)
+            except OptionError:
+                raise OptionError("betas", f"each must be a finite number in [0, 1), got {list(self.betas)!r}") from None
+        _real("warmup_fraction", self.warmup_fraction, low=0.0, high=1.0, high_open=True)
+        _real("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        _real("grad_clip", self.grad_clip, low=0.0, low_open=True, optional=True)
+        _int("seed", self.seed, minimum=0, maximum=2**32 - 1)  # numpy's global seed is 32-bit
+        # run time
+        _int("num_workers", self.num_workers, minimum=0)
+        _str("device", self.device)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise OptionError("device", f"must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
+        _bool("compile", self.compile)
+        _int("checkpoint_every", self.checkpoint_every, minimum=0)
+        _int("stop_after_steps", self.stop_after_steps, minimum=1, optional=True)
+        _int("eval_batch_size", self.eval_batch_size, minimum=1, optional=True)
+        _int("log_every", self.log_every, minimum=1)
+        _bool("progress", self.progress)
+
+    def _check_attention_options(self, size: dict[str, Any]) -> None:
+        """Build one operator as the model will (on a private RNG): the method refuses what it does not take."""
+        import torch
+
+        from asap.attention.operators import build_operator
+
+        config = self.attention_config()
+        with torch.random.fork_rng(devices=[]):
+            try:
+                build_operator(config.method, num_heads=size["num_heads"], head_dim=size["dim"] // size["num_heads"],
+                               **config.options)  # fmt: skip
+            except (TypeError, ValueError) as err:
+                field_name = "n_iters" if "n_iters" in str(err) else "eps" if "eps" in str(err) else "attention_options"
+                raise OptionError(field_name, f"{err}") from None
+
+    def model_size(self) -> dict[str, Any]:
+        """``dim``, ``depth``, ``num_heads``, ``mlp_ratio``: the preset's, overridden by the fields that are set."""
+        from asap.models.config import PRESETS
+
+        size = dict(PRESETS[self.preset])
+        for name in ("dim", "depth", "num_heads", "mlp_ratio"):
+            if getattr(self, name) is not None:
+                size[name] = getattr(self, name)
+        return size
+
+    @property
+    def resolved_eval_batch_size(self) -> int:
+        """``eval_batch_size``, or twice the training batch when it is None."""
+        return 2 * self.batch_size if self.eval_batch_size is None else self.eval_batch_size
 
     def attention_config(self) -> AttentionConfig:
         """The :class:`AttentionConfig` of every layer: ``method`` + ``n_iters``/``eps`` (when set) + extra options."""
@@ -128,10 +282,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Rebuild from :meth:`to_dict`; fields missing from ``data`` take their defaults (older runs)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"TrainConfig: expected a mapping of fields, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names, key=str)
         if unknown:
-            raise ValueError(f"TrainConfig: unknown field(s) {unknown}")
+            raise ConfigError(f"TrainConfig: unknown field(s) {unknown}")
         return cls(**data)
 
     def differences(self, other: TrainConfig, *, ignore: frozenset[str] = RUNTIME_FIELDS) -> dict[str, tuple[Any, Any]]:

@@ -24,6 +24,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import asap.data as asap_data
+from asap.errors import AsapError, ConfigError
+from asap.io import file_inside
 from asap.train.checkpoint import TOKENIZER_FILE
 from asap.train.config import TrainConfig
 from asap.train.distributed import DistInfo, barrier
@@ -116,10 +118,12 @@ class PreparedData:
 def to_model_dataset(data: Any, info: dict[str, Any], run_dir: str | os.PathLike, *, augment: bool = False, seed: int = 0):
     """Wrap raw :class:`TextData`/:class:`ImageData` into a dataset of model inputs, as ``info`` prescribes.
 
-    Returns ``(dataset, collate)``.
+    Returns ``(dataset, collate)``. The tokenizer named by ``info`` (read from a
+    run's config) must be a plain file name inside ``run_dir``.
     """
     if info["kind"] == "text":
-        tokenizer = asap_data.SubwordTokenizer.load(Path(run_dir) / info["tokenizer"])
+        path = file_inside(run_dir, info["tokenizer"], what=f"{Path(run_dir) / 'config.json'}: data.tokenizer")
+        tokenizer = asap_data.SubwordTokenizer.load(path)
         return asap_data.TextClassificationDataset(data, tokenizer, info["max_length"]), asap_data.collate_text
     # Mirroring changes the class of a digit; it is a fine augmentation for clothes or objects.
     hflip = info["dataset"] != "digits"
@@ -138,11 +142,24 @@ def prepare_data(config: TrainConfig, run_dir: Path, dist: DistInfo) -> Prepared
     """
     spec = asap_data.DATASETS.get(config.dataset)
     if spec is None:
-        raise ValueError(f"unknown data set {config.dataset!r}; choose one of: {', '.join(asap_data.DATASETS)}")
-    raw = asap_data.load_dataset(config.dataset, split="train", data_dir=config.data_dir, limit=config.limit)
+        raise ConfigError(f"unknown data set {config.dataset!r}; choose one of: {', '.join(asap_data.DATASETS)}")
+    raw = load_raw(config.dataset, split="train", data_dir=config.data_dir, limit=config.limit)
     train_idx, val_idx = asap_data.train_val_split(len(raw), val_fraction=config.val_fraction, seed=config.seed)
+    # Checked before anything is trained or written: an empty validation part used to fail after an epoch.
+    if len(val_idx) == 0:
+        raise ConfigError(
+            f"--val-fraction {config.val_fraction} of {len(raw)} training example(s) holds out none for validation; "
+            "use more data (--limit) or a larger fraction"
+        )
+    if len(train_idx) < config.batch_size:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is larger than the {len(train_idx)} training example(s) left after "
+            f"holding out --val-fraction {config.val_fraction} (of --limit {config.limit}); not one step per epoch"
+        )
     train_raw, val_raw = raw.subset(train_idx), raw.subset(val_idx)
     info: dict[str, Any] = {"dataset": config.dataset, "kind": spec.kind, "classes": list(raw.classes)}
+    if spec.kind == "image" and raw.images.shape[2] != raw.images.shape[3]:
+        raise ConfigError(f"{config.dataset}: only square images are supported, got {tuple(raw.images.shape[2:])}")
     if spec.kind == "text":
         info.update(tokenizer=TOKENIZER_FILE, max_length=config.max_length)
         path = run_dir / TOKENIZER_FILE
@@ -153,9 +170,7 @@ def prepare_data(config: TrainConfig, run_dir: Path, dist: DistInfo) -> Prepared
             tokenizer = asap_data.SubwordTokenizer.load(path)
         info["vocab_size"] = tokenizer.vocab_size
     else:
-        _, channels, height, width = raw.images.shape
-        if height != width:
-            raise ValueError(f"{config.dataset}: only square images are supported, got {height}x{width}")
+        _, channels, height, _ = raw.images.shape
         mean, std = asap_data.channel_mean_std(train_raw)
         info.update(image_size=height, in_channels=channels, mean=list(mean), std=list(std))
     train, collate = to_model_dataset(train_raw, info, run_dir, augment=config.augment, seed=config.seed)
@@ -167,5 +182,20 @@ def load_split(
     info: dict[str, Any], run_dir: str | os.PathLike, *, split: str, data_dir: str | None, limit: int | None = None
 ) -> tuple[Dataset, Callable]:
     """A split (e.g. "test") of a trained run's data set, encoded as at training time: ``(dataset, collate)``."""
-    raw = asap_data.load_dataset(info["dataset"], split=split, data_dir=data_dir, limit=limit)
+    raw = load_raw(info["dataset"], split=split, data_dir=data_dir, limit=limit)
     return to_model_dataset(raw, info, run_dir)
+
+
+def load_raw(name: str, *, split: str, data_dir: str | None, limit: int | None):
+    """:func:`asap.data.load_dataset`, its refusals of missing or malformed files as one-line errors.
+
+    The data loaders raise ``FileNotFoundError``/``ValueError`` with a message naming the file
+    (and the line); those are bad input, not bugs, so they become :class:`ConfigError`.
+    """
+    try:
+        return asap_data.load_dataset(name, split=split, data_dir=data_dir, limit=limit)
+    except AsapError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise ConfigError(f"{name} ({split} split): {message}") from err

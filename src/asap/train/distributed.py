@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor
+
+from asap.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -38,13 +41,18 @@ class DistInfo:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> this process's GPU if CUDA is available, else CPU."""
+    """``"auto"`` -> this process's GPU if CUDA is available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:i"``.
+
+    Raises :class:`ConfigError` for another name, or CUDA asked for where there is none.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:<index>, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     if device == "cuda":
         return torch.device("cuda", local_rank)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
     return torch.device(device)
 
 

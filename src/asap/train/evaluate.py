@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from asap.errors import ConfigError
 from asap.models import attention_layers, swap_attention
 from asap.train.checkpoint import RunConfig, atomic_write_json, load_model
 from asap.train.data import batch_inputs, load_split, make_loader, shard_batches
@@ -50,7 +51,7 @@ def evaluate(
     model.train(was_training)
     loss_sum, correct, count = all_reduce_sum(sums, dist).tolist()
     if count == 0:
-        raise ValueError("cannot evaluate on an empty data set")
+        raise ConfigError("cannot evaluate on an empty data set (no examples in this split)")
     return {"loss": loss_sum / count, "accuracy": correct / count, "num_samples": int(count)}
 
 
@@ -63,6 +64,16 @@ def eval_record(
         "run": str(run_dir), "dataset": dataset, "split": split, "limit": limit, "attention": attention,
         **metrics, "seconds": seconds, "samples_per_sec": metrics["num_samples"] / seconds, "device": str(device),
     }  # fmt: skip
+
+
+def unfitted_asap_layers(model: nn.Module) -> list[int]:
+    """Indices of the attention layers whose operator is ASAP with a dual map never fitted."""
+    out = []
+    for i, layer in enumerate(attention_layers(model)):
+        fitted = getattr(getattr(layer.operator, "dual_map", None), "fitted", None)
+        if layer.method == "asap" and fitted is not None and not bool(fitted):
+            out.append(i)
+    return out
 
 
 def _load_for_eval(run_dir: Path, *, device: torch.device) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
@@ -87,6 +98,7 @@ def evaluate_run(
     method: str | None = None,
     method_options: dict[str, Any] | None = None,
     output: str | os.PathLike | None = None,
+    allow_unfitted: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a saved run (or a compiled model directory) on one split, optionally with another method.
 
@@ -94,13 +106,30 @@ def evaluate_run(
     evaluating (e.g. a Sinkhorn K=11 teacher evaluated with K=3 or softmax).
     ``data_dir`` defaults to the run's own (then ``$ASAP_DATA_DIR``). The result
     is written as JSON to ``output`` (default ``RUN_DIR/eval_<split>[_<method>...][_limit<n>].json``).
+
+    ASAP layers whose dual map was never fitted (``method="asap"`` on a teacher,
+    or a run trained that way) are refused unless ``allow_unfitted``: a zero map
+    gives an answer, but not ASAP's.
     """
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise ConfigError(f"{run_dir}: no such run directory, artifact or weights file")
+    if batch_size < 1 or isinstance(batch_size, bool):
+        raise ConfigError(f"--batch-size: must be an integer >= 1, got {batch_size!r}")
     dev = resolve_device(device)
     model, run_config, attention = _load_for_eval(run_dir, device=dev)
     if method is not None:
-        swap_attention(model, method, **(method_options or {}))
+        try:
+            swap_attention(model, method, **(method_options or {}))
+        except (TypeError, ValueError) as err:  # an unknown method or an option it does not take
+            raise ConfigError(f"--method-override {method}: {err}") from None
         attention = {"method": method, "options": dict(method_options or {})}
+    unfitted = unfitted_asap_layers(model)
+    if unfitted and not allow_unfitted:
+        raise ConfigError(
+            f"ASAP layer(s) {unfitted} have a dual map that was never fitted; compile the run first "
+            "(asap compile), or pass --allow-unfitted (allow_unfitted=True) to evaluate the unfitted map"
+        )
     dataset, collate = load_split(
         run_config.data, run_dir, split=split, data_dir=data_dir or run_config.train.data_dir, limit=limit
     )

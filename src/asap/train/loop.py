@@ -5,12 +5,25 @@ One :class:`Trainer` per run. Its state between two optimiser steps is
 global step, running epoch sums); :meth:`Trainer.save` writes exactly that, so
 a run stopped at any step boundary (``checkpoint_every``, ``stop_after_steps``,
 Ctrl-C, SIGTERM) and resumed ends with the weights of an uninterrupted run.
+
+Safety rules the loop keeps:
+
+* one process per run folder (:class:`~asap.train.lock.RunLock`);
+* nothing is written before every check has passed (options, run folder,
+  data sizes, model); a set-up that fails removes what it created;
+* a non-finite loss is caught at *every* step without a host sync: each step
+  folds ``isfinite(loss)`` into a device flag, read at each progress refresh and
+  before every checkpoint or metrics line, so no NaN weights or bare ``NaN``
+  are ever written and the last good checkpoint stays as it was;
+* a run stopped before its first checkpoint (``config.json`` but no
+  ``checkpoint.safetensors``) resumes from step 0.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -25,16 +38,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from asap.models import PRESETS, ModelConfig, TextClassifierConfig, ViTConfig, build_model
+from asap.errors import AsapError, ConfigError
+from asap.models import ModelConfig, TextClassifierConfig, ViTConfig, build_model
 from asap.train.checkpoint import (
     CHECKPOINT_FILE,
+    CONFIG_FILE,
     METRICS_FILE,
+    TOKENIZER_FILE,
     CheckpointError,
     RunConfig,
+    append_json_line,
     atomic_write_bytes,
     atomic_write_json,
     capture_rng_state,
     describe_environment,
+    dumps_strict,
     load_checkpoint,
     read_run_config,
     restore_rng_state,
@@ -43,6 +61,7 @@ from asap.train.checkpoint import (
     write_run_config,
 )
 from asap.train.config import TrainConfig
+from asap.train.lock import RunLock
 from asap.train.data import EpochBatchSampler, batch_inputs, load_split, make_loader, prepare_data
 from asap.train.distributed import (
     DistInfo,
@@ -56,41 +75,80 @@ from asap.train.evaluate import eval_record, evaluate
 from asap.train.schedule import warmup_cosine
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+class TrainingDiverged(AsapError):
+    """The training loss became NaN or infinite; nothing non-finite was written."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM after writing its checkpoint; ``signum`` says which."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def train(
+    config: TrainConfig, *, resume: bool = False, command: str | None = None, allow_unfitted: bool = False
+) -> dict[str, Any]:
     """Train a model as ``config`` says; with ``resume=True`` continue the run in ``config.out_dir``.
 
     Under ``torchrun`` every process calls this; the global batch is split
     across them and only rank 0 writes files. Returns (on every rank) a dict
     with the per-epoch ``history`` (as in ``metrics.jsonl``), ``test`` metrics
     (None when the run stopped early), ``global_step`` and ``completed``.
+
+    ``command`` (the command line) is appended to ``RUN_DIR/command.txt`` once
+    every check has passed. ``method="asap"`` trains with a dual map that is never
+    fitted (``asap compile`` fits it to a trained teacher); that is refused
+    unless ``allow_unfitted``.
+
+    Raises:
+        ConfigError, CheckpointError: bad options or run folder (nothing written).
+        TrainingDiverged: a non-finite loss (the last good checkpoint is kept).
+        RunInterrupted: SIGINT/SIGTERM, after a checkpoint.
     """
+    if config.method == "asap" and not allow_unfitted:
+        raise ConfigError(
+            "--method asap: ASAP's dual map is not trained but fitted to a trained teacher by `asap compile`; "
+            "train with sinkhorn and compile, or pass --allow-unfitted (allow_unfitted=True) to train with an "
+            "unfitted (zero) map"
+        )
     dist = setup_distributed(config.device)
     try:
-        result = Trainer(config, dist, resume=resume).run()
-        # Wait for rank 0 to finish writing: a rank that tears down its gloo group
-        # while a peer is still in flight aborts ("terminate called without an
-        # active exception"). Not on the error path, where a peer may never arrive.
-        barrier(dist)
+        trainer = Trainer(config, dist, resume=resume, command=command)
+        try:
+            result = trainer.run()
+            # Wait for rank 0 to finish writing: a rank that tears down its gloo group
+            # while a peer is still in flight aborts ("terminate called without an
+            # active exception"). Not on the error path, where a peer may never arrive.
+            barrier(dist)
+        finally:
+            trainer.close()
         return result
     finally:
         cleanup_distributed(dist)
 
 
 def model_config_for(config: TrainConfig, data_info: dict[str, Any]) -> ModelConfig:
-    """The model a training config asks for, shaped by the data (vocabulary, classes, image size)."""
-    if config.preset not in PRESETS:
-        raise ValueError(f"unknown preset {config.preset!r}; choose one of {sorted(PRESETS)}")
-    size = dict(PRESETS[config.preset])
-    for name in ("dim", "depth", "num_heads", "mlp_ratio"):
-        if getattr(config, name) is not None:
-            size[name] = getattr(config, name)
+    """The model a training config asks for, shaped by the data (vocabulary, classes, image size).
+
+    Raises :class:`ConfigError` when the options do not fit the data (a patch
+    size that does not divide the image).
+    """
+    size = config.model_size()
     common = dict(num_classes=len(data_info["classes"]), dropout=config.dropout, attention=config.attention_config(), **size)
     if data_info["kind"] == "text":
         return TextClassifierConfig(
             vocab_size=data_info["vocab_size"], max_length=config.max_length, pooling=config.pooling, **common
         )
     image_size = data_info["image_size"]
-    patch_size = config.patch_size or next(p for p in (4, 2, 1) if image_size % p == 0 and image_size // p >= 4)
+    patch_size = config.patch_size
+    if patch_size is None:  # the default: the largest of 4, 2, 1 that leaves at least 4 x 4 patches
+        patch_size = next(p for p in (4, 2, 1) if image_size % p == 0 and image_size // p >= 4)
+    elif patch_size > image_size or image_size % patch_size != 0:
+        raise ConfigError(
+            f"--patch-size {patch_size} does not divide the {image_size} x {image_size} images of {data_info['dataset']}"
+        )
     return ViTConfig(image_size=image_size, patch_size=patch_size, in_channels=data_info["in_channels"], **common)
 
 
@@ -108,11 +166,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 def stop_requests():
     """Turn SIGINT/SIGTERM into a request to stop at the next step boundary (a consistent checkpoint).
 
-    Yields a one-element list whose item becomes True on a request. A second
+    Yields a list whose first item becomes True on a request. A second
     Ctrl-C interrupts at once. Signal handlers can only be set from the main
     thread; elsewhere this yields a flag that never changes.
+    A second element records the signal number of the first request.
     """
-    flag = [False]
+    flag: list[Any] = [False, None]
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -121,6 +180,7 @@ def stop_requests():
         if flag[0] and signum == signal.SIGINT:
             raise KeyboardInterrupt
         flag[0] = True
+        flag[1] = flag[1] or signum
 
     previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -133,14 +193,65 @@ def stop_requests():
 class Trainer:
     """One training run (see the module docstring). Use :func:`train`."""
 
-    def __init__(self, config: TrainConfig, dist: DistInfo, *, resume: bool = False):
+    def __init__(self, config: TrainConfig, dist: DistInfo, *, resume: bool = False, command: str | None = None):
         self.config, self.dist = config, dist
         self.run_dir = Path(config.out_dir)
         self.checkpoint_path = self.run_dir / CHECKPOINT_FILE
-        self._check_run_dir(resume)
+        if config.batch_size % dist.world_size != 0:
+            raise ConfigError(
+                f"--batch-size {config.batch_size} must be divisible by the number of processes {dist.world_size}"
+            )
+        self.fresh_start = self._check_run_dir(resume)  # before anything is created: a refusal writes nothing
         barrier(dist)  # every process has checked before rank 0 writes anything
-        if dist.is_main:
+        self.lock: RunLock | None = None
+        created = self._make_run_dir() if dist.is_main else None
+        tokenizer_existed = (self.run_dir / TOKENIZER_FILE).exists()
+        try:
+            if dist.is_main:
+                self.lock = RunLock(self.run_dir)
+                self._check_run_dir(resume)  # again, now that no other process can change the folder
+            self._set_up(config, dist, resume=resume, command=command)
+        except BaseException:
+            if dist.is_main:
+                self._undo_set_up(created, tokenizer_existed)
+            raise
+
+    def _make_run_dir(self) -> Path | None:
+        """Create the run folder; return the outermost folder this created (None if it existed)."""
+        top = None
+        for folder in (self.run_dir, *self.run_dir.parents):
+            if folder.exists():
+                break
+            top = folder
+        try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CheckpointError(f"{self.run_dir}: cannot create the run directory ({err.strerror or err})") from None
+        return top
+
+    def _undo_set_up(self, created: Path | None, tokenizer_existed: bool) -> None:
+        """A set-up that failed before the run was written leaves the folder as it found it."""
+        if self._config_written_now:  # the run exists now (and can be resumed): keep it
+            self.close()
+            return
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        elif not tokenizer_existed:
+            (self.run_dir / TOKENIZER_FILE).unlink(missing_ok=True)
+        if self.lock is not None:
+            self.lock.release(remove=created is None)
+
+    #: True once this process has written the run's config.json (the run then exists).
+    _config_written_now = False
+
+    def close(self) -> None:
+        """Release the run folder (its lock)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _set_up(self, config: TrainConfig, dist: DistInfo, *, resume: bool, command: str | None) -> None:
+        if resume and self.fresh_start:
+            self._say(f"{self.run_dir} holds no checkpoint yet (the run stopped before its first one): starting at step 0")
         seed_all(config.seed)
 
         self.data = prepare_data(config, self.run_dir, dist)
@@ -152,11 +263,7 @@ class Trainer:
             environment=describe_environment(dist.device, dist.world_size),
         )  # fmt: skip
 
-        self.steps_per_epoch = len(self.data.train) // config.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the training part has {len(self.data.train)} examples, fewer than one batch of {config.batch_size}"
-            )
+        self.steps_per_epoch = len(self.data.train) // config.batch_size  # >= 1: prepare_data checked
         self.total_steps = config.epochs * self.steps_per_epoch
         self.optimizer = make_optimizer(self.model, config)
         schedule = partial(
@@ -170,12 +277,27 @@ class Trainer:
         self.epoch = self.batch_in_epoch = self.global_step = 0
         self.epoch_seconds = self.previous_seconds = 0.0
         self.sums = torch.zeros(3, dtype=torch.float64, device=dist.device)  # loss sum, correct, count
-        if resume:
+        # The first step whose loss was not finite (-1: none yet), kept on the device: no sync per step.
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=dist.device)
+        self.last_saved_step: int | None = None
+        if resume and not self.fresh_start:
             self._restore()
+            self.last_saved_step = self.global_step
         else:
+            if resume:  # same settings as the run's own config.json, and the same model
+                self._check_same_settings(read_run_config(self.run_dir))
             # Each process its own dropout stream, all determined by the seed.
             torch.manual_seed(int(np.random.SeedSequence([config.seed, dist.rank]).generate_state(1)[0]))
-            if dist.is_main:
+        stop = config.stop_after_steps
+        self.device_step = torch.full((), self.global_step, dtype=torch.int64, device=dist.device)
+        if stop is not None and stop <= self.global_step:
+            raise ConfigError(f"--stop-after-steps {stop}: the run is already at step {self.global_step}")
+        if dist.is_main:
+            if command is not None:  # keep the command lines that built this run (only once accepted)
+                with open(self.run_dir / "command.txt", "a") as f:
+                    f.write(command + "\n")
+            if not resume or self.fresh_start:
+                self._config_written_now = True
                 write_run_config(self.run_dir, self.run_config)
                 atomic_write_bytes(self.run_dir / METRICS_FILE, b"")
 
@@ -189,24 +311,45 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up helpers
 
-    def _check_run_dir(self, resume: bool) -> None:
-        if resume and not self.checkpoint_path.is_file():
-            raise CheckpointError(f"{self.checkpoint_path}: file not found; nothing to resume in {self.run_dir}")
-        if not resume and (self.checkpoint_path.exists() or (self.run_dir / "config.json").exists()):
-            raise FileExistsError(
-                f"{self.run_dir} already holds a run; resume it (--resume) or choose another output directory"
+    def _check_run_dir(self, resume: bool) -> bool:
+        """Refuse a folder that cannot be used; True when the run starts at step 0 (no checkpoint yet)."""
+        has_config = (self.run_dir / CONFIG_FILE).exists()
+        has_checkpoint = self.checkpoint_path.exists()
+        if resume:
+            if not self.run_dir.is_dir():
+                raise CheckpointError(f"{self.run_dir}: no such run directory; nothing to resume")
+            if not has_config:
+                raise CheckpointError(
+                    f"{self.run_dir / CONFIG_FILE}: file not found; {self.run_dir} holds no run to resume "
+                    "(start a new one with --out)"
+                )
+            return not has_checkpoint
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise CheckpointError(f"{self.run_dir}: exists and is not a directory; choose another output directory")
+        if has_checkpoint:
+            raise CheckpointError(
+                f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir}, "
+                "or choose another output directory"
             )
+        if has_config:
+            raise CheckpointError(
+                f"{self.run_dir} holds a run that stopped before its first checkpoint; start it again from step 0 "
+                f"with --resume {self.run_dir}, or delete the folder, or choose another output directory"
+            )
+        return True
 
-    def _restore(self) -> None:
-        stored = read_run_config(self.run_dir)
+    def _check_same_settings(self, stored: RunConfig) -> None:
         changed = stored.train.differences(self.config)
         if changed:
             raise CheckpointError(
-                f"{self.run_dir / 'config.json'}: the run was trained with other settings, cannot resume with "
+                f"{self.run_dir / CONFIG_FILE}: the run was trained with other settings, cannot resume with "
                 + ", ".join(f"{k}={new!r} (run: {old!r})" for k, (old, new) in changed.items())
             )
         if stored.model.to_dict() != self.run_config.model.to_dict():
-            raise CheckpointError(f"{self.run_dir / 'config.json'}: the stored model config differs from the rebuilt one")
+            raise CheckpointError(f"{self.run_dir / CONFIG_FILE}: the stored model config differs from the rebuilt one")
+
+    def _restore(self) -> None:
+        self._check_same_settings(read_run_config(self.run_dir))
         state = load_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         saved_world = state.progress["world_size"]
         if saved_world != self.dist.world_size:
@@ -221,7 +364,7 @@ class Trainer:
         restore_rng_state({k: v[self.dist.rank] for k, v in state.rng.items()}, self.dist.device)
         if self.dist.is_main:  # drop metric lines of epochs the checkpoint does not include
             lines = read_metrics(self.run_dir / METRICS_FILE)
-            kept = "".join(json.dumps(r) + "\n" for r in lines if r["epoch"] <= self.epoch)
+            kept = "".join(dumps_strict(r) + "\n" for r in lines if r["epoch"] <= self.epoch)
             atomic_write_bytes(self.run_dir / METRICS_FILE, kept.encode())
 
     # ------------------------------------------------------------------ the loop
@@ -233,13 +376,14 @@ class Trainer:
                 if not finished_epoch:
                     self.save()
                     if self._agreed(signalled[0]):
-                        self._say(f"interrupted at step {self.global_step}; resume with --resume {self.run_dir}")
-                        raise KeyboardInterrupt
+                        message = f"interrupted at step {self.global_step}; resume with --resume {self.run_dir}"
+                        self._say(message)
+                        raise RunInterrupted(message, signalled[1] or signal.SIGINT)
                     return self._summary(test=None)
                 self._end_epoch()
         return self._finish()
 
-    def _train_epoch(self, signalled: list[bool]) -> bool:
+    def _train_epoch(self, signalled: list[Any]) -> bool:
         """Run the rest of the current epoch; False if stopped early (by request or ``stop_after_steps``)."""
         c, d = self.config, self.dist
         sampler = EpochBatchSampler(
@@ -279,25 +423,58 @@ class Trainer:
         loss = F.cross_entropy(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        finite = torch.isfinite(loss.detach())
         if self.config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            finite &= torch.isfinite(norm)  # an infinite gradient would be scaled to NaN weights
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():
             correct = (logits.argmax(-1) == labels).sum()
             self.sums += torch.stack([loss.detach().double() * len(labels), correct.double(), self.sums.new_tensor(len(labels))])
+            # Device-side bookkeeping, read only at log/checkpoint/epoch boundaries (no sync here).
+            self.device_step += 1
+            self.first_bad_step = torch.where(~finite & (self.first_bad_step < 0), self.device_step, self.first_bad_step)
         self.batch_in_epoch += 1
         self.global_step += 1
 
     def _log_progress(self, bar: tqdm) -> None:
         """Show this process's running loss/accuracy; a non-finite loss stops the run with a clear error."""
+        self._check_finite()
         loss_sum, correct, count = self.sums.tolist()  # the one host sync, every log_every steps
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(
-                f"training loss became {loss_sum} at step {self.global_step} (epoch {self.epoch + 1}); "
-                f"try a lower --lr (now {self.config.lr}) or gradient clipping"
-            )
         bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+
+    def _check_finite(self, *, weights: bool = False) -> None:
+        """Raise :class:`TrainingDiverged` if any process saw a non-finite loss (or, with ``weights``, holds
+        non-finite weights). Called before anything is written, so no NaN reaches a file."""
+        local = self.first_bad_step.reshape(1).to(torch.float64)
+        if weights:
+            bad_weights = ~torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+            local = torch.cat([local, bad_weights.reshape(1).to(torch.float64)])
+        else:
+            local = torch.cat([local, local.new_zeros(1)])
+        if self.dist.distributed:  # every rank must take the same branch
+            flags = torch.stack([(local[0] >= 0).double(), local[1]])
+            flags = all_reduce_sum(flags, self.dist)
+            bad_loss, bad_weights_any = (flags > 0).tolist()
+        else:
+            bad_loss, bad_weights_any = bool(local[0] >= 0), bool(local[1] > 0)
+        if not (bad_loss or bad_weights_any):
+            return
+        step = int(local[0]) if local[0] >= 0 else None
+        what = (
+            f"the training loss became NaN or infinite at step {step}" if step is not None
+            else "the training loss became NaN or infinite" if bad_loss
+            else f"the weights became NaN or infinite by step {self.global_step}"
+        )  # fmt: skip
+        kept = (
+            f"the last checkpoint (step {self.last_saved_step}) in {self.run_dir} is intact"
+            if self.last_saved_step is not None else "no checkpoint was written"
+        )  # fmt: skip
+        raise TrainingDiverged(
+            f"{what} (epoch {self.epoch + 1}); stopped without saving it, {kept}; "
+            f"try a lower --lr (now {self.config.lr:g}) or --grad-clip (now {self.config.grad_clip})"
+        )
 
     def _agreed(self, local_flag: bool) -> bool:
         """True if any process was asked to stop (every process must stop at the same step)."""
@@ -306,6 +483,7 @@ class Trainer:
         return bool(all_reduce_sum(torch.tensor([float(local_flag)], device=self.dist.device), self.dist).item())
 
     def _end_epoch(self) -> None:
+        self._check_finite()
         loss_sum, correct, count = all_reduce_sum(self.sums, self.dist).tolist()
         val = self._evaluate(self.data.val, self.data.collate)
         record = {
@@ -321,8 +499,7 @@ class Trainer:
             "elapsed_seconds": self._elapsed(),
         }
         if self.dist.is_main:
-            with open(self.run_dir / METRICS_FILE, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_json_line(self.run_dir / METRICS_FILE, record)
             self._say(
                 f"epoch {record['epoch']}/{self.config.epochs}: train loss {record['train_loss']:.4f} "
                 f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f} "
@@ -337,7 +514,7 @@ class Trainer:
     def _evaluate(self, dataset, collate) -> dict[str, float]:
         c = self.config
         return evaluate(
-            self.model, dataset, collate=collate, batch_size=c.eval_batch_size or 2 * c.batch_size,
+            self.model, dataset, collate=collate, batch_size=c.resolved_eval_batch_size,
             device=self.dist.device, dist=self.dist, num_workers=c.num_workers,
         )  # fmt: skip
 
@@ -370,10 +547,16 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
-        """Write the resumable checkpoint and the current weights (rank 0); a collective call."""
+        """Write the resumable checkpoint and the current weights (rank 0); a collective call.
+
+        Refused (:class:`TrainingDiverged`) if a loss since the start, or a weight now, is not finite:
+        the previous checkpoint then stays as it was.
+        """
+        self._check_finite(weights=True)
         rng = {k: gather_stack(v, self.dist) for k, v in capture_rng_state(self.dist.device).items()}
         sums = gather_stack(self.sums, self.dist)
         if not self.dist.is_main:
+            self.last_saved_step = self.global_step
             return
         progress = {
             "epoch": self.epoch,
@@ -388,6 +571,7 @@ class Trainer:
             rng=rng, progress=progress, progress_tensors={"sums": sums},
         )  # fmt: skip
         save_model(self.run_dir, self.model, step=self.global_step)
+        self.last_saved_step = self.global_step
 
     def _elapsed(self) -> float:
         return self.previous_seconds + time.perf_counter() - self.start_time
