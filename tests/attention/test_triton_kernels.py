@@ -7,6 +7,7 @@ ragged ends: the interpreter executes each program in NumPy.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 
@@ -281,3 +282,50 @@ def test_kernels_compile_for_a_gpu_target(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     shared = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(shared) == {"row", "col"} and all(0 < s <= 227 * 1024 for s in shared.values()), shared
+
+
+def _load_bench_script():
+    import importlib.util
+
+    from tests.conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_triton_gpu", REPO_ROOT / "scripts" / "bench_triton_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_refuses_without_cuda(tmp_path, monkeypatch, capsys):
+    bench = _load_bench_script()
+    out = tmp_path / "bench.json"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "needs a CUDA GPU" in err
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert bench.main(["--out", str(out)]) == 2
+    assert "TRITON_INTERPRET" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--out", str(out), "--lengths", "512,x"])
+    assert exc.value.code == 2
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_end_to_end_on_the_interpreter(tmp_path):
+    """The script's own run() on CPU tensors (interpreted kernels): a smoke test of its paths and JSON, not a timing."""
+    bench = _load_bench_script()
+    out = tmp_path / "bench.json"
+    args = bench.parse_args([
+        "--out", str(out), "--lengths", "24", "--batch", "2", "--heads", "2", "--head-dim", "8",
+        "--sinkhorn-iters", "3,5", "--padding", "padded", "--warmup", "0", "--repeats", "1", "--min-repeats", "1",
+        "--no-full-operator",
+    ])
+    assert bench.run(args, torch.device("cpu")) == 0
+    data = json.loads(out.read_text())
+    (setting,) = data["settings"]
+    assert setting["parity"]["passed"] and setting["parity"]["max_abs_err_vs_fp64"] <= setting["parity"]["bound"]
+    assert set(setting["methods"]) == {"sdpa", "asap_torch", "asap_triton", "sinkhorn_k3", "sinkhorn_k5"}
+    assert all(m["median_s"] > 0 and m["peak_bytes"] is not None for m in setting["methods"].values())
+    assert data["teacher"] == "sinkhorn_k5" and setting["speedup_over_teacher"]["sinkhorn_k5"] == 1.0

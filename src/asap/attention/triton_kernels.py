@@ -50,25 +50,34 @@ it; passing the padding vectors never needs it).
 Running on a CPU. Triton reads ``TRITON_INTERPRET`` when ``@triton.jit``
 decorates a kernel, i.e. when this module is imported: with
 ``TRITON_INTERPRET=1`` set before the import, the kernels run on CPU tensors
-through Triton's NumPy interpreter (slowly; this is how the tests run in CI).
+through Triton's NumPy interpreter (slowly; this is how the tests run in CI;
+it need not be set before ``triton`` itself is imported, see ``_MAX_COMBINE``).
 :data:`INTERPRET` records the mode the kernels were built in. Without it the
-kernels need CUDA tensors. :func:`supports` says, without running anything,
+kernels need CUDA tensors; :func:`compile_for_target` compiles them for sm_90
+ahead of time without a GPU (a test does), which checks what the interpreter
+cannot: that they lower to PTX, assemble and fit in shared memory. :func:`supports` says, without running anything,
 whether a call can take this path (None) or why not (a one-line reason), so a
 ``backend="triton"`` switch can fall back to the PyTorch path.
 
-Benchmarking on a GPU. ``scripts/bench_triton_gpu.py --out FILE.json`` times,
-on CUDA, :func:`asap_attention_triton` against ``scaled_dot_product_attention``
-(softmax, the floor: one attention pass) and the Sinkhorn teacher
-(:func:`asap.attention.functional.sinkhorn_attention`, K = 3, 11, 21) at
-b = 8, h = 8, d = 64, n = 512 ... 8192, fp16 and fp32, with and without padding,
-in interleaved rounds (each round runs every method once, so drifts of clock
-and temperature hit all methods alike), medians over rounds with CUDA events
-after warm-up, and records the peak memory of each call
-(``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``), the
-parity of ASAP against the PyTorch path, the GPU, versions and the load
-average. Expected: ASAP at about two softmax passes (two kernels of one
-attention pass each), peak memory O(b h n) beyond the inputs and output,
-against K passes and O(b h n m) for the teacher.
+Benchmarking on a GPU. ``scripts/bench_triton_gpu.py --out FILE.json`` (it refuses
+to run without CUDA) times, on one GPU, :func:`asap_attention_triton` from a given
+``f_hat`` and with the L = 16 slice dual map in front, against
+``scaled_dot_product_attention`` (one softmax pass, the floor), the PyTorch ASAP path
+(:func:`asap.attention.functional.asap_attention`, and the whole
+:class:`~asap.attention.operators.AsapOperator`) and the Sinkhorn teacher
+(:func:`asap.attention.functional.sinkhorn_attention`, K = 3, 11, 21), at
+b = 4, h = 8, d = 64, n = 512 ... 8192 (fp16 by default; ``--dtypes`` adds bf16 / fp32),
+unpadded and with about a quarter of the tokens padded. Each setting is one
+interleaved run of :func:`asap.bench.measure.benchmark` (round-robin calls, so drifts
+of clock and temperature hit every method alike; CUDA events; medians and IQRs;
+out-of-memory recorded as a result) after an untimed parity check of the Triton path
+against the PyTorch path and, up to n = 1024, the fp64 reference by the low-precision
+rule; the JSON records the peak memory of each call (``torch.cuda.max_memory_allocated``
+after ``reset_peak_memory_stats``, beyond the inputs), the speed-ups over the K = 21
+teacher, the time in softmax calls, the tiles, the GPU, versions and the load average.
+Expected: ASAP at about two softmax passes (two kernels of one attention pass each)
+and O(b h n) memory beyond inputs and output, against K passes and O(b h n m) memory
+for the teacher. The tiles (``_TILES``) are first guesses to be tuned from that run.
 """
 
 from __future__ import annotations
