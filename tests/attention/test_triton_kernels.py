@@ -237,6 +237,13 @@ class TestRefusals:
         big = torch.zeros(1, 1, 4, tk.MAX_HEAD_DIM + 1)
         assert "head size" in tk.supports(big, big, big)
 
+    def test_offsets_beyond_int32_are_refused(self, monkeypatch):
+        q, k, v, _ = (t.float() for t in _inputs())
+        monkeypatch.setattr(tk, "_MAX_OFFSET", q.numel() - 1)  # a stand-in for 2**31, which would need 8 GiB
+        assert "int32" in tk.supports(q, k, v)
+        with pytest.raises(ValueError, match="int32"):
+            tk.asap_attention_triton(q, k, v, torch.zeros(B, H, N))
+
     def test_cpu_without_interpreter_is_refused(self, monkeypatch):
         q, k, v, _ = (t.float() for t in _inputs())
         monkeypatch.setattr(tk, "INTERPRET", False)

@@ -107,8 +107,10 @@ MAX_HEAD_DIM = 256
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+#: Largest element offset a kernel computes in int32 (see ``_unsupported``).
+_MAX_OFFSET = 2**31
+
 _LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 
 
 if triton is not None:
@@ -420,6 +422,11 @@ def _unsupported(q: Tensor, k: Tensor, v: Tensor | None) -> str | None:
         return f"head size {max(dims)} is larger than {MAX_HEAD_DIM}"
     if any(t.numel() == 0 for t in tensors):
         return "empty input"
+    # In-kernel offsets inside one (b, h) slab are int32 products (offset x stride); only the
+    # batch and head offsets are int64. Refuse rather than overflow silently.
+    for t in tensors:
+        if sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= _MAX_OFFSET:
+            return f"a tensor of shape {tuple(t.shape)} and strides {t.stride()} needs offsets beyond int32"
     return None
 
 
