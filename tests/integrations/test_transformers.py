@@ -160,6 +160,38 @@ def test_padding_does_not_change_real_tokens(kind, method, options):
     assert max_padding_gap(model, PAD[kind]) < 1e-10
 
 
+def test_operator_sees_the_query_and_key_mask_and_matches_the_fp64_reference():
+    """Each layer's operator gets (b, h, n, d) inputs and real_i & real_j; its output is the fp64 reference's."""
+    from asap.attention.reference import sinkhorn_attention_reference
+
+    model = convert(tiny("bert"), "sinkhorn", n_iters=5, eps=0.5).double()
+    ids, mask = text_batch()
+    expected_mask = key_padding_to_attn_mask(mask.bool())
+    seen = []
+
+    def check(module, args, kwargs, out):
+        q, k, v = args
+        assert q.shape == (3, 4, N, 8) and q.dtype == torch.float64
+        assert torch.equal(kwargs["attn_mask"], expected_mask)
+        ref = sinkhorn_attention_reference(q, k, v, n_iters=5, eps=0.5, attn_mask=expected_mask)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+        seen.append(True)
+
+    for _, op in converted_operators(model):
+        op.register_forward_hook(check, with_kwargs=True)
+    hidden(model, ids, mask)
+    assert len(seen) == 2
+
+
+def test_softmax_conversion_in_bf16_within_twice_plain_pytorch_error():
+    ids, mask = text_batch()
+    valid = mask.bool()
+    truth = hidden(tiny("bert").double(), ids, mask)[valid]
+    plain = hidden(tiny("bert").bfloat16(), ids, mask)[valid].double()
+    ours = hidden(convert(tiny("bert"), "softmax").bfloat16(), ids, mask)[valid].double()
+    assert (ours - truth).abs().max() <= 2 * (plain - truth).abs().max()
+
+
 def test_vit_runs_doubly_stochastic():
     model = convert(tiny("vit"), "sinkhorn", n_iters=3)
     out = model(pixel_values=pixels()).last_hidden_state
