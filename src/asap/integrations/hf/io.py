@@ -98,7 +98,8 @@ def _check_savable(model: nn.Module) -> dict[str, Any]:
 def save_converted(model: PreTrainedModel, path: str | os.PathLike) -> Path:
     """Save a converted model to the folder ``path`` (created if needed): config, asap options, safetensors weights.
 
-    Returns the folder. Overwrites the three files if they exist; nothing else in
+    Returns the folder. Sets ``model.config.architectures`` to the model class (as
+    ``save_pretrained`` does). Overwrites the three files if they exist; nothing else in
     the folder is touched. Refuses a model that was not converted, or whose
     operators were replaced since (compiled), before writing anything.
     """
