@@ -7,6 +7,11 @@ a log-sum-exp.
 
 from __future__ import annotations
 
+import math
+import numbers
+
+import numpy as np
+
 import torch
 from torch import Tensor
 
@@ -57,6 +62,8 @@ def validate_attention_inputs(
         raise ValueError(f"{method} attention: k and v lengths differ: {k.shape[-2]} vs {v.shape[-2]}")
     if q.shape[-2] == 0 or k.shape[-2] == 0:
         raise ValueError(f"{method} attention: empty sequence (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{method} attention: head size d = 0 (q {tuple(q.shape)}): scores need at least one feature")
     if is_causal and method != "softmax":
         raise ValueError(CAUSAL_ERROR.format(method=method))
     if attn_mask is None:
@@ -84,9 +91,29 @@ def validate_attention_inputs(
 
 
 def check_positive(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    """``value`` as a float if it is a finite real number > 0 (``True`` is not a number here; inf is refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
     return float(value)
+
+
+def check_int(name: str, value: int, *, minimum: int) -> int:
+    """``value`` as an int if it is an integer (Python or NumPy, not bool) >= ``minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def empty_output(q: Tensor, v: Tensor) -> Tensor | None:
+    """The (empty) result for a batch or head count of 0, else None.
+
+    Private kernels divide by the number of (batch, head) problems (h = 0 raised
+    SIGFPE in one of them), so no fast path may see an empty problem set.
+    """
+    b, h, n, _ = q.shape
+    if b * h == 0:
+        return q.new_zeros(b, h, n, v.shape[-1])
+    return None
 
 
 def default_scale(scale: float | None, head_dim: int) -> float:

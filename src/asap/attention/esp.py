@@ -73,7 +73,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from asap.attention.checks import default_scale, validate_attention_inputs
+from asap.attention.checks import default_scale, empty_output, validate_attention_inputs
 from asap.attention.dual_map import SLICE_TYPES, make_directions
 from asap.attention.operators import AttentionOperator
 from asap.transport.ctransform import reduction_dtype
@@ -330,6 +330,8 @@ def esp_attention(
     dtype = reduction_dtype(q.dtype)
     scale = default_scale(scale, d)
     directions = _check_directions(directions, heads=h, dim=d, dtype=dtype, device=q.device)
+    if (empty := empty_output(q, v)) is not None:  # the tile planner divides by b * h
+        return empty
     valid_q, valid_k = _padding_from_mask(mask, b, h, n, m, validate=validate_mask)
     soft = soft and tau_sort > 0
     tau_sort = tau_sort if soft else 0.0

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from asap.attention.checks import check_positive, default_scale, validate_attention_inputs
+from asap.attention.checks import check_int, check_positive, default_scale, empty_output, validate_attention_inputs
 from asap.transport.ctransform import (
     DEFAULT_TILE_BYTES,
     append_bias_column,
@@ -139,8 +139,7 @@ def sinkhorn_attention(
             The result does not depend on it.
     """
     mask = validate_attention_inputs(q, k, v, attn_mask=attn_mask, is_causal=is_causal, method="sinkhorn")
-    if not isinstance(n_iters, int) or n_iters < 1:
-        raise ValueError(f"sinkhorn attention: n_iters must be an int >= 1 (half-steps), got {n_iters!r}")
+    n_iters = check_int("sinkhorn attention: n_iters (half-steps)", n_iters, minimum=1)
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"sinkhorn attention: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
     if grad_mode == "closure" and n_iters % 2 == 0:
@@ -153,6 +152,8 @@ def sinkhorn_attention(
         tol=tol,
         check_every=check_every,
     )
+    if (empty := empty_output(q, v)) is not None:
+        return empty
     if chunk_bytes is None and q.device.type == "cpu":
         chunk_bytes = CPU_CHUNK_BYTES
     b, h, n, _ = q.shape
@@ -275,6 +276,8 @@ def asap_attention(
         raise TypeError(f"asap attention: f_hat must be a floating tensor on {q.device}, got {f_hat.dtype} on {f_hat.device}")
     eps = check_positive("eps", eps)
     scale = default_scale(scale, q.shape[-1])
+    if (empty := empty_output(q, v)) is not None:
+        return empty
     rdtype = reduction_dtype(q.dtype)
     supp = support(mask, q.shape[-2], k.shape[-2], dtype=rdtype, device=q.device)
     f_hat = supp.zero_rows(f_hat.to(rdtype))

@@ -9,6 +9,8 @@ in place while every weight stays where it is.
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -65,6 +67,9 @@ class MultiheadAttention(nn.Module):
         **method_options: Any,
     ):
         super().__init__()
+        for name, value in (("dim", dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"MultiheadAttention: {name} must be an integer >= 1, got {value!r}")
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads

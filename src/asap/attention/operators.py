@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from asap.attention.checks import check_positive
+from asap.attention.checks import check_int, check_positive
 from asap.attention.dual_map import SliceDualMap
 from asap.attention.functional import GRAD_MODES, asap_attention, sinkhorn_attention, softmax_attention
 from asap.transport.ctransform import DEFAULT_TILE_BYTES
@@ -27,7 +27,8 @@ class AttentionOperator(nn.Module):
 
     def __init__(self, *, scale: float | None = None):
         super().__init__()
-        self.scale = scale
+        # Checked here, at construction, like every other option (not first at forward time).
+        self.scale = None if scale is None else check_positive(f"{self.method}: scale", scale)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None) -> Tensor:
         raise NotImplementedError
@@ -50,8 +51,7 @@ class SinkhornOperator(AttentionOperator):
 
     def __init__(self, *, n_iters: int = 3, eps: float = 1.0, grad_mode: str = "unroll", scale: float | None = None):
         super().__init__(scale=scale)
-        if not isinstance(n_iters, int) or n_iters < 1:
-            raise ValueError(f"sinkhorn: n_iters must be an int >= 1, got {n_iters!r}")
+        n_iters = check_int("sinkhorn: n_iters", n_iters, minimum=1)
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"sinkhorn: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
         self.n_iters, self.eps, self.grad_mode = n_iters, check_positive("eps", eps), grad_mode
