@@ -28,7 +28,6 @@ half-written weights.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -41,6 +40,7 @@ from asap.attention.dual_map import SliceDualMap
 from asap.attention.operators import AsapOperator, SinkhornOperator
 from asap.compile.maps import build_dual_map
 from asap.models import build_model, model_config_from_dict
+from asap.io import read_json
 from asap.train.checkpoint import CheckpointError, atomic_write_json, check_state_dict, load_tensors, save_tensors
 
 FORMAT = "asap-compiled"
@@ -138,10 +138,7 @@ def read_manifest(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     directory, manifest_path = (path, path / MANIFEST_FILE) if path.is_dir() else (path.parent, path)
     if not manifest_path.is_file():
         raise ArtifactError(f"{manifest_path}: file not found (is {directory} a compiled model from `asap compile`?)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{manifest_path}: not valid JSON ({err})") from None
+    manifest = read_json(manifest_path, error=ArtifactError, what="manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{manifest_path}: not an {FORMAT!r} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from asap.errors import AsapError
-from asap.io import file_inside
+from asap.io import file_inside, read_json
 from asap.models import ModelConfig, build_model, model_config_from_dict
 from asap.models.config import MODEL_CONFIGS
 from asap.train.config import TrainConfig
@@ -62,8 +62,6 @@ LOCK_FILE = ".lock"
 
 #: Header entry of a weights file holding :func:`tensors_sha256` of its tensors.
 HASH_KEY = "weights_sha256"
-#: A run's config.json is a few KiB; anything this large is not one (and is not read into memory).
-MAX_CONFIG_BYTES = 16 * 2**20
 
 
 _UMASK = os.umask(0)
@@ -619,20 +617,8 @@ def write_run_config(run_dir: str | os.PathLike, config: RunConfig) -> None:
 
 
 def read_json_file(path: str | os.PathLike, *, what: str = "file") -> Any:
-    """Parse a JSON file, refusing what is not JSON (or absurdly large or deep) with a one-line error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, too large for a {what}")
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: not a {what} (JSON nested too deeply)") from None
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+    """Parse a JSON file, refusing what is not JSON (or absurdly large or deep) with a one-line CheckpointError."""
+    return read_json(path, error=CheckpointError, what=what)
 
 
 def read_run_config(run_dir: str | os.PathLike) -> RunConfig:

@@ -37,6 +37,7 @@ from transformers import AutoConfig, PreTrainedModel
 from asap.attention import OPERATORS
 from asap.attention.dual_map import SliceDualMap
 from asap.errors import ConfigError
+from asap.io import read_json
 from asap.integrations.hf.convert import architecture, conversion, converted_operators, convert
 
 FORMAT = "asap-hf-converted"
@@ -118,10 +119,7 @@ def _read_record(folder: Path) -> dict[str, Any]:
     path = folder / ATTENTION_FILE
     if not path.is_file():
         raise ConfigError(f"{path}: file not found (is {folder} a model saved by save_converted?)")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    record = read_json(path, error=ConfigError, what="asap attention record")
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ConfigError(f"{path}: not an {FORMAT!r} file")
     if record.get("format_version") != FORMAT_VERSION:
