@@ -124,11 +124,8 @@ def test_biased_row_attention_matches_fp64_and_cpu(padding):
     torch.testing.assert_close(out.double(), attn @ v64, rtol=0, atol=1e-5)
     rows = full.any(-1)
     assert (out[~rows] == 0).all()  # padding queries: exactly zero
-    if mask is None:
-        cpu = _biased_row_attention(q, k, v, g, scale=scale, eps=eps, mask=None, rows=None)
-    else:
-        cpu = _biased_row_attention(q, k, v, g, scale=scale, eps=eps, mask=mask,
-                                    rows=support(mask, N, M, dtype=torch.float32, device=q.device).rows)
+    supp = support(mask, N, M, dtype=torch.float32, device=q.device, biases=False)
+    cpu = _biased_row_attention(q, k, v, g, scale=scale, eps=eps, supp=supp, mask=mask)
     torch.testing.assert_close(out, cpu, rtol=0, atol=1e-5)
 
 

@@ -90,6 +90,33 @@ def validate_attention_inputs(
     return attn_mask
 
 
+def validate_padding_mask(
+    padding_mask: Tensor | None, q: Tensor, k: Tensor, *, attn_mask: Tensor | None, method: str
+) -> Tensor | None:
+    """Check a token mask ``padding_mask (b, n)`` (bool, True = real token) for self-attention; return it.
+
+    It means the same as ``attn_mask = key_padding_to_attn_mask(padding_mask)``
+    (padded queries and padded keys get no mass) but lets the operators keep
+    ``O(b n)`` vectors instead of ``(b, 1, n, n)`` masks. It needs ``n = m``, and
+    is refused together with ``attn_mask`` (pass one or the other).
+    """
+    if padding_mask is None:
+        return None
+    if attn_mask is not None:
+        raise ValueError(f"{method} attention: pass either attn_mask or padding_mask, not both")
+    if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
+        got = padding_mask.dtype if isinstance(padding_mask, Tensor) else type(padding_mask).__name__
+        raise TypeError(f"{method} attention: padding_mask must be a bool tensor (True = real token), got {got}")
+    b, _, n, _ = q.shape
+    if k.shape[-2] != n:
+        raise ValueError(f"{method} attention: padding_mask is for self-attention (n = m), got n = {n}, m = {k.shape[-2]}")
+    if tuple(padding_mask.shape) != (b, n):
+        raise ValueError(f"{method} attention: padding_mask must have shape (b, n) = {(b, n)}, got {tuple(padding_mask.shape)}")
+    if padding_mask.device != q.device:
+        raise ValueError(f"{method} attention: padding_mask is on {padding_mask.device}, q on {q.device}")
+    return padding_mask
+
+
 def check_positive(name: str, value: float) -> float:
     """``value`` as a float if it is a finite real number > 0 (``True`` is not a number here; inf is refused)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:

@@ -2,10 +2,37 @@
 
 For each head, ``L`` fixed unit directions ``theta_l`` define slices. Per token
 the features are the exact 1-D Kantorovich query potentials ``phi_l(i)``
-(:func:`asap.transport.sliced.kantorovich_potentials_1d`) and the map is linear
-(docs/method.md sec. 4.3)::
+(:func:`asap.transport.sliced.kantorovich_potentials_1d`), optionally followed
+by ``E`` cheap per-token extras, and the map is linear (docs/method.md sec. 4.3)::
 
-    f_hat_i = sum_l alpha_{h,l} phi_l(i),   centred over valid queries.
+    f_hat_i = sum_l alpha_{h,l} phi_l(i) + sum_e beta_{h,e} x_e(i),   centred over valid queries.
+
+The extras cost ``O(n d)`` (no ``n x m`` work, no extra sort):
+
+* ``"qk_mean"``: ``scale <q_i, mean_j k_j>`` (mean over valid keys): the
+  first-order term of the row log-sum-exp that the query dual undoes
+  (``-eps LSE_j((S_ij + g_j)/eps) ~ -mean_j S_ij - ...``);
+* ``"q_norm"``: ``scale^2 |q_i|^2``: the isotropic part of the second-order
+  (variance) term ``scale^2 q_i^T Cov(k) q_i / (2 eps)``.
+
+A slice potential carries the linear term only through
+``<theta, q_i> <theta, kbar>``, so L random directions represent it only if
+``sum_l alpha_l theta_l theta_l^T`` is close to the identity; the measurements
+that made both extras the default of ``asap compile`` are in
+``results/compile/*/ablation_features``.
+
+Two ways to evaluate the same map:
+
+* :meth:`SliceDualMap.features` builds the design matrix ``(b, h, L + E, n)``
+  (every column centred): what calibration fits on, and the reference.
+* :meth:`SliceDualMap.forward` is the inference path for self-attention
+  (``n = m``, no mask or a token padding mask): the coefficients are folded
+  into the slice steps before the cumulative sum, one ``scatter_add_`` writes
+  ``f_hat`` directly (no ``(b, h, L, n)`` feature tensor), only the query
+  projections are argsorted (keys need sorted values only), and the per-slice
+  centrings are skipped (a constant per ``(b, h)`` cancels exactly in the
+  c-transform; ``center=True`` restores the reference's output). Anything else
+  (cross-attention, general masks) goes through :meth:`features`.
 
 The directions and coefficients are *buffers*, not parameters: they are fitted
 by ``asap compile`` (ridge least squares, then optionally KL refinement), not
@@ -21,11 +48,14 @@ import torch
 from torch import Tensor, nn
 
 from asap.transport.masks import valid_rows_cols
-from asap.transport.sinkhorn import center
-from asap.transport.sliced import project, query_potentials_1d
+from asap.transport.sinkhorn import center as center_over
+from asap.transport.sliced import argsort_last, project, query_potentials_1d, sort_values_last
 
 SliceType = Literal["random", "axis"]
 SLICE_TYPES: tuple[str, ...] = ("random", "axis")
+EXTRA_FEATURES: tuple[str, ...] = ("qk_mean", "q_norm")
+#: The default of ``asap compile``: both, chosen by the ablations in ``results/compile/*/ablation_features``.
+DEFAULT_EXTRA_FEATURES: tuple[str, ...] = ("qk_mean", "q_norm")
 
 
 def make_directions(*, num_heads: int, head_dim: int, num_slices: int, slice_type: SliceType, seed: int) -> Tensor:
@@ -51,9 +81,13 @@ def make_directions(*, num_heads: int, head_dim: int, num_slices: int, slice_typ
     raise ValueError(f"slice_type must be one of {SLICE_TYPES}, got {slice_type!r}")
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def slice_potentials(q: Tensor, k: Tensor, directions: Tensor, *, scale: float, attn_mask: Tensor | None) -> Tensor:
     """Query-side 1-D potentials ``phi (b, h, L, n)`` in fp32 (fp64 for fp64 inputs)."""
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = _work_dtype(q.dtype)
     x, y = project(q.to(dtype), k.to(dtype), directions.to(dtype), scale=scale)
     rows, cols = valid_rows_cols(attn_mask, q.shape[-2], k.shape[-2])
     if rows is not None:
@@ -62,13 +96,50 @@ def slice_potentials(q: Tensor, k: Tensor, directions: Tensor, *, scale: float, 
     return query_potentials_1d(x, y, x_valid=rows, y_valid=cols)
 
 
-class SliceDualMap(nn.Module):
-    """Linear map from slice potentials to the Sinkhorn query dual, one per head.
+def _check_extra_features(names: tuple[str, ...]) -> tuple[str, ...]:
+    names = tuple(names)
+    unknown = sorted(set(names) - set(EXTRA_FEATURES))
+    if unknown:
+        raise ValueError(f"unknown extra feature(s) {unknown}; choose from {EXTRA_FEATURES}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"extra features must be distinct, got {names}")
+    return names
 
-    Buffers: ``directions (h, L, d)``, ``coef (h, L)``, ``seed`` and ``fitted``
-    (False until ``asap compile`` writes the coefficients). Cheap extra
-    per-token features are added by :class:`asap.compile.maps.ExtendedSliceDualMap`.
+
+def _valid_key_mean(k: Tensor, cols: Tensor | None) -> Tensor:
+    """``mean_j k_j`` over valid keys: ``(b, h, d)``; ``cols`` broadcasts to ``(b, h, m)``."""
+    if cols is None:
+        return k.mean(dim=-2)
+    w = cols.expand(*k.shape[:-1]).to(k.dtype).unsqueeze(-1)
+    return (k * w).sum(dim=-2) / w.sum(dim=-2).clamp(min=1)
+
+
+def extra_query_features(q: Tensor, k: Tensor, *, names: tuple[str, ...], scale: float, attn_mask: Tensor | None) -> Tensor:
+    """Per-token features ``(b, h, E, n)`` (fp32, or fp64 for fp64 inputs), centred over valid queries, 0 at padding."""
+    names = _check_extra_features(names)
+    dtype = _work_dtype(q.dtype)
+    q, k = q.to(dtype), k.to(dtype)
+    rows, cols = valid_rows_cols(attn_mask, q.shape[-2], k.shape[-2])
+    k_mean = _valid_key_mean(k, cols)
+    computed = {
+        "qk_mean": lambda: scale * torch.einsum("bhnd,bhd->bhn", q, k_mean),
+        "q_norm": lambda: scale**2 * (q * q).sum(-1),
+    }
+    feats = torch.stack([computed[name]() for name in names], dim=2)  # (b, h, E, n)
+    valid = None if rows is None else rows.expand(*q.shape[:-1]).unsqueeze(2)
+    return center_over(feats, valid=valid)
+
+
+class SliceDualMap(nn.Module):
+    """Linear map from slice potentials (plus optional extras) to the Sinkhorn query dual, one per head.
+
+    Buffers: ``directions (h, L, d)``, ``coef (h, L)``, ``seed``, ``fitted``
+    (False until ``asap compile`` writes the coefficients) and, with
+    ``extra_features``, ``extra_coef (h, E)``. ``kind`` names the map family in
+    :data:`DUAL_MAPS`.
     """
+
+    kind = "linear"
 
     def __init__(
         self,
@@ -78,33 +149,181 @@ class SliceDualMap(nn.Module):
         num_slices: int = 16,
         slice_type: SliceType = "random",
         seed: int = 0,
+        extra_features: tuple[str, ...] = (),
     ):
         super().__init__()
         self.num_heads, self.head_dim, self.num_slices = num_heads, head_dim, num_slices
         self.slice_type = slice_type
+        self.extra_features = _check_extra_features(extra_features)
         directions = make_directions(
             num_heads=num_heads, head_dim=head_dim, num_slices=num_slices, slice_type=slice_type, seed=seed
         )
         self.register_buffer("directions", directions)
         self.register_buffer("coef", torch.zeros(num_heads, num_slices))
+        if self.extra_features:  # only then: plain maps keep the state dict they always had
+            self.register_buffer("extra_coef", torch.zeros(num_heads, len(self.extra_features)))
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("fitted", torch.tensor(False))
 
+    @property
+    def num_features(self) -> int:
+        """Columns of the design matrix: ``L + E``."""
+        return self.num_slices + len(self.extra_features)
+
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, slices={self.num_slices}, slice_type={self.slice_type!r}"
+        extra = f", extra_features={self.extra_features}" if self.extra_features else ""
+        return f"heads={self.num_heads}, slices={self.num_slices}, slice_type={self.slice_type!r}{extra}"
 
-    def features(self, q: Tensor, k: Tensor, *, scale: float, attn_mask: Tensor | None = None) -> Tensor:
-        """``phi (b, h, L, n)``: the features the map is linear in (centred over valid queries)."""
-        return slice_potentials(q, k, self.directions, scale=scale, attn_mask=attn_mask)
+    def coefficients(self) -> Tensor:
+        """All coefficients ``(h, L + E)``, in the column order of :meth:`features`."""
+        if not self.extra_features:
+            return self.coef
+        return torch.cat([self.coef, self.extra_coef], dim=-1)
 
-    def forward(self, q: Tensor, k: Tensor, *, scale: float, attn_mask: Tensor | None = None) -> Tensor:
-        """Predicted, centred query dual ``f_hat (b, h, n)``."""
+    @torch.no_grad()
+    def set_coefficients(self, coef: Tensor) -> None:
+        """Write fitted coefficients ``(h, L + E)`` into the buffers and mark the map fitted."""
+        if tuple(coef.shape) != (self.num_heads, self.num_features):
+            raise ValueError(f"coefficients of shape {tuple(coef.shape)} for a map of shape {(self.num_heads, self.num_features)}")
+        self.coef.copy_(coef[:, : self.num_slices])
+        if self.extra_features:
+            self.extra_coef.copy_(coef[:, self.num_slices :])
+        self.fitted.fill_(True)
+
+    def _check_shape(self, q: Tensor) -> None:
         if q.shape[1] != self.num_heads or q.shape[-1] != self.head_dim:
             raise ValueError(
-                f"SliceDualMap fitted for {self.num_heads} heads of size {self.head_dim}, "
-                f"got q of shape {tuple(q.shape)}"
+                f"dual map fitted for {self.num_heads} heads of size {self.head_dim}, got q of shape {tuple(q.shape)}"
             )
+
+    def features(self, q: Tensor, k: Tensor, *, scale: float, attn_mask: Tensor | None = None) -> Tensor:
+        """The design matrix ``(b, h, L + E, n)``: slice potentials, then extras (each centred over valid queries)."""
+        phi = slice_potentials(q, k, self.directions, scale=scale, attn_mask=attn_mask)
+        if not self.extra_features:
+            return phi
+        extra = extra_query_features(q, k, names=self.extra_features, scale=scale, attn_mask=attn_mask)
+        return torch.cat([phi, extra.to(phi.dtype)], dim=2)
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        scale: float,
+        attn_mask: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        center: bool = True,
+    ) -> Tensor:
+        """Predicted query dual ``f_hat (b, h, n)`` in fp32 (fp64 for fp64 inputs).
+
+        ``padding_mask (b, n)`` (True = real token) is the vector form of the
+        self-attention padding mask. With ``center=False`` the result is the
+        same up to a constant per ``(b, h)`` and is arbitrary at padded queries
+        (both irrelevant to :func:`asap.attention.asap_attention`).
+        """
+        self._check_shape(q)
+        if attn_mask is None and q.shape[-2] == k.shape[-2]:
+            return self._forward_fused(q, k, scale=scale, valid=padding_mask, center=center)
+        if padding_mask is not None:
+            raise ValueError("dual map: padding_mask is for self-attention (n = m)")
         phi = self.features(q, k, scale=scale, attn_mask=attn_mask)
-        f_hat = torch.einsum("bhln,hl->bhn", phi, self.coef.to(phi.dtype))
+        f_hat = torch.einsum("bhln,hl->bhn", phi, self.coefficients().to(phi.dtype))
         rows, _ = valid_rows_cols(attn_mask, q.shape[-2], k.shape[-2])
-        return center(f_hat, valid=None if rows is None else rows.expand(*f_hat.shape))
+        return _center(f_hat, None if rows is None else rows.expand(*f_hat.shape), center)
+
+    def _forward_fused(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None, center: bool) -> Tensor:
+        """``n = m``: the matching is rank to rank (padding sorted last), the coefficients fold into the steps."""
+        dtype = _work_dtype(q.dtype)
+        q, k = q.to(dtype), k.to(dtype)
+        b, h, n, _ = q.shape
+        x, y = project(q, k, self.directions.to(dtype), scale=scale)  # (b, h, L, n) each
+        zero = torch.zeros((), dtype=dtype, device=q.device)
+        if valid is not None:  # padding sorts last: the valid prefixes are then matched rank to rank
+            rows, inf = valid[:, None, None, :], torch.tensor(float("inf"), dtype=dtype, device=q.device)
+            perm = argsort_last(torch.where(rows, x, inf))
+            ranks = torch.arange(n, device=q.device) < valid.sum(dim=-1)[:, None, None, None]
+            ys = torch.where(ranks, sort_values_last(torch.where(rows, y, inf)), zero)  # no inf left
+        else:
+            perm = argsort_last(x)
+            ys = sort_values_last(y)
+        xs = torch.gather(x, -1, perm)
+        # f_(r+1) - f_(r) = -y_(r) (x_(r+1) - x_(r)); each slice's steps pre-multiplied by its coefficient.
+        step = torch.diff(xs, dim=-1) * ys[..., :-1] * (-self.coef.to(dtype))[:, :, None]
+        if valid is not None:  # a step from the last valid rank on involves padding: dropped
+            step = torch.where(ranks[..., 1:], step, zero)
+        f_hat = q.new_zeros(b, h, n).scatter_add_(-1, perm[..., 1:].reshape(b, h, -1), step.cumsum(dim=-1).reshape(b, h, -1))
+        if self.extra_features:
+            f_hat = f_hat + self._extras(q, k, scale=scale, valid=valid)
+        return _center(f_hat, None if valid is None else valid.unsqueeze(1).expand(b, h, n), center)
+
+    def _extras(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None) -> Tensor:
+        """``sum_e beta_e x_e(i)`` uncentred, ``(b, h, n)``: one gemv and one row norm."""
+        beta = self.extra_coef.to(q.dtype)
+        total = q.new_zeros(q.shape[:-1])
+        for e, name in enumerate(self.extra_features):
+            if name == "qk_mean":
+                k_mean = _valid_key_mean(k, None if valid is None else valid[:, None, :])
+                total = total + (q @ (k_mean * (scale * beta[:, e])[None, :, None]).unsqueeze(-1)).squeeze(-1)
+            else:  # q_norm
+                total = total + (q * q).sum(-1) * (scale**2 * beta[:, e])[None, :, None]
+        return total
+
+
+def _center(f_hat: Tensor, valid: Tensor | None, enabled: bool) -> Tensor:
+    return center_over(f_hat, valid=valid) if enabled else f_hat
+
+
+class ExtendedSliceDualMap(SliceDualMap):
+    """:class:`SliceDualMap` with at least one extra feature (the class older artifacts name)."""
+
+    def __init__(self, *, num_heads: int, head_dim: int, num_slices: int = 16, slice_type: str = "random",
+                 seed: int = 0, extra_features: tuple[str, ...] = ("qk_mean",)):  # fmt: skip
+        if not extra_features:
+            raise ValueError(f"extra_features must be a non-empty subset of {EXTRA_FEATURES}, got {extra_features}")
+        super().__init__(
+            num_heads=num_heads, head_dim=head_dim, num_slices=num_slices, slice_type=slice_type, seed=seed,
+            extra_features=extra_features,
+        )  # fmt: skip
+
+
+#: The dual-map families, by the ``kind`` an operator's options name. Each takes
+#: ``num_heads, head_dim, num_slices, slice_type, seed, extra_features`` and
+#: offers ``features`` (the fit-ready design matrix), ``set_coefficients`` and ``forward``.
+DUAL_MAPS: dict[str, type[SliceDualMap]] = {"linear": SliceDualMap}
+
+
+def register_dual_map(cls: type[SliceDualMap]) -> type[SliceDualMap]:
+    """Add a dual-map family under ``cls.kind``."""
+    DUAL_MAPS[cls.kind] = cls
+    return cls
+
+
+def build_dual_map(
+    *,
+    num_heads: int,
+    head_dim: int,
+    num_slices: int,
+    slice_type: str,
+    seed: int,
+    extra_features: tuple[str, ...] = (),
+    kind: str = "linear",
+) -> SliceDualMap:
+    """An unfitted dual map of family ``kind`` (``ExtendedSliceDualMap`` for a linear map with extras)."""
+    if kind not in DUAL_MAPS:
+        raise ValueError(f"unknown dual map kind {kind!r}; choose one of {sorted(DUAL_MAPS)}")
+    cls = DUAL_MAPS[kind]
+    if cls is SliceDualMap and extra_features:
+        cls = ExtendedSliceDualMap
+    return cls(
+        num_heads=num_heads, head_dim=head_dim, num_slices=num_slices, slice_type=slice_type, seed=seed,
+        extra_features=tuple(extra_features),
+    )  # fmt: skip
+
+
+def num_features(dual_map: SliceDualMap) -> int:
+    return dual_map.num_features
+
+
+def set_coefficients(dual_map: SliceDualMap, coef: Tensor) -> None:
+    """Write fitted coefficients ``(h, L + E)`` into the map's buffers and mark it fitted."""
+    dual_map.set_coefficients(coef)

@@ -27,17 +27,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from asap.attention.checks import check_int, check_positive, default_scale, empty_output, validate_attention_inputs
+from asap.attention.checks import (
+    check_int,
+    check_positive,
+    default_scale,
+    empty_output,
+    validate_attention_inputs,
+    validate_padding_mask,
+)
+from asap.attention.closure import SHARED_MAX_BLOCK_BYTES, shared_exp_closure
 from asap.transport.ctransform import (
     DEFAULT_TILE_BYTES,
     append_bias_column,
     c_transform_cols_tiled,
     col_step,
     reduction_dtype,
+    row_step,
     scaled_logits,
 )
 from asap.transport.diagnostics import log_plan
-from asap.transport.masks import support
+from asap.transport.masks import Support, padding_support, support
 from asap.transport.sinkhorn import sinkhorn
 
 GradMode = Literal["unroll", "closure"]
@@ -55,6 +64,7 @@ def softmax_attention(
     v: Tensor,
     *,
     attn_mask: Tensor | None = None,
+    padding_mask: Tensor | None = None,
     scale: float | None = None,
     is_causal: bool = False,
     dropout_p: float = 0.0,
@@ -63,9 +73,18 @@ def softmax_attention(
 
     Unlike the raw kernel, a query whose row is fully masked outputs zero
     (never NaN), consistently with the doubly-stochastic operators.
+    ``padding_mask (b, n)`` (True = real token, self-attention) is applied as a
+    ``(b, 1, 1, n)`` key bias instead of a ``(b, 1, n, n)`` mask.
     """
     mask = validate_attention_inputs(q, k, v, attn_mask=attn_mask, is_causal=is_causal, method="softmax")
+    padding = validate_padding_mask(padding_mask, q, k, attn_mask=mask, method="softmax")
     scale = default_scale(scale, q.shape[-1])
+    if padding is not None:
+        if is_causal:
+            raise ValueError("softmax attention: pass either padding_mask or is_causal=True, not both")
+        supp = padding_support(padding, dtype=q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=supp.row_bias, scale=scale, dropout_p=dropout_p)
+        return supp.zero_rows(out, vectors=True)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=is_causal, dropout_p=dropout_p)
     if is_causal:
@@ -108,6 +127,7 @@ def sinkhorn_attention(
     eps: float = 1.0,
     scale: float | None = None,
     attn_mask: Tensor | None = None,
+    padding_mask: Tensor | None = None,
     is_causal: bool = False,
     grad_mode: GradMode = "unroll",
     tol: float | None = None,
@@ -139,6 +159,7 @@ def sinkhorn_attention(
             The result does not depend on it.
     """
     mask = validate_attention_inputs(q, k, v, attn_mask=attn_mask, is_causal=is_causal, method="sinkhorn")
+    padding = validate_padding_mask(padding_mask, q, k, attn_mask=mask, method="sinkhorn")
     n_iters = check_int("sinkhorn attention: n_iters (half-steps)", n_iters, minimum=1)
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"sinkhorn attention: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
@@ -156,13 +177,27 @@ def sinkhorn_attention(
         return empty
     if chunk_bytes is None and q.device.type == "cpu":
         chunk_bytes = CPU_CHUNK_BYTES
+
+    def run(q, k, v, f, mask, padding):
+        return _sinkhorn_attention(q, k, v, mask, padding, **options)
+
+    return _over_chunks(run, q, k, v, None, mask, padding, budget=chunk_bytes)
+
+
+def _over_chunks(run, q: Tensor, k: Tensor, v: Tensor, f: Tensor | None, mask: Tensor | None,
+                 padding: Tensor | None, *, budget: int | None) -> Tensor:  # fmt: skip
+    """``run(q, k, v, f, mask, padding)`` on blocks of ``(b, h)`` whose ``(n, m)`` scores fit ``budget`` bytes.
+
+    The result does not depend on the blocks; ``budget=None`` runs one block.
+    """
     b, h, n, _ = q.shape
     bytes_per_head = n * k.shape[-2] * torch.finfo(reduction_dtype(q.dtype)).bits // 8
-    if chunk_bytes is None or b * h * bytes_per_head <= chunk_bytes:
-        return _sinkhorn_attention(q, k, v, mask, **options)
+    if budget is None or b * h * bytes_per_head <= budget:
+        return run(q, k, v, f, mask, padding)
     outs = [
-        _sinkhorn_attention(q[rows, heads], k[rows, heads], v[rows, heads], _slice_mask(mask, rows, heads), **options)
-        for rows, heads in _batch_head_chunks(b, h, bytes_per_head, chunk_bytes)
+        run(q[rows, heads], k[rows, heads], v[rows, heads], None if f is None else f[rows, heads],
+            _slice_mask(mask, rows, heads), None if padding is None else padding[rows])  # fmt: skip
+        for rows, heads in _batch_head_chunks(b, h, bytes_per_head, budget)
     ]
     if outs[0].shape[1] == h:
         return torch.cat(outs, dim=0)
@@ -175,6 +210,7 @@ def _sinkhorn_attention(
     k: Tensor,
     v: Tensor,
     mask: Tensor | None,
+    padding: Tensor | None,
     *,
     n_iters: int,
     eps: float,
@@ -187,7 +223,10 @@ def _sinkhorn_attention(
     rdtype = reduction_dtype(q.dtype)
     n, m = q.shape[-2], k.shape[-2]
     scores = (q.to(rdtype) @ k.to(rdtype).transpose(-1, -2)) * scale
-    supp = support(mask, n, m, dtype=rdtype, device=q.device)
+    if padding is not None:
+        supp = padding_support(padding, dtype=rdtype)
+    else:
+        supp = support(mask, n, m, dtype=rdtype, device=q.device)
 
     if n_iters % 2 == 1:
         # Odd K: the last row step is the softmax normaliser itself, A = softmax((S + g_{K-1}) / eps).
@@ -216,20 +255,33 @@ def _sinkhorn_attention(
 
 
 def _biased_row_attention(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float, eps: float, mask: Tensor | None, rows: Tensor | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    *,
+    scale: float,
+    eps: float,
+    supp: Support,
+    mask: Tensor | None,
 ) -> Tensor:
     """``softmax_j((scale q_i.k_j + g_j) / eps) v`` as one ``scaled_dot_product_attention`` call.
 
-    Without a mask, ``g / eps`` is a broadcast ``(b, h, 1, m)`` float bias, which
-    fused kernels read without materialising ``(b, h, n, m)``. With a boolean
-    mask the kernel takes only one mask, so the bias is folded into the dot
-    product instead: ``q' = [q, 1]``, ``k' = [k, g / scale]`` (head size padded
-    to a multiple of 8 for fused kernels) and the boolean mask is passed as is.
+    ``q, k, v`` are in the reduction dtype (fp32/fp64), so the bias ``g / eps``
+    is never rounded to a low-precision input dtype. Without a mask, or with
+    token padding (``supp`` from :func:`asap.transport.masks.padding_support`,
+    whose ``row_bias`` is a ``(b, 1, 1, m)`` vector), the bias is a broadcast
+    ``(b, h, 1, m)`` float that fused kernels read without materialising
+    ``(b, h, n, m)``. With a general boolean ``mask`` the kernel takes only one
+    mask, so the bias is folded into the dot product instead: ``q' = [q, 1]``,
+    ``k' = [k, g / scale]`` (head size padded to a multiple of 8 for fused
+    kernels) and the boolean mask is passed as is.
     """
     sdpa_scale = scale / eps
     if mask is None:
-        bias = (g / eps).to(q.dtype).unsqueeze(-2)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=sdpa_scale)
+        bias = g / eps if supp.row_bias is None else g / eps + supp.row_bias[..., 0, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(-2), scale=sdpa_scale)
+        return supp.zero_rows(out, vectors=True)
     q_aug, k_aug = append_bias_column(q, 1.0), append_bias_column(k, (g / scale).to(k.dtype))
     # Fused kernels need one head size for q, k and v (else PyTorch falls back to the
     # math path, which materialises the scores): pad v with zero columns, drop them after.
@@ -238,9 +290,51 @@ def _biased_row_attention(
     if dv < q_aug.shape[-1]:
         v_aug = torch.cat([v, v.new_zeros(*v.shape[:-1], q_aug.shape[-1] - dv)], dim=-1)
     out = F.scaled_dot_product_attention(
-        q_aug, k_aug, v_aug, attn_mask=_open_padding_rows(mask, rows), scale=sdpa_scale
+        q_aug, k_aug, v_aug, attn_mask=_open_padding_rows(mask, supp.rows), scale=sdpa_scale
     )[..., :dv]
-    return torch.where(rows.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return supp.zero_rows(out, vectors=True)
+
+
+#: The ways :func:`asap_attention` can compute the closure (see its docstring).
+ASAP_BACKENDS: tuple[str, ...] = ("auto", "flash", "shared", "triton")
+
+
+def _check_f_hat(f_hat: Tensor, q: Tensor) -> None:
+    if not isinstance(f_hat, Tensor) or f_hat.shape != q.shape[:-1]:
+        shape = tuple(f_hat.shape) if isinstance(f_hat, Tensor) else type(f_hat).__name__
+        raise ValueError(f"asap attention: f_hat must have shape (b, h, n) = {tuple(q.shape[:-1])}, got {shape}")
+    if not f_hat.is_floating_point() or f_hat.device != q.device:
+        raise TypeError(f"asap attention: f_hat must be a floating tensor on {q.device}, got {f_hat.dtype} on {f_hat.device}")
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def choose_asap_backend(
+    q: Tensor, k: Tensor, v: Tensor, f_hat: Tensor, *, attn_mask: Tensor | None, padding_mask: Tensor | None
+) -> str:
+    """The backend ``backend="auto"`` runs for these inputs (reads shapes and flags only, no values).
+
+    * CUDA, Triton installed, no autograd, no general mask: ``"triton"``.
+    * CPU, no autograd, no general mask, unpadded, one ``(n, m)`` fp32 block at most
+      :data:`~asap.attention.closure.SHARED_MAX_BLOCK_BYTES`: ``"shared"`` (one exponential).
+    * everything else: ``"flash"`` (two fused attention passes; tiles under autograd).
+
+    The crossover points behind the rule are measured by ``asap bench operators``
+    (``results/bench/``); padded inputs stay on ``"flash"``, whose two passes take
+    the padding as bias vectors.
+    """
+    grad = _needs_grad(q, k, v, f_hat)
+    if q.device.type == "cuda" and not grad and attn_mask is None:
+        from asap.attention import triton_kernels
+
+        if triton_kernels.supports(q, k, v, f_hat) is None:
+            return "triton"
+    block = q.shape[-2] * k.shape[-2] * 4
+    if q.device.type == "cpu" and not grad and attn_mask is None and padding_mask is None and block <= SHARED_MAX_BLOCK_BYTES:
+        return "shared"
+    return "flash"
 
 
 def asap_attention(
@@ -252,34 +346,121 @@ def asap_attention(
     eps: float = 1.0,
     scale: float | None = None,
     attn_mask: Tensor | None = None,
+    padding_mask: Tensor | None = None,
     is_causal: bool = False,
+    extra_steps: int = 0,
+    backend: str = "auto",
     tile_bytes: int = DEFAULT_TILE_BYTES,
 ) -> Tensor:
     """ASAP attention from a predicted query dual: the two-sided entropic c-transform.
 
+    ``g = ccol(f_hat)``, ``out = softmax_j((S_ij + g_j) / eps) v``; ``(b, h, n, dv)``.
+
     Args:
         f_hat: predicted query dual ``(b, h, n)`` in the convention
             ``P_ij = exp((S_ij + f_i + g_j)/eps)``, ``a_i = 1/n_valid`` (any
-            constant offset is irrelevant). With ``f_hat = f_{K-2}`` of a
-            K-step teacher this reproduces the teacher exactly.
-        tile_bytes: memory budget of one score tile of the column log-sum-exp;
-            peak memory is ``O(b h n tile)``, never ``O(b h n m)``.
+            constant offset per ``(b, h)`` is irrelevant). With ``f_hat = f_{K-2}``
+            of a K-step teacher this reproduces the teacher exactly.
+        attn_mask: boolean, broadcastable to ``(b, h, n, m)``, True = attend.
+        padding_mask: ``(b, n)`` bool, True = real token, for self-attention: the
+            same as ``attn_mask = key_padding_to_attn_mask(padding_mask)``, held as
+            vectors (extra memory ``O(b n)``). Pass one of the two masks.
+        extra_steps: ``j >= 0`` further Sinkhorn half-steps from ``f_hat`` (ASAP as a
+            warm start). The closure is 2 half-steps (column, row); ``extra_steps=j``
+            runs ``2 + j``, so ``f_hat = f_{K-2}`` of a teacher gives the ``K + j``-step
+            teacher. Odd ``j`` ends with a column step (exact columns, rows
+            approximate, as Sinkhorn with even K). ``j > 0`` materialises the scores
+            in ``(b, h)`` chunks, like the teacher.
+        backend: ``"auto"`` (see :func:`choose_asap_backend`), ``"flash"`` (the
+            column log-sum-exp and the row pass as two fused attention calls,
+            tiled over keys; any mask, autograd), ``"shared"`` (one exponential
+            for both passes, :func:`asap.attention.closure.shared_exp_closure`;
+            inference, no general mask), ``"triton"`` (CUDA kernels,
+            :mod:`asap.attention.triton_kernels`; inference, padding masks).
+        tile_bytes: memory budget of one score tile of the tiled column log-sum-exp.
 
     Rows of the result are exact; the column error is set by the quality of
-    ``f_hat``. Cost: one tiled column log-sum-exp plus one fused attention call.
+    ``f_hat``. fp16/bf16 inputs are computed in fp32 (the key bias and every
+    log-sum-exp stay fp32) and the result is rounded once, to the input dtype.
     """
     mask = validate_attention_inputs(q, k, v, attn_mask=attn_mask, is_causal=is_causal, method="asap")
-    if not isinstance(f_hat, Tensor) or f_hat.shape != q.shape[:-1]:
-        shape = tuple(f_hat.shape) if isinstance(f_hat, Tensor) else type(f_hat).__name__
-        raise ValueError(f"asap attention: f_hat must have shape (b, h, n) = {tuple(q.shape[:-1])}, got {shape}")
-    if not f_hat.is_floating_point() or f_hat.device != q.device:
-        raise TypeError(f"asap attention: f_hat must be a floating tensor on {q.device}, got {f_hat.dtype} on {f_hat.device}")
+    padding = validate_padding_mask(padding_mask, q, k, attn_mask=mask, method="asap")
+    _check_f_hat(f_hat, q)
     eps = check_positive("eps", eps)
     scale = default_scale(scale, q.shape[-1])
+    extra_steps = check_int("asap attention: extra_steps", extra_steps, minimum=0)
+    if backend not in ASAP_BACKENDS:
+        raise ValueError(f"asap attention: backend must be one of {ASAP_BACKENDS}, got {backend!r}")
     if (empty := empty_output(q, v)) is not None:
         return empty
+    if backend == "auto":
+        backend = "flash" if extra_steps else choose_asap_backend(q, k, v, f_hat, attn_mask=mask, padding_mask=padding)
+    if backend == "triton":
+        if extra_steps:
+            raise ValueError("asap attention: extra_steps needs backend 'flash' or 'auto'")
+        from asap.attention.triton_kernels import asap_attention_triton
+
+        return asap_attention_triton(q, k, v, f_hat, eps=eps, scale=scale, attn_mask=mask, query_valid=padding, key_valid=padding)
     rdtype = reduction_dtype(q.dtype)
-    supp = support(mask, q.shape[-2], k.shape[-2], dtype=rdtype, device=q.device)
+    out_dtype = v.dtype
+    q, k, v = q.to(rdtype), k.to(rdtype), v.to(rdtype)  # no copy for fp32/fp64
+    n, m = q.shape[-2], k.shape[-2]
+    if padding is not None:
+        supp = padding_support(padding, dtype=rdtype)
+    else:
+        supp = support(mask, n, m, dtype=rdtype, device=q.device, biases=False)
     f_hat = supp.zero_rows(f_hat.to(rdtype))
-    g = c_transform_cols_tiled(q, k, f_hat, scale=scale, eps=eps, supp=supp, tile_bytes=tile_bytes)
-    return _biased_row_attention(q, k, v, g, scale=scale, eps=eps, mask=mask, rows=supp.rows)
+    if extra_steps:
+        out = _asap_with_steps(q, k, v, f_hat, mask, padding, scale=scale, eps=eps, extra_steps=extra_steps)
+    elif backend == "shared":
+        if mask is not None or _needs_grad(q, k, v, f_hat):
+            raise ValueError("asap attention: backend 'shared' is inference-only and takes no attn_mask (use padding_mask)")
+        out = shared_exp_closure(q, k, v, f_hat, scale=scale, eps=eps, valid=padding)
+    else:
+        col_mask = None if mask is None else _open_padding_cols(mask, supp.cols)
+        g = c_transform_cols_tiled(q, k, f_hat, scale=scale, eps=eps, supp=supp, col_mask=col_mask, tile_bytes=tile_bytes)
+        out = _biased_row_attention(q, k, v, g, scale=scale, eps=eps, supp=supp, mask=mask)
+    return out.to(out_dtype)
+
+
+def _open_padding_cols(mask: Tensor, cols: Tensor) -> Tensor:
+    """Let padding keys be reached by every query so no column is fully masked (their dual is zeroed later)."""
+    return mask | ~cols.unsqueeze(-2)
+
+
+def _asap_with_steps(
+    q: Tensor, k: Tensor, v: Tensor, f_hat: Tensor, mask: Tensor | None, padding: Tensor | None, *,
+    scale: float, eps: float, extra_steps: int,
+) -> Tensor:  # fmt: skip
+    """``2 + extra_steps`` Sinkhorn half-steps from ``f_hat`` on materialised scores, in ``(b, h)`` chunks."""
+
+    def run(q, k, v, f, mask, padding):
+        n, m = q.shape[-2], k.shape[-2]
+        if padding is not None:
+            supp = padding_support(padding, dtype=q.dtype)
+        else:
+            supp = support(mask, n, m, dtype=q.dtype, device=q.device)
+        return _steps_block(q, k, v, f, supp, scale=scale, eps=eps, extra_steps=extra_steps)
+
+    budget = CPU_CHUNK_BYTES if q.device.type == "cpu" else None
+    return _over_chunks(run, q, k, v, f_hat, mask, padding, budget=budget)
+
+
+def _steps_block(
+    q: Tensor, k: Tensor, v: Tensor, f: Tensor, supp: Support, *, scale: float, eps: float, extra_steps: int
+) -> Tensor:
+    scores = (q @ k.transpose(-1, -2)) * scale
+    row_logits, col_logits = scaled_logits(scores, eps=eps, supp=supp)
+    f = supp.zero_rows(f)
+    g = col_step(col_logits, f, eps=eps, supp=supp)
+    for step in range(extra_steps):
+        if step % 2 == 0:
+            f = row_step(row_logits, g, eps=eps, supp=supp)
+        else:
+            g = col_step(col_logits, f, eps=eps, supp=supp)
+    if extra_steps % 2 == 0:  # the closing row step is the softmax normaliser
+        attn = torch.softmax(row_logits + (g / eps).unsqueeze(-2), dim=-1)
+    else:  # one more column step: exact columns, A = P / a
+        g = col_step(col_logits, f, eps=eps, supp=supp)
+        attn = (log_plan(scores, f, g, eps=eps, supp=supp) - supp.log_a.unsqueeze(-1)).exp()
+    return supp.zero_rows(attn @ v, vectors=True)

@@ -92,12 +92,15 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"MultiheadAttention expects x of shape (b, n, {self.dim}), got {tuple(x.shape)}")
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        attn_mask = None
-        if padding_mask is not None:
+        if padding_mask is None:
+            out = self.operator(q, k, v)  # (b, h, n, d)
+        else:
             if padding_mask.shape != (b, n):
                 raise ValueError(f"padding_mask must have shape (b, n) = {(b, n)}, got {tuple(padding_mask.shape)}")
-            attn_mask = key_padding_to_attn_mask(padding_mask)
-        out = self.operator(q, k, v, attn_mask=attn_mask)  # (b, h, n, d)
+            if self.operator.takes_padding_mask:  # O(b n) vectors instead of a (b, 1, n, n) mask
+                out = self.operator(q, k, v, padding_mask=padding_mask)
+            else:
+                out = self.operator(q, k, v, attn_mask=key_padding_to_attn_mask(padding_mask))
         out = out.transpose(1, 2).reshape(b, n, self.dim)
         if padding_mask is not None:
             out = out * padding_mask.unsqueeze(-1).to(out.dtype)

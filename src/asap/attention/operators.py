@@ -15,15 +15,29 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from asap.attention.checks import check_int, check_positive
-from asap.attention.dual_map import SliceDualMap
-from asap.attention.functional import GRAD_MODES, asap_attention, sinkhorn_attention, softmax_attention
+from asap.attention.dual_map import SliceDualMap, build_dual_map
+from asap.attention.functional import (
+    ASAP_BACKENDS,
+    GRAD_MODES,
+    asap_attention,
+    sinkhorn_attention,
+    softmax_attention,
+)
 from asap.transport.ctransform import DEFAULT_TILE_BYTES
+from asap.transport.masks import key_padding_to_attn_mask
 
 
 class AttentionOperator(nn.Module):
-    """Base class: ``forward(q, k, v, *, attn_mask=None) -> (b, h, n, dv)``."""
+    """Base class: ``forward(q, k, v, *, attn_mask=None) -> (b, h, n, dv)``.
+
+    Operators with ``takes_padding_mask = True`` also accept
+    ``forward(..., padding_mask=(b, n))`` (True = real token, self-attention),
+    which :class:`~asap.attention.module.MultiheadAttention` passes instead of a
+    ``(b, 1, n, n)`` mask so that padding costs ``O(b n)`` memory.
+    """
 
     method: ClassVar[str]
+    takes_padding_mask: ClassVar[bool] = False
 
     def __init__(self, *, scale: float | None = None):
         super().__init__()
@@ -39,15 +53,17 @@ class AttentionOperator(nn.Module):
 
 class SoftmaxOperator(AttentionOperator):
     method = "softmax"
+    takes_padding_mask = True
 
-    def forward(self, q, k, v, *, attn_mask=None):
-        return softmax_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+    def forward(self, q, k, v, *, attn_mask=None, padding_mask=None):
+        return softmax_attention(q, k, v, attn_mask=attn_mask, padding_mask=padding_mask, scale=self.scale)
 
 
 class SinkhornOperator(AttentionOperator):
     """The teacher: ``n_iters`` Sinkhorn half-steps at regularisation ``eps``."""
 
     method = "sinkhorn"
+    takes_padding_mask = True
 
     def __init__(self, *, n_iters: int = 3, eps: float = 1.0, grad_mode: str = "unroll", scale: float | None = None):
         super().__init__(scale=scale)
@@ -59,16 +75,26 @@ class SinkhornOperator(AttentionOperator):
     def extra_repr(self) -> str:
         return f"n_iters={self.n_iters}, eps={self.eps}, grad_mode={self.grad_mode!r}"
 
-    def forward(self, q, k, v, *, attn_mask=None):
+    def forward(self, q, k, v, *, attn_mask=None, padding_mask=None):
         return sinkhorn_attention(
-            q, k, v, n_iters=self.n_iters, eps=self.eps, scale=self.scale, attn_mask=attn_mask, grad_mode=self.grad_mode
-        )
+            q, k, v, n_iters=self.n_iters, eps=self.eps, scale=self.scale, attn_mask=attn_mask,
+            padding_mask=padding_mask, grad_mode=self.grad_mode,
+        )  # fmt: skip
 
 
 class AsapOperator(AttentionOperator):
-    """The compiled operator: a fitted :class:`SliceDualMap` plus the two-sided c-transform."""
+    """The compiled operator: a fitted dual map plus the two-sided c-transform.
+
+    Options: ``eps`` and ``scale`` (the teacher's), the dual map (``num_slices``,
+    ``slice_type``, ``seed``, ``extra_features``, ``map_kind``; see
+    :mod:`asap.attention.dual_map`), ``extra_steps`` (Sinkhorn half-steps after
+    the closure, a warm start) and ``backend`` (see
+    :func:`~asap.attention.functional.asap_attention`). A given ``dual_map``
+    module replaces the one these options would build.
+    """
 
     method = "asap"
+    takes_padding_mask = True
 
     def __init__(
         self,
@@ -79,26 +105,36 @@ class AsapOperator(AttentionOperator):
         num_slices: int = 16,
         slice_type: str = "random",
         seed: int = 0,
+        extra_features: tuple[str, ...] | list[str] = (),
+        map_kind: str = "linear",
+        extra_steps: int = 0,
+        backend: str = "auto",
         tile_bytes: int = DEFAULT_TILE_BYTES,
         scale: float | None = None,
         dual_map: nn.Module | None = None,
     ):
         super().__init__(scale=scale)
         self.eps = check_positive("eps", eps)
-        self.tile_bytes = tile_bytes
-        self.dual_map = dual_map or SliceDualMap(
-            num_heads=num_heads,
-            head_dim=head_dim,
-            num_slices=num_slices,
+        self.tile_bytes = check_int("asap: tile_bytes", tile_bytes, minimum=1)
+        self.extra_steps = check_int("asap: extra_steps", extra_steps, minimum=0)
+        if backend not in ASAP_BACKENDS:
+            raise ValueError(f"asap: backend must be one of {ASAP_BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self.dual_map = dual_map or build_dual_map(
+            num_heads=check_int("asap: num_heads", num_heads, minimum=1),
+            head_dim=check_int("asap: head_dim", head_dim, minimum=1),
+            num_slices=check_int("asap: num_slices", num_slices, minimum=1),
             slice_type=slice_type,
-            seed=seed,
+            seed=check_int("asap: seed", seed, minimum=0),
+            extra_features=tuple(extra_features),
+            kind=map_kind,
         )
         self._checked_fitted = False
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, tile_bytes={self.tile_bytes}"
+        return f"eps={self.eps}, extra_steps={self.extra_steps}, backend={self.backend!r}"
 
-    def forward(self, q, k, v, *, attn_mask=None):
+    def forward(self, q, k, v, *, attn_mask=None, padding_mask=None):
         if not self._checked_fitted:
             # Checked once (reading the flag is a host sync). A zero map is a valid operator
             # (one column step then a row step), but almost certainly not what was meant.
@@ -106,10 +142,18 @@ class AsapOperator(AttentionOperator):
             if not bool(getattr(self.dual_map, "fitted", True)):
                 warnings.warn("ASAP operator used before its dual map was fitted (run `asap compile`)", stacklevel=2)
         scale = self.resolved_scale(q)
-        f_hat = self.dual_map(q, k, scale=scale, attn_mask=attn_mask)
+        if not isinstance(self.dual_map, SliceDualMap):  # a user's map: the documented (q, k, scale, attn_mask) call
+            mask = attn_mask if padding_mask is None else key_padding_to_attn_mask(padding_mask)
+            f_hat = self.dual_map(q, k, scale=scale, attn_mask=mask)
+        elif padding_mask is not None:
+            # A constant per (b, h) in f_hat cancels in the closure: the map skips its centring.
+            f_hat = self.dual_map(q, k, scale=scale, padding_mask=padding_mask, center=False)
+        else:
+            f_hat = self.dual_map(q, k, scale=scale, attn_mask=attn_mask, center=attn_mask is not None)
         return asap_attention(
-            q, k, v, f_hat, eps=self.eps, scale=scale, attn_mask=attn_mask, tile_bytes=self.tile_bytes
-        )
+            q, k, v, f_hat, eps=self.eps, scale=scale, attn_mask=attn_mask, padding_mask=padding_mask,
+            extra_steps=self.extra_steps, backend=self.backend, tile_bytes=self.tile_bytes,
+        )  # fmt: skip
 
 
 OPERATORS: dict[str, type[AttentionOperator]] = {

@@ -130,10 +130,12 @@ def _fused_column_logsumexp_cpu(
     kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if kernel is None:
         return None
-    if col_bias is None:
+    if col_bias is None or col_bias.shape[-1] == 1:
         # The kernel silently mishandles a last dim that is not unit-stride (transposed or
         # sliced views give wrong log-sum-exps), so it only ever sees contiguous operands.
-        queries, keys, mask = k.contiguous(), q.contiguous(), (f / eps).to(q.dtype).unsqueeze(-2)
+        # A per-query bias (query padding) folds into the (b, h, 1, n) bias vector.
+        bias = f / eps if col_bias is None else f / eps + col_bias[..., 0]
+        queries, keys, mask = k.contiguous(), q.contiguous(), bias.to(q.dtype).unsqueeze(-2)
     else:
         keys, queries = append_bias_column(q, (f / scale).to(q.dtype)), append_bias_column(k, 1.0)
         mask = col_bias.to(q.dtype).transpose(-1, -2)
@@ -157,6 +159,7 @@ def column_logsumexp(
     scale: float,
     eps: float,
     col_bias: Tensor | None = None,
+    col_mask: Tensor | None = None,
     tile_bytes: int = DEFAULT_TILE_BYTES,
 ) -> Tensor:
     """``LSE_i( (scale <q_i, k_j> + f_i) / eps )`` for every key, tiled over keys.
@@ -164,7 +167,11 @@ def column_logsumexp(
     Args:
         q: queries ``(b, h, n, d)``; k: keys ``(b, h, m, d)``; f: query dual ``(b, h, n)``.
         col_bias: optional additive ``0 / -inf`` bias broadcastable to ``(b, h, n, m)``
-            (``Support.col_bias``).
+            (``Support.col_bias``); a per-query bias ``(..., n, 1)`` (padding) is folded
+            into ``f`` and costs nothing.
+        col_mask: optional boolean mask broadcastable to ``(b, h, n, m)`` (True = keep),
+            instead of ``col_bias``: applied tile by tile, so that a general mask
+            needs no ``(b, h, n, m)`` float bias.
         tile_bytes: memory budget of one ``(b, h, n, tile)`` fp32 score tile. The
             key dimension is cut into tiles that fit, so peak memory is
             ``O(b h n tile)`` instead of ``O(b h n m)``; each tile's reduction is
@@ -178,8 +185,11 @@ def column_logsumexp(
         ``(b, h, m)`` in fp32 (fp64 for fp64 inputs).
     """
     rdtype = reduction_dtype(q.dtype)
+    if col_bias is not None and col_mask is not None:
+        raise ValueError("column_logsumexp: pass col_bias or col_mask, not both")
     fused_ok = (
-        q.device.type == "cpu"
+        col_mask is None
+        and q.device.type == "cpu"
         and q.dtype in (torch.float32, torch.float64)  # a low-precision bias would round f
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or f.requires_grad))
         and not torch.compiler.is_compiling()
@@ -196,14 +206,20 @@ def column_logsumexp(
     # Tiles are computed transposed, (b, h, tile, n), so the reduction over queries
     # runs along the contiguous last dim.
     q_scaled_t = (q * (scale / eps)).transpose(-1, -2)
-    f_scaled = (f.to(rdtype) / eps).unsqueeze(-2)
+    f_scaled = f.to(rdtype) / eps
+    if col_bias is not None and col_bias.shape[-1] == 1:
+        f_scaled, col_bias = f_scaled + col_bias[..., 0], None
+    f_scaled = f_scaled.unsqueeze(-2)
     bias_t = None if col_bias is None else col_bias.transpose(-1, -2)
+    mask_t = None if col_mask is None else col_mask.transpose(-1, -2)
     out = []
     for start in range(0, m, tile):  # static Python loop: no host sync, compiles with fullgraph
         stop = min(start + tile, m)
         z = (k[..., start:stop, :] @ q_scaled_t).to(rdtype) + f_scaled
         if bias_t is not None:
             z = z + bias_t[..., start:stop, :]
+        if mask_t is not None:
+            z = z.masked_fill(~mask_t[..., start:stop, :], float("-inf"))
         out.append(torch.logsumexp(z, dim=-1))
     return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
@@ -216,8 +232,14 @@ def c_transform_cols_tiled(
     scale: float,
     eps: float,
     supp: Support,
+    col_mask: Tensor | None = None,
     tile_bytes: int = DEFAULT_TILE_BYTES,
 ) -> Tensor:
-    """``ccol(f)`` computed from ``q`` and ``k`` without the full score matrix: ``g (b, h, m)``."""
-    lse = column_logsumexp(q, k, f, scale=scale, eps=eps, col_bias=supp.col_bias, tile_bytes=tile_bytes)
+    """``ccol(f)`` computed from ``q`` and ``k`` without the full score matrix: ``g (b, h, m)``.
+
+    ``col_mask`` (boolean, see :func:`column_logsumexp`) replaces ``supp.col_bias``
+    when the support was built without float biases.
+    """
+    col_bias = None if col_mask is not None else supp.col_bias
+    lse = column_logsumexp(q, k, f, scale=scale, eps=eps, col_bias=col_bias, col_mask=col_mask, tile_bytes=tile_bytes)
     return supp.zero_cols(eps * (supp.log_b - lse))

@@ -89,8 +89,14 @@ def key_padding_to_attn_mask(padding_mask: Tensor) -> Tensor:
     return (padding_mask[:, None, :, None] & padding_mask[:, None, None, :])
 
 
-def support(mask: Tensor | None, n: int, m: int, *, dtype: torch.dtype, device: torch.device) -> Support:
-    """Build the :class:`Support` of a mask for an ``n x m`` problem in ``dtype``."""
+def support(
+    mask: Tensor | None, n: int, m: int, *, dtype: torch.dtype, device: torch.device, biases: bool = True
+) -> Support:
+    """Build the :class:`Support` of a mask for an ``n x m`` problem in ``dtype``.
+
+    ``biases=False`` leaves ``row_bias``/``col_bias`` as ``None``: for callers that
+    apply the boolean mask themselves and must not hold ``(b, 1, n, m)`` floats.
+    """
     if mask is None:
         log_a = torch.full((1,), -math.log(n), dtype=dtype, device=device)
         log_b = torch.full((1,), -math.log(m), dtype=dtype, device=device)
@@ -100,7 +106,32 @@ def support(mask: Tensor | None, n: int, m: int, *, dtype: torch.dtype, device: 
     n_valid = rows.sum(dim=-1, keepdim=True).clamp(min=1).to(dtype)
     m_valid = cols.sum(dim=-1, keepdim=True).clamp(min=1).to(dtype)
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
+    if not biases:
+        return Support(rows, cols, -n_valid.log(), -m_valid.log(), None, None)
     zero = torch.zeros((), dtype=dtype, device=device)
     row_bias = torch.where(mask | ~rows.unsqueeze(-1), zero, neg_inf)
     col_bias = torch.where(mask | ~cols.unsqueeze(-2), zero, neg_inf)
     return Support(rows, cols, -n_valid.log(), -m_valid.log(), row_bias, col_bias)
+
+
+def padding_support(valid: Tensor, *, dtype: torch.dtype) -> Support:
+    """The :class:`Support` of self-attention over padded sequences, from a token mask ``valid (b, n)``.
+
+    The same problem as ``support(key_padding_to_attn_mask(valid), n, n)`` (query i
+    and key j may meet iff both are real tokens), but every field is a vector:
+    ``rows``/``cols`` are ``(b, 1, n)`` and the biases are ``row_bias (b, 1, 1, n)``
+    (``-inf`` at padded keys) and ``col_bias (b, 1, n, 1)`` (``-inf`` at padded
+    queries), so the extra memory is ``O(b n)`` instead of ``O(b n^2)``. A padded
+    query's row log-sum-exp then runs over the real keys (it stays finite and is
+    discarded); a sequence with no real token is opened entirely for the same reason.
+    """
+    if valid.dtype != torch.bool or valid.dim() != 2:
+        raise ValueError(f"valid must be a bool tensor (b, n), got dtype {valid.dtype} and shape {tuple(valid.shape)}")
+    tokens = valid.unsqueeze(1)  # (b, 1, n)
+    n_valid = tokens.sum(dim=-1, keepdim=True).clamp(min=1).to(dtype)
+    opened = tokens | ~tokens.any(dim=-1, keepdim=True)
+    bias = torch.where(
+        opened, torch.zeros((), dtype=dtype, device=valid.device), torch.tensor(float("-inf"), dtype=dtype, device=valid.device)
+    )
+    log_a = -n_valid.log()
+    return Support(tokens, tokens, log_a, log_a, bias.unsqueeze(-2), bias.unsqueeze(-1))

@@ -76,6 +76,18 @@ def argsort_last(x: Tensor) -> Tensor:
     return torch.sort(x, dim=-1).indices
 
 
+def sort_values_last(x: Tensor) -> Tensor:
+    """The sorted values of ``x`` along the last dim, without the permutation when nothing needs it.
+
+    On CPU without autograd this is one ``np.sort`` (no index array, no gather);
+    otherwise the values are gathered through :func:`argsort_last` so that gradients flow.
+    """
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not needs_grad and not torch.compiler.is_compiling():
+        return torch.from_numpy(np.sort(x.detach().numpy(), axis=-1))
+    return torch.gather(x, -1, argsort_last(x))
+
+
 def sort_last(x: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.sort(x, dim=-1)`` through :func:`argsort_last`; the values are gathered, so autograd flows."""
     perm = argsort_last(x)

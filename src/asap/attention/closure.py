@@ -1,0 +1,102 @@
+"""ASAP's closure with one exponential: the column c-transform and the row attention from one score pass.
+
+Given a query dual ``f`` (``b h n``), ASAP needs the key dual ``g = ccol(f)``
+and then ``out = softmax_j((S_ij + g_j)/eps) v`` (docs/method.md sec. 4.5).
+Done as two attention passes (:func:`asap.attention.functional.asap_attention`
+with ``backend="flash"``), the scores are computed and exponentiated twice.
+Within one ``(n, m)`` block they need to be exponentiated only once::
+
+    W_ij = (S_ij + f_i) / eps - c_j - r_i      c_j = max_i (S_ij + f_i)/eps,  r_i = max_j (...) - c_j
+    E    = exp(W)                              every entry <= 1, every row and column holds a 1
+    lse_j = c_j + log sum_i E_ij e^{r_i}       the column log-sum-exp (so g_j = eps (log b_j - lse_j))
+    out_i = sum_j E_ij w_j v_j / sum_j E_ij w_j,   w_j = 1 / sum_i E_ij e^{r_i}
+
+because ``exp((S_ij + g_j)/eps) = E_ij w_j * exp(r_i - f_i/eps) b_j``, and the
+factor of row ``i`` cancels in the row normalisation. The row shift ``r_i``
+keeps rows from underflowing: without it, a query whose dual is far below its
+competitors in every column (``~ 87 eps`` in fp32) would come out 0/0; with it
+each valid row has an entry 1 at a valid key and ``w_j >= 1/n``, so every
+denominator is at least ``1/n``. Both sums over ``E`` are matrix products
+(``e^r`` against ``E`` for the columns, ``E`` against ``[v w, w]`` for the
+rows), so one exponential pass and three GEMMs give both halves.
+
+The ``(n, m)`` block is materialised for a chunk of ``(b, h)`` problems at a
+time (``chunk_bytes``, default small enough to stay in a CPU's L2 cache), so
+memory is bounded by one chunk, never ``(b, h, n, m)``; a single problem larger
+than the chunk is still one block, which is why the dispatcher in
+:func:`asap.attention.functional.asap_attention` only takes this path up to
+:data:`SHARED_MAX_BLOCK_BYTES`. Inference only (the blocks are overwritten in
+place); the reference is :func:`asap.attention.reference.asap_attention_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: One chunk of score blocks (fp32 bytes). 256 KiB kept the block in L2 in the measurements
+#: behind this default (../shared/reviews/performance.md sec. 4.2, prototype C).
+SHARED_CHUNK_BYTES = 256 * 2**10
+#: Largest single (n, m) block the dispatcher sends here (fp32 bytes); above it the two-pass path runs.
+SHARED_MAX_BLOCK_BYTES = 16 * 2**20
+
+
+def shared_exp_closure(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    f: Tensor,
+    *,
+    scale: float,
+    eps: float,
+    valid: Tensor | None = None,
+    chunk_bytes: int = SHARED_CHUNK_BYTES,
+) -> Tensor:
+    """``softmax_j((S_ij + ccol(f)_j) / eps) v`` with one exponential per score: ``(b, h, n, dv)``.
+
+    Args:
+        q, k, v: ``(b, h, n, d)``, ``(b, h, m, d)``, ``(b, h, m, dv)`` in fp32 or fp64 (any strides).
+        f: the query dual ``(b, h, n)`` (any constant offset per ``(b, h)``).
+        valid: optional token mask ``(b, n)`` of self-attention padding (True = real token):
+            padded queries and keys get no mass and padded queries output 0.
+        chunk_bytes: memory of the score blocks held at once.
+    """
+    b, h, n, d = q.shape
+    m, dv = k.shape[-2], v.shape[-1]
+    dtype = q.dtype
+    problems = b * h
+    bias = (f / eps).reshape(problems, n, 1)
+    key_bias = None
+    if valid is not None:
+        neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
+        tokens = valid[:, None, :].expand(b, h, n).reshape(problems, n)
+        bias = torch.where(tokens.unsqueeze(-1), bias, neg_inf)
+        key_bias = torch.where(tokens, torch.zeros((), dtype=dtype, device=q.device), neg_inf).unsqueeze(-2)
+        key_valid = tokens.unsqueeze(-1)  # (problems, m, 1): m = n for self-attention
+    qs = (q * (scale / eps)).reshape(problems, n, d)
+    kt = k.reshape(problems, m, d).transpose(-1, -2)
+    vv = v.reshape(problems, m, dv)
+    per_chunk = max(1, chunk_bytes // max(1, n * m * torch.finfo(dtype).bits // 8))
+    zero = torch.zeros((), dtype=dtype, device=q.device)
+    out = torch.empty(problems, n, dv, dtype=dtype, device=q.device)
+    for start in range(0, problems, per_chunk):  # static Python loop over chunks: no host sync
+        part = slice(start, min(start + per_chunk, problems))
+        w = torch.baddbmm(bias[part], qs[part], kt[part])  # (c, n, m) = (S + f) / eps
+        if key_bias is not None:
+            w.add_(key_bias[part])
+        col_max = w.amax(dim=-2, keepdim=True)
+        w.sub_(torch.where(torch.isfinite(col_max), col_max, zero))
+        row_shift = w.amax(dim=-1, keepdim=True)
+        row_shift = torch.where(torch.isfinite(row_shift), row_shift, zero)  # <= 0; 0 for padded rows
+        w.sub_(row_shift).exp_()
+        col_sum = torch.bmm(row_shift.exp().transpose(-1, -2), w).transpose(-1, -2)  # (c, m, 1)
+        weight = col_sum.reciprocal()
+        if key_bias is not None:
+            weight = torch.where(key_valid[part], weight, zero)
+        rows = torch.bmm(w, torch.cat([vv[part] * weight, weight], dim=-1))  # (c, n, dv + 1)
+        torch.div(rows[..., :dv], rows[..., dv:], out=out[part])
+        del w, rows  # free this chunk's block before the next one is allocated
+    out = out.reshape(b, h, n, dv)
+    if valid is not None:
+        out = torch.where(valid[:, None, :, None], out, zero)
+    return out

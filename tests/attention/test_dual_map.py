@@ -1,0 +1,97 @@
+"""The fused dual-map forward against its design-matrix reference (features @ coefficients, centred).
+
+The fused path folds the coefficients into the 1-D steps, sorts only what it
+needs and skips the per-slice centrings; ``center=True`` must give exactly the
+reference's output, ``center=False`` the same up to a constant per (b, h).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asap.attention.dual_map import DUAL_MAPS, ExtendedSliceDualMap, SliceDualMap, build_dual_map
+from asap.transport.masks import key_padding_to_attn_mask
+from tests.attention.test_layouts import LAYOUTS, relayout
+
+EXTRAS = ((), ("qk_mean",), ("qk_mean", "q_norm"))
+
+
+def _map(extras, *, heads=3, d=5, slices=7, dtype=torch.float64):
+    m = build_dual_map(num_heads=heads, head_dim=d, num_slices=slices, slice_type="random", seed=3, extra_features=extras)
+    m.set_coefficients(torch.randn(heads, m.num_features, dtype=torch.float64))
+    return m.to(dtype)
+
+
+def _reference(m: SliceDualMap, q, k, *, scale, attn_mask):
+    phi = m.features(q, k, scale=scale, attn_mask=attn_mask)
+    f = torch.einsum("bhln,hl->bhn", phi, m.coefficients().to(phi.dtype))
+    if attn_mask is None:
+        return f - f.mean(-1, keepdim=True)
+    rows = attn_mask.any(-1).expand(*f.shape).to(f.dtype)
+    return (f - (f * rows).sum(-1, keepdim=True) / rows.sum(-1, keepdim=True).clamp(min=1)) * rows
+
+
+@pytest.mark.parametrize("extras", EXTRAS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_forward_equals_design_matrix(extras, padded):
+    m = _map(extras)
+    q, k = torch.randn(4, 3, 9, 5, dtype=torch.float64), torch.randn(4, 3, 9, 5, dtype=torch.float64)
+    valid = torch.arange(9)[None] < torch.tensor([9, 6, 1, 0])[:, None] if padded else None
+    attn_mask = None if valid is None else key_padding_to_attn_mask(valid)
+    expected = _reference(m, q, k, scale=0.6, attn_mask=attn_mask)
+    got = m(q, k, scale=0.6, padding_mask=valid)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # The 4-D mask path (features) and the vector path agree, and centre=False only shifts each (b, h).
+    torch.testing.assert_close(m(q, k, scale=0.6, attn_mask=attn_mask), expected, rtol=1e-12, atol=1e-12)
+    raw = m(q, k, scale=0.6, padding_mask=valid, center=False)
+    rows = torch.ones(4, 3, 9, dtype=torch.bool) if valid is None else valid[:, None].expand(4, 3, 9)
+    shift = (raw - expected)[rows].reshape(-1)
+    for b in range(4):
+        for h in range(3):
+            d = (raw - expected)[b, h][rows[b, h]]
+            if d.numel():
+                torch.testing.assert_close(d, d[:1].expand_as(d), rtol=0, atol=1e-12)
+    assert shift.isfinite().all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_forward_any_layout(layout):
+    m = _map(("qk_mean", "q_norm"), dtype=torch.float32)
+    q, k = torch.randn(2, 3, 8, 5), torch.randn(2, 3, 8, 5)
+    q2, k2 = relayout(q, layout), relayout(k, layout)
+    valid = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
+    torch.testing.assert_close(m(q2, k2, scale=0.4, padding_mask=valid), m(q2.contiguous(), k2.contiguous(), scale=0.4, padding_mask=valid), rtol=0, atol=0)
+
+
+def test_fused_forward_gradients_match_reference():
+    m = _map(("qk_mean",))
+    q = torch.randn(2, 3, 7, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 7, 5, dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    w = torch.randn(2, 3, 7, dtype=torch.float64)
+    grads = torch.autograd.grad((m(q, k, scale=0.5, padding_mask=valid) * w).sum(), (q, k))
+    ref = torch.autograd.grad((_reference(m, q, k, scale=0.5, attn_mask=key_padding_to_attn_mask(valid)) * w).sum(), (q, k))
+    for g, r in zip(grads, ref):
+        assert g.isfinite().all()
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_cross_attention_and_general_masks_use_the_reference():
+    m = _map(("q_norm",))
+    q, k = torch.randn(2, 3, 6, 5, dtype=torch.float64), torch.randn(2, 3, 9, 5, dtype=torch.float64)
+    torch.testing.assert_close(m(q, k, scale=0.5), _reference(m, q, k, scale=0.5, attn_mask=None))
+    with pytest.raises(ValueError, match="self-attention"):
+        m(q, k, scale=0.5, padding_mask=torch.ones(2, 6, dtype=torch.bool))
+
+
+def test_registry_and_old_class_names():
+    assert DUAL_MAPS["linear"] is SliceDualMap
+    assert isinstance(build_dual_map(num_heads=1, head_dim=4, num_slices=2, slice_type="axis", seed=0,
+                                     extra_features=("q_norm",)), ExtendedSliceDualMap)  # fmt: skip
+    plain = build_dual_map(num_heads=1, head_dim=4, num_slices=2, slice_type="axis", seed=0)
+    assert "extra_coef" not in plain.state_dict()
+    with pytest.raises(ValueError, match="unknown dual map kind"):
+        build_dual_map(num_heads=1, head_dim=4, num_slices=2, slice_type="axis", seed=0, kind="mlp")
+    with pytest.raises(ValueError, match="coefficients of shape"):
+        plain.set_coefficients(torch.zeros(1, 3))
