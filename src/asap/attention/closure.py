@@ -34,9 +34,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: One chunk of score blocks (fp32 bytes). 256 KiB kept the block in L2 in the measurements
-#: behind this default (../shared/reviews/performance.md sec. 4.2, prototype C).
-SHARED_CHUNK_BYTES = 256 * 2**10
+#: One chunk of score blocks (fp32 bytes): 1 MiB measured best or near best from n = 16 to 512
+#: (scripts/bench_asap_paths.py; 256 KiB in ../shared/reviews/performance.md sec. 4.2).
+SHARED_CHUNK_BYTES = 2**20
 #: Largest single (n, m) block the dispatcher sends here (fp32 bytes); above it the two-pass path runs.
 SHARED_MAX_BLOCK_BYTES = 16 * 2**20
 
@@ -73,11 +73,12 @@ def shared_exp_closure(
         bias = torch.where(tokens.unsqueeze(-1), bias, neg_inf)
         key_bias = torch.where(tokens, torch.zeros((), dtype=dtype, device=q.device), neg_inf).unsqueeze(-2)
         key_valid = tokens.unsqueeze(-1)  # (problems, m, 1): m = n for self-attention
+    zero = torch.zeros((), dtype=dtype, device=q.device)
     qs = (q * (scale / eps)).reshape(problems, n, d)
     kt = k.reshape(problems, m, d).transpose(-1, -2)
-    vv = v.reshape(problems, m, dv)
+    # [v, 1]: one product per chunk then gives both the weighted values and the row denominators.
+    v1 = torch.cat([v.reshape(problems, m, dv), v.new_ones(problems, m, 1)], dim=-1)
     per_chunk = max(1, chunk_bytes // max(1, n * m * torch.finfo(dtype).bits // 8))
-    zero = torch.zeros((), dtype=dtype, device=q.device)
     out = torch.empty(problems, n, dv, dtype=dtype, device=q.device)
     for start in range(0, problems, per_chunk):  # static Python loop over chunks: no host sync
         part = slice(start, min(start + per_chunk, problems))
@@ -85,15 +86,17 @@ def shared_exp_closure(
         if key_bias is not None:
             w.add_(key_bias[part])
         col_max = w.amax(dim=-2, keepdim=True)
-        w.sub_(torch.where(torch.isfinite(col_max), col_max, zero))
-        row_shift = w.amax(dim=-1, keepdim=True)
-        row_shift = torch.where(torch.isfinite(row_shift), row_shift, zero)  # <= 0; 0 for padded rows
+        if key_bias is not None:  # a padded key's column (or an empty sequence) is all -inf
+            col_max = torch.nan_to_num_(col_max, neginf=0.0)
+        w.sub_(col_max)
+        row_shift = w.amax(dim=-1, keepdim=True)  # <= 0
+        if key_bias is not None:
+            row_shift = torch.nan_to_num_(row_shift, neginf=0.0)  # padded query rows: 0
         w.sub_(row_shift).exp_()
-        col_sum = torch.bmm(row_shift.exp().transpose(-1, -2), w).transpose(-1, -2)  # (c, m, 1)
-        weight = col_sum.reciprocal()
+        weight = torch.bmm(row_shift.exp_().transpose(-1, -2), w).reciprocal_().transpose(-1, -2)  # (c, m, 1)
         if key_bias is not None:
             weight = torch.where(key_valid[part], weight, zero)
-        rows = torch.bmm(w, torch.cat([vv[part] * weight, weight], dim=-1))  # (c, n, dv + 1)
+        rows = torch.bmm(w, v1[part] * weight)  # (c, n, dv + 1)
         torch.div(rows[..., :dv], rows[..., dv:], out=out[part])
         del w, rows  # free this chunk's block before the next one is allocated
     out = out.reshape(b, h, n, dv)

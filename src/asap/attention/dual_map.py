@@ -248,10 +248,17 @@ class SliceDualMap(nn.Module):
             ys = sort_values_last(y)
         xs = torch.gather(x, -1, perm)
         # f_(r+1) - f_(r) = -y_(r) (x_(r+1) - x_(r)); each slice's steps pre-multiplied by its coefficient.
-        step = torch.diff(xs, dim=-1) * ys[..., :-1] * (-self.coef.to(dtype))[:, :, None]
+        step = torch.diff(xs, dim=-1).mul_(ys[..., :-1]).mul_((-self.coef.to(dtype))[:, :, None])
         if valid is not None:  # a step from the last valid rank on involves padding: dropped
             step = torch.where(ranks[..., 1:], step, zero)
-        f_hat = q.new_zeros(b, h, n).scatter_add_(-1, perm[..., 1:].reshape(b, h, -1), step.cumsum(dim=-1).reshape(b, h, -1))
+        # f_(0) = 0: the cumulative sum goes into a zero-first buffer, so the full permutation
+        # (contiguous, no copy of perm[..., 1:]) scatters every slice into f_hat at once.
+        if torch.is_grad_enabled() and step.requires_grad:  # out= has no autograd
+            f_sorted = torch.nn.functional.pad(step.cumsum(dim=-1), (1, 0))
+        else:
+            f_sorted = q.new_zeros(b, h, self.num_slices, n)
+            torch.cumsum(step, dim=-1, out=f_sorted[..., 1:])
+        f_hat = q.new_zeros(b, h, n).scatter_add_(-1, perm.view(b, h, -1), f_sorted.view(b, h, -1))
         if self.extra_features:
             f_hat = f_hat + self._extras(q, k, scale=scale, valid=valid)
         return _center(f_hat, None if valid is None else valid.unsqueeze(1).expand(b, h, n), center)
@@ -264,8 +271,8 @@ class SliceDualMap(nn.Module):
             if name == "qk_mean":
                 k_mean = _valid_key_mean(k, None if valid is None else valid[:, None, :])
                 total = total + (q @ (k_mean * (scale * beta[:, e])[None, :, None]).unsqueeze(-1)).squeeze(-1)
-            else:  # q_norm
-                total = total + (q * q).sum(-1) * (scale**2 * beta[:, e])[None, :, None]
+            else:  # q_norm (a norm is one reduction, no (b, h, n, d) temporary)
+                total = total + torch.linalg.vector_norm(q, dim=-1).square_() * (scale**2 * beta[:, e])[None, :, None]
         return total
 
 
