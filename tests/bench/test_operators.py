@@ -90,8 +90,8 @@ def test_verification_fails_loudly_on_a_wrong_fast_path():
     config = OperatorBenchConfig(**TINY)
     wrong = BenchMethod(
         name="wrong_scale", family="softmax", label="wrong", trainable=True, description="softmax at scale 0.9",
-        forward=lambda q, k, v: softmax_attention(q, k, v, scale=0.9),
-        reference=lambda q, k, v: softmax_attention_reference(q, k, v),
+        forward=lambda q, k, v, p: softmax_attention(q, k, v, scale=0.9),
+        reference=lambda q, k, v, p: softmax_attention_reference(q, k, v),
         reference_name="softmax_attention_reference",
     )
     with pytest.raises(VerificationError, match="wrong_scale: output error"):
@@ -151,3 +151,30 @@ def test_asap_cli_registers_bench_commands():
     # training-cost hands every option, --help included, to asap.bench.training_cost's own parser.
     args = parser.parse_args(["bench", "training-cost", "--shape", "vit:197", "--help"])
     assert args.args == ["--shape", "vit:197", "--help"]
+
+
+def test_padded_run_passes_token_masks_and_records_the_fraction():
+    """--padding: every method gets the (b, n) token mask, is verified against its masked fp64 reference."""
+    config = OperatorBenchConfig(**{**TINY, "batch": 3, "lengths": (16,), "backward": False, "padding": 0.25,
+                                    "threads": 1, "methods": ("softmax", "sinkhorn", "asap")})  # fmt: skip
+    result = run_operator_bench(config, command="test", log=lambda line: None)
+    (group,) = result["groups"]
+    assert 0.2 <= group["padded_fraction"] <= 0.3
+    assert result["machine"]["torch_threads"] == 1
+    assert all(record["passed"] for record in result["verification"])
+    assert result["config"]["extra_features"] == ["qk_mean", "q_norm"]
+    with pytest.raises(ValueError, match="padding"):
+        OperatorBenchConfig(padding=0.5)
+
+
+def test_padded_verification_catches_a_method_that_ignores_padding():
+    config = OperatorBenchConfig(**{**TINY, "batch": 3, "padding": 0.25})
+    wrong = BenchMethod(
+        name="softmax", family="softmax", label="softmax", trainable=False, description="ignores the padding",
+        forward=lambda q, k, v, p: softmax_attention(q, k, v),
+        reference=lambda q, k, v, p: softmax_attention_reference(
+            q, k, v, attn_mask=None if p is None else p[:, None, :, None] & p[:, None, None, :]),
+        reference_name="softmax_attention_reference",
+    )
+    with pytest.raises(VerificationError, match="softmax"):
+        verify_methods({"softmax": wrong}, config, torch.device("cpu"))

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES
 from asap.attention.functional import sinkhorn_attention, softmax_attention
 from asap.attention.operators import AsapOperator
 from asap.attention.reference import (
@@ -55,6 +56,7 @@ from asap.attention.reference import (
     softmax_attention_reference,
 )
 from asap.bench.measure import benchmark, load_average, machine_info, speedups
+from asap.transport.masks import key_padding_to_attn_mask
 
 SCHEMA = "asap.bench.operators/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -70,7 +72,8 @@ VERIFY_TOLERANCE = {
     torch.bfloat16: {"output": 8e-2, "grad": 2e-1},
 }
 
-AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+#: ``fn(q, k, v, padding)``: ``padding`` is the ``(b, n)`` token mask (True = real token) or ``None``.
+AttentionFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
 
 class VerificationError(RuntimeError):
@@ -86,8 +89,15 @@ class OperatorBenchConfig:
         lengths: sequence lengths ``n = m`` of the grid.
         sinkhorn_iters: the Sinkhorn half-step counts ``K`` timed.
         teacher_iters: the ``K`` of the reference teacher (one of ``sinkhorn_iters``).
-        num_slices: ``L`` of the ASAP dual map. eps: entropic regularisation of
-            Sinkhorn and ASAP.
+        num_slices: ``L`` of the ASAP dual map; extra_features: its per-token
+            extras (default: those ``asap compile`` uses). eps: entropic
+            regularisation of Sinkhorn and ASAP.
+        padding: mean fraction of padded tokens. ``0`` times unpadded inputs;
+            ``p > 0`` gives sequence ``i`` of the batch the length
+            ``n (1 - 2 p i / (b - 1))`` (at least 1), passed to every method as
+            the ``(b, n)`` token mask (``padding_mask``), as text models run.
+        threads: ``torch.set_num_threads`` for the run (``None``: torch's default,
+            as users run it); recorded in the machine description.
         methods: method families to run (``softmax``, ``sinkhorn``, ``asap``, ``esp``).
         backward: also time forward + backward of the trainable methods.
         backward_max_length: longest ``n`` timed with backward (``None``: all);
@@ -109,7 +119,10 @@ class OperatorBenchConfig:
     sinkhorn_iters: tuple[int, ...] = (3, 5, 11, 21)
     teacher_iters: int = 21
     num_slices: int = 16
+    extra_features: tuple[str, ...] = DEFAULT_EXTRA_FEATURES
     eps: float = 1.0
+    padding: float = 0.0
+    threads: int | None = None
     methods: tuple[str, ...] = ("softmax", "sinkhorn", "asap", "esp")
     backward: bool = True
     backward_max_length: int | None = 512
@@ -125,6 +138,10 @@ class OperatorBenchConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not 0.0 <= self.padding < 0.5:
+            raise ValueError(f"padding must be a fraction in [0, 0.5), got {self.padding}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if not self.lengths or any(n < 1 for n in self.lengths):
             raise ValueError(f"lengths must be positive integers, got {self.lengths}")
         if self.teacher_iters not in self.sinkhorn_iters or "sinkhorn" not in self.methods:
@@ -148,6 +165,7 @@ class OperatorBenchConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["max_length"] = dict(self.max_length)
+        out["extra_features"] = list(self.extra_features)
         return out
 
 
@@ -175,15 +193,30 @@ def teacher_name(iters: int) -> str:
 
 
 def random_asap_operator(
-    *, heads: int, head_dim: int, num_slices: int, eps: float, seed: int, device: torch.device
-) -> AsapOperator:
-    """The full ASAP operator with random (unfitted) coefficients ``alpha ~ N(0, 1/L)``: for timing only."""
+    *, heads: int, head_dim: int, num_slices: int, eps: float, seed: int, device: torch.device,
+    extra_features: tuple[str, ...] = (),
+) -> AsapOperator:  # fmt: skip
+    """The full ASAP operator with random (unfitted) coefficients ``alpha ~ N(0, 1/(L + E))``: for timing only."""
     op = AsapOperator(num_heads=heads, head_dim=head_dim, eps=eps, num_slices=num_slices, slice_type="random",
-                      seed=seed)
+                      seed=seed, extra_features=extra_features)  # fmt: skip
     gen = torch.Generator().manual_seed(seed + 1)
-    op.dual_map.coef.copy_(torch.randn(heads, num_slices, generator=gen) / math.sqrt(num_slices))
-    op.dual_map.fitted.fill_(True)  # deliberately "fitted" with random values: see the module docstring
+    features = op.dual_map.num_features
+    # deliberately "fitted" with random values: see the module docstring
+    op.dual_map.set_coefficients(torch.randn(heads, features, generator=gen) / math.sqrt(features))
     return op.to(device)
+
+
+def _mask(padding: Tensor | None) -> Tensor | None:
+    return None if padding is None else key_padding_to_attn_mask(padding)
+
+
+def padding_for(batch: int, n: int, fraction: float, *, device: torch.device | str = "cpu") -> Tensor | None:
+    """The ``(b, n)`` token mask of :attr:`OperatorBenchConfig.padding` (``None`` for 0): lengths from n down."""
+    if fraction == 0:
+        return None
+    steps = torch.arange(batch, dtype=torch.float64) / max(1, batch - 1)
+    lengths = (n * (1 - 2 * fraction * steps)).round().clamp(min=1).long()
+    return (torch.arange(n)[None, :] < lengths[:, None]).to(device)
 
 
 def _esp_methods(config: OperatorBenchConfig) -> tuple[list[BenchMethod], str | None]:
@@ -194,8 +227,8 @@ def _esp_methods(config: OperatorBenchConfig) -> tuple[list[BenchMethod], str | 
     method = BenchMethod(
         name="esp", family="esp", label="ESP", trainable=True,
         description=f"esp_attention defaults: soft sorting, the d={config.head_dim} coordinate axes as slices",
-        forward=lambda q, k, v: esp_attention(q, k, v),
-        reference=lambda q, k, v: esp_attention_reference(q, k, v),
+        forward=lambda q, k, v, p: esp_attention(q, k, v, attn_mask=_mask(p)),
+        reference=lambda q, k, v, p: esp_attention_reference(q, k, v, attn_mask=_mask(p)),
         reference_name="asap.attention.esp.esp_attention_reference",
     )
     return [method], None
@@ -209,8 +242,8 @@ def build_methods(config: OperatorBenchConfig, device: torch.device) -> tuple[di
         methods.append(BenchMethod(
             name="softmax", family="softmax", label="softmax", trainable=True,
             description="softmax_attention (scaled_dot_product_attention)",
-            forward=lambda q, k, v: softmax_attention(q, k, v),
-            reference=lambda q, k, v: softmax_attention_reference(q, k, v),
+            forward=lambda q, k, v, p: softmax_attention(q, k, v, padding_mask=p),
+            reference=lambda q, k, v, p: softmax_attention_reference(q, k, v, attn_mask=_mask(p)),
             reference_name="asap.attention.reference.softmax_attention_reference",
         ))
     if "sinkhorn" in config.methods:
@@ -219,27 +252,33 @@ def build_methods(config: OperatorBenchConfig, device: torch.device) -> tuple[di
             methods.append(BenchMethod(
                 name=teacher_name(iters), family="sinkhorn", label=f"Sinkhorn K={iters}", trainable=True,
                 description=f"sinkhorn_attention, {iters} half-steps, eps={config.eps}, grad_mode='unroll'{teacher}",
-                forward=lambda q, k, v, iters=iters: sinkhorn_attention(q, k, v, n_iters=iters, eps=config.eps),
-                reference=lambda q, k, v, iters=iters: sinkhorn_attention_reference(
-                    q, k, v, n_iters=iters, eps=config.eps),
+                forward=lambda q, k, v, p, iters=iters: sinkhorn_attention(
+                    q, k, v, n_iters=iters, eps=config.eps, padding_mask=p),
+                reference=lambda q, k, v, p, iters=iters: sinkhorn_attention_reference(
+                    q, k, v, n_iters=iters, eps=config.eps, attn_mask=_mask(p)),
                 reference_name="asap.attention.reference.sinkhorn_attention_reference",
             ))
     if "asap" in config.methods:
         op = random_asap_operator(heads=config.heads, head_dim=config.head_dim, num_slices=config.num_slices,
-                                  eps=config.eps, seed=config.seed, device=device)
+                                  eps=config.eps, seed=config.seed, device=device,
+                                  extra_features=config.extra_features)  # fmt: skip
         scale = config.head_dim**-0.5
         reference_map = copy.deepcopy(op.dual_map).cpu()  # the references run on the CPU in fp64
 
-        def asap_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            f_hat = reference_map(q, k, scale=scale)  # slice potentials and map evaluated in q's dtype (fp64)
-            return asap_attention_reference(q, k, v, f_hat, eps=config.eps)
+        def asap_reference(q: Tensor, k: Tensor, v: Tensor, p: Tensor | None) -> Tensor:
+            # the design matrix (features @ coefficients), evaluated in q's dtype (fp64)
+            phi = reference_map.features(q, k, scale=scale, attn_mask=_mask(p))
+            f_hat = torch.einsum("bhln,hl->bhn", phi, reference_map.coefficients().to(phi.dtype))
+            return asap_attention_reference(q, k, v, f_hat, eps=config.eps, attn_mask=_mask(p))
 
+        extras = "+".join(config.extra_features) or "no extras"
         methods.append(BenchMethod(
             name=f"asap_l{config.num_slices}", family="asap", label=f"ASAP L={config.num_slices}", trainable=False,
-            description=(f"AsapOperator: {config.num_slices} random slices, linear map with RANDOM coefficients "
-                         f"(timing only; the cost does not depend on their values), asap_attention, eps={config.eps}"),
-            forward=op, reference=asap_reference,
-            reference_name="SliceDualMap in fp64 + asap.attention.reference.asap_attention_reference",
+            description=(f"AsapOperator: {config.num_slices} random slices and {extras}, linear map with RANDOM "
+                         f"coefficients (timing only; the cost does not depend on their values), backend 'auto', "
+                         f"eps={config.eps}"),
+            forward=lambda q, k, v, p: op(q, k, v, padding_mask=p), reference=asap_reference,
+            reference_name="SliceDualMap.features in fp64 + asap.attention.reference.asap_attention_reference",
         ))
     if "esp" in config.methods:
         esp, reason = _esp_methods(config)
@@ -268,16 +307,18 @@ def verify_methods(
     dtype = DTYPES[config.dtype]
     tol = VERIFY_TOLERANCE[dtype]
     gen = torch.Generator().manual_seed(config.seed + 2)
-    shape = (1, config.heads, config.verify_length, config.head_dim)
+    batch = 1 if config.padding == 0 else 3
+    shape = (batch, config.heads, config.verify_length, config.head_dim)
     base = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3)]
     weight = torch.randn(shape, generator=gen, dtype=torch.float64)
+    padding = padding_for(batch, config.verify_length, config.padding)
     records, failures = [], []
     for method in methods.values():
         ref_inputs = [t.clone().requires_grad_(method.trainable) for t in base]
         fast_inputs = [t.to(device=device, dtype=dtype).requires_grad_(method.trainable) for t in base]
         with torch.set_grad_enabled(method.trainable):
-            ref_out = method.reference(*ref_inputs)
-            fast_out = method.forward(*fast_inputs)
+            ref_out = method.reference(*ref_inputs, padding)
+            fast_out = method.forward(*fast_inputs, None if padding is None else padding.to(device))
         if not torch.isfinite(fast_out).all():
             failures.append(f"{method.name}: non-finite output")
         errors = {"output": _max_error(fast_out.cpu(), ref_out)}
@@ -300,21 +341,21 @@ def verify_methods(
     return records
 
 
-def _forward_call(method: BenchMethod, q: Tensor, k: Tensor, v: Tensor) -> Callable[[], Tensor]:
+def _forward_call(method: BenchMethod, q: Tensor, k: Tensor, v: Tensor, padding: Tensor | None) -> Callable[[], Tensor]:
     def call() -> Tensor:
         with torch.no_grad():
-            return method.forward(q, k, v)
+            return method.forward(q, k, v, padding)
 
     return call
 
 
 def _forward_backward_call(
-    method: BenchMethod, q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor
+    method: BenchMethod, q: Tensor, k: Tensor, v: Tensor, padding: Tensor | None, grad_out: Tensor
 ) -> Callable[[], None]:
     def call() -> None:
         for t in (q, k, v):
             t.grad = None  # a fresh gradient each call, not an accumulation
-        method.forward(q, k, v).backward(grad_out)
+        method.forward(q, k, v, padding).backward(grad_out)
 
     return call
 
@@ -337,15 +378,16 @@ def _bench_group(
     b, h, d = config.batch, config.heads, config.head_dim
     gen = torch.Generator(device=device).manual_seed(config.seed + n)
     q, k, v = (torch.randn(b, h, n, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
+    padding = padding_for(b, n, config.padding, device=device)
     selected = [m for m in methods.values() if mode == "forward" or m.trainable]
     skipped = {m.name: reason for m in selected if (reason := _skip_reason(m, n, mode, config)) is not None}
     timed = [m for m in selected if m.name not in skipped]
     if mode == "forward":
-        fns = {m.name: _forward_call(m, q, k, v) for m in timed}
+        fns = {m.name: _forward_call(m, q, k, v, padding) for m in timed}
     else:
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
         grad_out = torch.randn(b, h, n, d, generator=gen, device=device, dtype=dtype)
-        fns = {m.name: _forward_backward_call(m, q, k, v, grad_out) for m in timed}
+        fns = {m.name: _forward_backward_call(m, q, k, v, padding, grad_out) for m in timed}
     load_before = load_average()
     run = benchmark(fns, device=device, warmup=config.warmup, repeats=config.repeats,
                     min_repeats=config.min_repeats, budget_s=config.budget_s, measure_memory=config.measure_memory)
@@ -357,6 +399,7 @@ def _bench_group(
                          "speedup_vs_softmax": vs_softmax[name]}
     group = {
         "mode": mode, "b": b, "h": h, "n": n, "m": n, "d": d, "dtype": config.dtype, "rounds": run.rounds,
+        "padded_fraction": 0.0 if padding is None else round(1 - padding.float().mean().item(), 4),
         "dense_fp32_bytes": b * h * n * n * 4, "load_average_before": load_before,
         "load_average_after": load_average(), "methods": results, "skipped": skipped,
     }
@@ -382,6 +425,16 @@ def run_operator_bench(
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("operator bench: --device cuda requested but CUDA is not available")
+    threads_before = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, device, command=command, log=log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(config: OperatorBenchConfig, device: torch.device, *, command: str | None, log: Callable[[str], None]):
     methods, unavailable = build_methods(config, device)
     for family, reason in unavailable.items():
         log(f"not available: {family}: {reason}")
@@ -476,6 +529,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=_ints, help="Sinkhorn half-steps K to time (default 3,5,11,21)")
     parser.add_argument("--teacher-iters", type=int, help="K of the reference teacher (default 21)")
     parser.add_argument("--slices", type=int, help="ASAP slices L (default 16)")
+    parser.add_argument("--extra-features", type=_names,
+                        help=f"ASAP per-token extras, comma-separated, or 'none' (default {','.join(DEFAULT_EXTRA_FEATURES)})")
+    parser.add_argument("--padding", type=float, help="mean fraction of padded tokens, in [0, 0.5) (default 0)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     parser.add_argument("--eps", type=float, help="entropic regularisation (default 1.0)")
     parser.add_argument("--methods", type=_names, help=f"families to run, from {','.join(FAMILIES)} (default: all)")
     parser.add_argument("--no-backward", action="store_true", help="time forward passes only")
@@ -497,9 +554,12 @@ def config_from_args(args: argparse.Namespace) -> OperatorBenchConfig:
                       ("lengths", "lengths"), ("iters", "sinkhorn_iters"), ("teacher_iters", "teacher_iters"),
                       ("slices", "num_slices"), ("eps", "eps"), ("methods", "methods"),
                       ("max_length", "max_length"), ("warmup", "warmup"), ("repeats", "repeats"),
-                      ("min_repeats", "min_repeats"), ("seed", "seed")):
+                      ("min_repeats", "min_repeats"), ("seed", "seed"), ("padding", "padding"),
+                      ("threads", "threads")):
         if getattr(args, attr) is not None:
             overrides[key] = getattr(args, attr)
+    if args.extra_features is not None:
+        overrides["extra_features"] = () if args.extra_features == ("none",) else args.extra_features
     if args.backward_max_length is not None:
         overrides["backward_max_length"] = args.backward_max_length or None
     if args.budget_s is not None:
@@ -519,7 +579,9 @@ def command_for(config: OperatorBenchConfig, out: Path) -> str:
     args = [
         "--device", config.device, "--dtype", config.dtype, "--batch", str(config.batch), "--heads", str(config.heads),
         "--head-dim", str(config.head_dim), "--lengths", ints(config.lengths), "--iters", ints(config.sinkhorn_iters),
-        "--teacher-iters", str(config.teacher_iters), "--slices", str(config.num_slices), "--eps", repr(config.eps),
+        "--teacher-iters", str(config.teacher_iters), "--slices", str(config.num_slices),
+        "--extra-features", ",".join(config.extra_features) or "none", "--padding", repr(config.padding),
+        "--eps", repr(config.eps),
         "--methods", ",".join(config.methods), "--backward-max-length", str(config.backward_max_length or 0),
         "--max-length", ",".join(f"{k}={v}" for k, v in config.max_length.items()), "--warmup", str(config.warmup),
         "--repeats", str(config.repeats), "--min-repeats", str(config.min_repeats),
@@ -529,6 +591,8 @@ def command_for(config: OperatorBenchConfig, out: Path) -> str:
         args.append("--no-backward")
     if not config.measure_memory:
         args.append("--no-memory")
+    if config.threads is not None:
+        args += ["--threads", str(config.threads)]
     return "python -m asap.bench.operators " + shlex.join(args)
 
 
