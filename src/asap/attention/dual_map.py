@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from asap.transport.masks import valid_rows_cols
 from asap.transport.sinkhorn import center as center_over
-from asap.transport.sliced import argsort_last, project, query_potentials_1d, sort_values_last
+from asap.transport.sliced import argsort_and_sort_last, project, query_potentials_1d
 
 SliceType = Literal["random", "axis"]
 SLICE_TYPES: tuple[str, ...] = ("random", "axis")
@@ -235,17 +235,18 @@ class SliceDualMap(nn.Module):
         """``n = m``: the matching is rank to rank (padding sorted last), the coefficients fold into the steps."""
         dtype = _work_dtype(q.dtype)
         q, k = q.to(dtype), k.to(dtype)
-        b, h, n, _ = q.shape
-        x, y = project(q, k, self.directions.to(dtype), scale=scale)  # (b, h, L, n) each
+        b, h, n, d = q.shape
+        L = self.num_slices
+        f_hat, x = self._extras_and_query_projections(q, k, scale=scale, valid=valid)
+        y = torch.matmul(self.directions.to(dtype), k.transpose(-1, -2))  # (b, h, L, n)
         zero = torch.zeros((), dtype=dtype, device=q.device)
         if valid is not None:  # padding sorts last: the valid prefixes are then matched rank to rank
             rows, inf = valid[:, None, None, :], torch.tensor(float("inf"), dtype=dtype, device=q.device)
-            perm = argsort_last(torch.where(rows, x, inf))
+            perm, ys = argsort_and_sort_last(torch.where(rows, x, inf), torch.where(rows, y, inf))
             ranks = torch.arange(n, device=q.device) < valid.sum(dim=-1)[:, None, None, None]
-            ys = torch.where(ranks, sort_values_last(torch.where(rows, y, inf)), zero)  # no inf left
+            ys = torch.where(ranks, ys, zero)  # no inf left
         else:
-            perm = argsort_last(x)
-            ys = sort_values_last(y)
+            perm, ys = argsort_and_sort_last(x, y)
         xs = torch.gather(x, -1, perm)
         # f_(r+1) - f_(r) = -y_(r) (x_(r+1) - x_(r)); each slice's steps pre-multiplied by its coefficient.
         step = torch.diff(xs, dim=-1).mul_(ys[..., :-1]).mul_((-self.coef.to(dtype))[:, :, None])
@@ -256,24 +257,35 @@ class SliceDualMap(nn.Module):
         if torch.is_grad_enabled() and step.requires_grad:  # out= has no autograd
             f_sorted = torch.nn.functional.pad(step.cumsum(dim=-1), (1, 0))
         else:
-            f_sorted = q.new_zeros(b, h, self.num_slices, n)
+            f_sorted = q.new_zeros(b, h, L, n)
             torch.cumsum(step, dim=-1, out=f_sorted[..., 1:])
-        f_hat = q.new_zeros(b, h, n).scatter_add_(-1, perm.view(b, h, -1), f_sorted.view(b, h, -1))
-        if self.extra_features:
-            f_hat = f_hat + self._extras(q, k, scale=scale, valid=valid)
+        f_hat = f_hat.scatter_add_(-1, perm.view(b, h, -1), f_sorted.view(b, h, -1))
         return _center(f_hat, None if valid is None else valid.unsqueeze(1).expand(b, h, n), center)
 
-    def _extras(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None) -> Tensor:
-        """``sum_e beta_e x_e(i)`` uncentred, ``(b, h, n)``: one gemv and one row norm."""
-        beta = self.extra_coef.to(q.dtype)
-        total = q.new_zeros(q.shape[:-1])
-        for e, name in enumerate(self.extra_features):
-            if name == "qk_mean":
-                k_mean = _valid_key_mean(k, None if valid is None else valid[:, None, :])
-                total = total + (q @ (k_mean * (scale * beta[:, e])[None, :, None]).unsqueeze(-1)).squeeze(-1)
-            else:  # q_norm (a norm is one reduction, no (b, h, n, d) temporary)
-                total = total + torch.linalg.vector_norm(q, dim=-1).square_() * (scale**2 * beta[:, e])[None, :, None]
-        return total
+    def _extras_and_query_projections(
+        self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """``(sum_e beta_e x_e(i)`` uncentred ``(b, h, n)``, the query projections ``x (b, h, L, n))``.
+
+        ``qk_mean`` is one more projection of the queries, on ``beta scale kbar``
+        (per ``(b, h)``): it rides along in the projection product instead of
+        costing a matrix-vector product of its own; ``q_norm`` is one norm.
+        """
+        b, h, n, d = q.shape
+        L = self.num_slices
+        dirs = self.directions.to(q.dtype) * scale  # (h, L, d)
+        beta = self.extra_coef.to(q.dtype) if self.extra_features else None
+        if "qk_mean" in self.extra_features:
+            e = self.extra_features.index("qk_mean")
+            w = _valid_key_mean(k, None if valid is None else valid[:, None, :]) * (scale * beta[:, e])[None, :, None]
+            proj = torch.matmul(torch.cat([dirs.expand(b, h, L, d), w.unsqueeze(2)], dim=2), q.transpose(-1, -2))
+            x, f_hat = proj[:, :, :L], proj[:, :, L].contiguous()
+        else:
+            x, f_hat = torch.matmul(dirs, q.transpose(-1, -2)), q.new_zeros(b, h, n)
+        if "q_norm" in self.extra_features:
+            e = self.extra_features.index("q_norm")
+            f_hat = f_hat + torch.linalg.vector_norm(q, dim=-1).square_() * (scale**2 * beta[:, e])[None, :, None]
+        return f_hat, x
 
 
 def _center(f_hat: Tensor, valid: Tensor | None, enabled: bool) -> Tensor:
