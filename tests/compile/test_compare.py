@@ -7,7 +7,7 @@ import torch
 from asap.attention.operators import AsapOperator, SinkhornOperator
 from asap.attention.reference import asap_plan_reference, sinkhorn_plan_reference
 from asap.compile import compile_model, truncate_sinkhorn
-from asap.compile.compare import attention_maps, operator_attention, time_models, time_operator_scaling
+from asap.compile.compare import attention_maps, operator_attention
 from tests.conftest import padding_mask, rand_qkv
 
 
@@ -24,7 +24,7 @@ def test_operator_attention_matches_references():
     torch.testing.assert_close(operator_attention(asap, q, k, mask), expected)
 
 
-def test_maps_and_timings_of_a_teacher_and_its_variants(teacher, batches):
+def test_maps_of_a_teacher_and_its_variants(teacher, batches):
     compiled, _ = compile_model(teacher, batches, num_slices=3)
     models = {"teacher": teacher, "k3": truncate_sinkhorn(teacher, n_iters=3), "asap": compiled}
     maps = attention_maps(models, batches[0], layer=0)
@@ -34,10 +34,3 @@ def test_maps_and_timings_of_a_teacher_and_its_variants(teacher, batches):
         sums = attn.sum(-1)[:, 0]
         torch.testing.assert_close(sums[rows], torch.ones_like(sums[rows]))
     assert not torch.allclose(maps["teacher"], maps["k3"])
-    speed = time_models(models, batches[:2], repeats=2)
-    assert set(speed) == set(models)
-    assert all(0 < s["attention_ms"] < s["model_ms"] for s in speed.values())
-    ops = {"teacher": SinkhornOperator(n_iters=5), "asap": AsapOperator(num_heads=2, head_dim=4, num_slices=2)}
-    ops["asap"].dual_map.fitted.fill_(True)
-    scaling = time_operator_scaling(ops, num_heads=2, head_dim=4, lengths=[4, 8], batch_size=2, repeats=2)
-    assert [row["n"] for row in scaling] == [4, 8] and all(row["asap"] > 0 for row in scaling)

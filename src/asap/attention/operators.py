@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -154,6 +155,19 @@ class AsapOperator(AttentionOperator):
             q, k, v, f_hat, eps=self.eps, scale=scale, attn_mask=attn_mask, padding_mask=padding_mask,
             extra_steps=self.extra_steps, backend=self.backend, tile_bytes=self.tile_bytes,
         )  # fmt: skip
+
+
+def call_mask(kwargs: Mapping[str, Any]) -> Tensor | None:
+    """The boolean ``attn_mask`` of an operator call's keyword arguments, whichever form the caller used.
+
+    For hooks that capture what an operator receives: a ``padding_mask (b, n)``
+    (what :class:`~asap.attention.module.MultiheadAttention` passes) becomes the
+    equivalent ``(b, 1, n, n)`` mask, so no hook silently drops the padding.
+    """
+    padding = kwargs.get("padding_mask")
+    if padding is not None:
+        return key_padding_to_attn_mask(padding)
+    return kwargs.get("attn_mask")
 
 
 OPERATORS: dict[str, type[AttentionOperator]] = {

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asap.attention.operators import call_mask
 from asap.bench.measure import benchmark, machine_info, speedups
 from asap.bench.operators import command_line, record_command
 from asap.train.checkpoint import atomic_write_json
@@ -41,12 +42,23 @@ SCHEMA = "asap.bench.frozen_layer/1"
 
 
 def capture_layer_inputs(model: nn.Module, operator: nn.Module, inputs: dict[str, Tensor]) -> tuple:
-    """``(q, k, v, attn_mask)`` that ``operator`` receives when ``model`` runs on ``inputs`` (eval mode)."""
+    """``(q, k, v, attn_mask)`` that ``operator`` receives when ``model`` runs on ``inputs`` (eval mode).
+
+    ``attn_mask`` is the 4-D boolean form (for the references) whatever form the
+    call used; :func:`capture_layer_call` also returns the call's own keyword arguments.
+    """
+    q, k, v, kwargs = capture_layer_call(model, operator, inputs)
+    return q, k, v, call_mask(kwargs)
+
+
+def capture_layer_call(model: nn.Module, operator: nn.Module, inputs: dict[str, Tensor]) -> tuple:
+    """``(q, k, v, mask_kwargs)``: what ``operator`` receives, with its mask keyword (``attn_mask`` or ``padding_mask``)."""
     captured: dict[str, Any] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         q, k, v = args[:3]
-        captured.update(q=q.detach().clone(), k=k.detach().clone(), v=v.detach().clone(), mask=kwargs.get("attn_mask"))
+        masks = {key: kwargs[key].detach().clone() for key in ("attn_mask", "padding_mask") if kwargs.get(key) is not None}
+        captured.update(q=q.detach().clone(), k=k.detach().clone(), v=v.detach().clone(), kwargs=masks)
 
     handle = operator.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -56,7 +68,7 @@ def capture_layer_inputs(model: nn.Module, operator: nn.Module, inputs: dict[str
         handle.remove()
     if not captured:
         raise RuntimeError("the layer was not called by the model's forward pass")
-    return captured["q"], captured["k"], captured["v"], captured["mask"]
+    return captured["q"], captured["k"], captured["v"], captured["kwargs"]
 
 
 def verify_asap(operator: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> float:
@@ -77,15 +89,21 @@ def verify_asap(operator: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tens
 
 
 def time_layer(
-    operators: dict[str, nn.Module], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, budget_s: float
+    operators: dict[str, nn.Module], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, budget_s: float,
+    padding: Tensor | None = None,
 ) -> dict[str, Any]:
-    """Median time and peak memory of every operator on the same inputs, round-robin in one run."""
+    """Median time and peak memory of every operator on the same inputs, round-robin in one run.
+
+    With ``padding`` (the ``(b, n)`` token mask the model passed) operators that
+    take it get it, as in the model; the others get ``mask``.
+    """
     fns = {}
     for name, op in operators.items():
+        kwargs = {"padding_mask": padding} if padding is not None and op.takes_padding_mask else {"attn_mask": mask}
 
-        def call(op=op):
+        def call(op=op, kwargs=kwargs):
             with torch.inference_mode():
-                return op(q, k, v, attn_mask=mask)
+                return op(q, k, v, **kwargs)
 
         fns[name] = call
     run = benchmark(fns, device=q.device, warmup=2, repeats=50, min_repeats=5, budget_s=budget_s)
@@ -135,7 +153,8 @@ def run_frozen_layer(args: argparse.Namespace, command: str, *, log=print) -> di
         asap_pred = predict(compiled, data)[0]
         truncated_pred = predict(truncate_sinkhorn(teacher.model, n_iters=args.truncated_iters, layers=[index]), data)[0]
 
-        q, k, v, mask = capture_layer_inputs(teacher.model, layer.operator, inputs)
+        q, k, v, call_kwargs = capture_layer_call(teacher.model, layer.operator, inputs)
+        mask, padding = call_mask(call_kwargs), call_kwargs.get("padding_mask")
         asap_op = compiled.get_submodule(layer.name)
         error = verify_asap(asap_op, q, k, v, mask)
         if not error < args.tolerance:
@@ -150,7 +169,7 @@ def run_frozen_layer(args: argparse.Namespace, command: str, *, log=print) -> di
                                                                   scale=teacher_op.scale),
             "softmax": SoftmaxOperator(scale=teacher_op.scale),
         }  # fmt: skip
-        timing = time_layer(operators, q, k, v, mask, budget_s=args.budget)
+        timing = time_layer(operators, q, k, v, mask, budget_s=args.budget, padding=padding)
         fit = report["layers"][0]
         record = {
             "layer": index, "name": layer.name, "teacher_iters": teacher_op.n_iters, "eps": teacher_op.eps,

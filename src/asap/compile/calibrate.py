@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from asap.attention.checks import validate_attention_inputs
-from asap.attention.operators import SinkhornOperator
+from asap.attention.operators import SinkhornOperator, call_mask
 from asap.compile.fit import NormalEquations
 from asap.compile.maps import build_dual_map, num_features
 from asap.compile.plans import as_4d_mask, check_closure_teacher, closure_target, scores_and_support
@@ -218,7 +218,7 @@ def collect(
     def make_hook(calib: LayerCalibration):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             q, k, v = args[:3] if len(args) >= 3 else (kwargs.get("q"), kwargs.get("k"), kwargs.get("v"))
-            mask = validate_attention_inputs(q, k, v, attn_mask=kwargs.get("attn_mask"), method="sinkhorn")
+            mask = validate_attention_inputs(q, k, v, attn_mask=call_mask(kwargs), method="sinkhorn")
             calib.observe(q, k, mask, held_out=state["held_out"])
             state["seen"].add(calib.layer.index)
             if len(state["seen"]) == len(calibrations):
