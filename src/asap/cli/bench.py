@@ -5,6 +5,7 @@
     asap bench training-cost --shape vit:197    # ESP vs Sinkhorn vs softmax per training step
     asap bench accuracy --suite digits          # accuracy table: every method, 3 seeds, same budget
     asap bench frozen-layer RUN_DIR             # teacher vs ASAP in one layer of a trained model
+    asap bench fidelity --hf minilm --data-dir ../shared/data   # TV vs cost: ASAP (+j steps) vs truncated K
 
 ``operators`` is :mod:`asap.bench.operators` (``--help`` for the grid and
 measurement options). ``training-cost`` passes its arguments to
@@ -22,7 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from asap.bench import accuracy, frozen_layer, operators
+from asap.bench import accuracy, fidelity, frozen_layer, operators
 from asap.errors import ConfigError
 
 DEFAULT_TRAINING_COST_OUT = Path("results") / "bench" / "training_cost.json"
@@ -96,4 +97,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                             description=frozen_layer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     frozen_layer.add_arguments(frozen)
     frozen.set_defaults(func=frozen_layer.run_from_args)
+    fid = sub.add_parser("fidelity", help="every layer on the TV/cost plane: ASAP with warm-start steps vs truncation",
+                         description=fidelity.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fidelity.add_arguments(fid)
+    fid.set_defaults(func=lambda args: fidelity.run_from_args(args, sys.argv[1:]))
     return parser

