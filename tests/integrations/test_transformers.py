@@ -14,6 +14,8 @@ import os
 import pytest
 import torch
 
+from asap.attention.operators import call_mask
+
 transformers = pytest.importorskip("transformers", reason="the optional extra asap-attention[hf] is not installed")
 
 from transformers import (  # noqa: E402
@@ -172,7 +174,8 @@ def test_operator_sees_the_query_and_key_mask_and_matches_the_fp64_reference():
     def check(module, args, kwargs, out):
         q, k, v = args
         assert q.shape == (3, 4, N, 8) and q.dtype == torch.float64
-        assert torch.equal(kwargs["attn_mask"], expected_mask)
+        # The plain-encoder mask reaches the operator as its (b, n) token mask (O(n) memory).
+        assert torch.equal(call_mask(kwargs).expand_as(expected_mask), expected_mask)
         ref = sinkhorn_attention_reference(q, k, v, n_iters=5, eps=0.5, attn_mask=expected_mask)
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
         seen.append(True)

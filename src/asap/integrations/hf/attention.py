@@ -44,6 +44,8 @@ from asap.transport.ctransform import reduction_dtype
 ATTN_IMPLEMENTATION = "asap"
 #: The attribute of each HF attention module holding its asap operator.
 OPERATOR_ATTR = "asap_operator"
+#: The attribute of a mask built by :func:`asap_mask` holding its ``(b, n)`` token mask.
+TOKENS_ATTR = "asap_tokens"
 
 
 class UnsupportedModelError(AsapError, NotImplementedError):
@@ -87,7 +89,14 @@ def asap_mask(
             f"attention_mask covers {attention_mask.shape[-1]} tokens but the sequence has {q_length}"
         )
     # sdpa_mask masks padded keys only; the same tokens are padded queries.
-    return mask & attention_mask.to(device=mask.device, dtype=torch.bool)[:, None, :, None]
+    tokens = attention_mask.to(device=mask.device, dtype=torch.bool)
+    mask = mask & tokens[:, None, :, None]
+    if mask_function is bidirectional_mask_function:
+        # Then the mask is exactly the outer product tokens x tokens: the operators can take the (b, n)
+        # token mask instead, O(n) memory and no (b, 1, n, n) mask reductions per layer. A tensor
+        # attribute, so that a mask transformers rebuilt or a caller's own mask never carries it.
+        setattr(mask, TOKENS_ATTR, tokens)
+    return mask
 
 
 def _softmax_weights(query: Tensor, key: Tensor, mask: Tensor | None, scale: float) -> Tensor:
@@ -159,7 +168,11 @@ def asap_attention_forward(
                 f"output_attentions=True: the {operator.method!r} operator does not return attention weights"
             )
         weights = _softmax_weights(query, key, attention_mask, operator.resolved_scale(query))
-    out = operator(query, key, value, attn_mask=attention_mask)  # (b, h, n, d)
+    tokens = getattr(attention_mask, TOKENS_ATTR, None)
+    if tokens is not None and operator.takes_padding_mask and tuple(tokens.shape) == (query.shape[0], query.shape[-2]):
+        out = operator(query, key, value, padding_mask=tokens)  # (b, h, n, d)
+    else:
+        out = operator(query, key, value, attn_mask=attention_mask)
     return out.transpose(1, 2).contiguous(), weights
 
 
