@@ -97,23 +97,11 @@ def test_registry_and_old_class_names():
         plain.set_coefficients(torch.zeros(1, 3))
 
 
-def test_parallel_sorts_equal_single_call_sorts(monkeypatch):
-    """The row-split NumPy sorts (used with 2+ threads on large inputs) give the single-call results."""
-    from asap.transport import sliced
-
-    monkeypatch.setattr(sliced, "PARALLEL_SORT_MIN_ELEMENTS", 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        x, y = torch.randn(3, 2, 5, 11), torch.randn(3, 2, 5, 11).transpose(-1, -2).contiguous().transpose(-1, -2)
-        perm, ys = sliced.argsort_and_sort_last(x, y)
-        assert torch.equal(torch.gather(x, -1, perm), torch.sort(x, dim=-1).values)
-        assert torch.equal(ys, torch.sort(y, dim=-1).values)
-        m = _map(("qk_mean", "q_norm"), dtype=torch.float32)
-        q, k = torch.randn(2, 3, 9, 5), torch.randn(2, 3, 9, 5)
-        valid = torch.arange(9)[None] < torch.tensor([9, 4])[:, None]
-        got = m(q, k, scale=0.5, padding_mask=valid)
-        monkeypatch.setattr(sliced, "PARALLEL_SORT_MIN_ELEMENTS", 1 << 40)
-        torch.testing.assert_close(got, m(q, k, scale=0.5, padding_mask=valid), rtol=0, atol=0)
-    finally:
-        torch.set_num_threads(threads)
+@pytest.mark.parametrize("n", [5, 64, 65, 130])
+def test_both_projection_layouts_match_the_reference(n):
+    """Rows up to PER_HEAD_PROJECTION_MAX_N use one product per head, longer ones the broadcast product."""
+    m = _map(("qk_mean", "q_norm"))
+    q, k = torch.randn(2, 3, n, 5, dtype=torch.float64), torch.randn(2, 3, n, 5, dtype=torch.float64)
+    valid = torch.arange(n)[None] < torch.tensor([n, n // 2])[:, None]
+    expected = _reference(m, q, k, scale=0.3, attn_mask=key_padding_to_attn_mask(valid))
+    torch.testing.assert_close(m(q, k, scale=0.3, padding_mask=valid), expected, rtol=1e-11, atol=1e-11)

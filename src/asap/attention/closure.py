@@ -34,9 +34,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: One chunk of score blocks (fp32 bytes): 1 MiB measured best or near best from n = 16 to 512
-#: (scripts/bench_asap_paths.py; 256 KiB in ../shared/reviews/performance.md sec. 4.2).
-SHARED_CHUNK_BYTES = 2**20
+#: One chunk of score blocks (fp32 bytes): 4 MiB was fastest or within noise of it at 11 of 13
+#: shapes from n = 16 to 1024 (scripts/bench_asap_paths.py, results/bench/asap_paths_*.json).
+SHARED_CHUNK_BYTES = 4 * 2**20
 #: Largest single (n, m) block the dispatcher sends here (fp32 bytes); above it the two-pass path runs.
 SHARED_MAX_BLOCK_BYTES = 16 * 2**20
 

@@ -238,7 +238,7 @@ class SliceDualMap(nn.Module):
         b, h, n, d = q.shape
         L = self.num_slices
         f_hat, x = self._extras_and_query_projections(q, k, scale=scale, valid=valid)
-        y = torch.matmul(self.directions.to(dtype), k.transpose(-1, -2))  # (b, h, L, n)
+        y = _project_per_head(self.directions.to(dtype), k)  # (b, h, L, n)
         zero = torch.zeros((), dtype=dtype, device=q.device)
         if valid is not None:  # padding sorts last: the valid prefixes are then matched rank to rank
             rows, inf = valid[:, None, None, :], torch.tensor(float("inf"), dtype=dtype, device=q.device)
@@ -267,25 +267,43 @@ class SliceDualMap(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``(sum_e beta_e x_e(i)`` uncentred ``(b, h, n)``, the query projections ``x (b, h, L, n))``.
 
-        ``qk_mean`` is one more projection of the queries, on ``beta scale kbar``
-        (per ``(b, h)``): it rides along in the projection product instead of
-        costing a matrix-vector product of its own; ``q_norm`` is one norm.
+        Both extras are one dot product per token: ``<q_i, beta_1 scale kbar + beta_2 scale^2 q_i>``.
         """
         b, h, n, d = q.shape
-        L = self.num_slices
-        dirs = self.directions.to(q.dtype) * scale  # (h, L, d)
-        beta = self.extra_coef.to(q.dtype) if self.extra_features else None
+        x = _project_per_head(self.directions.to(q.dtype) * scale, q)
+        if not self.extra_features:
+            return q.new_zeros(b, h, n), x
+        beta = self.extra_coef.to(q.dtype)
+        partner = torch.zeros((), dtype=q.dtype, device=q.device)
+        if "q_norm" in self.extra_features:
+            e = self.extra_features.index("q_norm")
+            partner = q * (scale**2 * beta[:, e])[None, :, None, None]
         if "qk_mean" in self.extra_features:
             e = self.extra_features.index("qk_mean")
             w = _valid_key_mean(k, None if valid is None else valid[:, None, :]) * (scale * beta[:, e])[None, :, None]
-            proj = torch.matmul(torch.cat([dirs.expand(b, h, L, d), w.unsqueeze(2)], dim=2), q.transpose(-1, -2))
-            x, f_hat = proj[:, :, :L], proj[:, :, L].contiguous()
-        else:
-            x, f_hat = torch.matmul(dirs, q.transpose(-1, -2)), q.new_zeros(b, h, n)
-        if "q_norm" in self.extra_features:
-            e = self.extra_features.index("q_norm")
-            f_hat = f_hat + torch.linalg.vector_norm(q, dim=-1).square_() * (scale**2 * beta[:, e])[None, :, None]
-        return f_hat, x
+            partner = partner + w.unsqueeze(-2)
+        return torch.linalg.vecdot(q, partner.expand_as(q)), x
+
+
+#: Longest rows projected with one product per head (scripts/bench_asap_paths.py: faster up to n = 64,
+#: slower at n = 128 where the copy to the per-head layout costs more than the small products).
+PER_HEAD_PROJECTION_MAX_N = 64
+
+
+def _project_per_head(directions: Tensor, t: Tensor) -> Tensor:
+    """``directions (h, L, d)`` applied to every token of ``t (b, h, n, d)``: ``(b, h, L, n)``.
+
+    Up to :data:`PER_HEAD_PROJECTION_MAX_N` tokens per row, one product per head over
+    all ``b n`` tokens, ``(L, d) @ (d, b n)``, instead of ``b h`` products of
+    ``(L, d) @ (d, n)`` (broadcast ``matmul``): at small ``n`` the many tiny products
+    cost more than the work. The result is a view whose last
+    tensor is made contiguous: the sorts, gathers and scans that follow read it row by row.
+    """
+    b, h, n, d = t.shape
+    if n > PER_HEAD_PROJECTION_MAX_N:  # long rows: the broadcast products are already large enough
+        return torch.matmul(directions, t.transpose(-1, -2))
+    tokens = t.permute(1, 3, 0, 2).reshape(h, d, b * n)  # a view when t comes from a (b, n, ...) projection
+    return torch.bmm(directions, tokens).view(h, -1, b, n).permute(2, 0, 1, 3).contiguous()
 
 
 def _center(f_hat: Tensor, valid: Tensor | None, enabled: bool) -> Tensor:

@@ -34,8 +34,6 @@ ch. 2 (1-D transport); Peyre & Cuturi, "Computational Optimal Transport",
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -90,46 +88,14 @@ def sort_values_last(x: Tensor) -> Tensor:
     return torch.gather(x, -1, argsort_last(x))
 
 
-#: Below this many elements per sort, one thread sorts (a thread hand-off costs more than it saves).
-PARALLEL_SORT_MIN_ELEMENTS = 1 << 15
-_SORT_POOL: dict[int, ThreadPoolExecutor] = {}
-
-
-def _numpy_ok(*xs: Tensor) -> bool:
-    return all(
-        x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not (torch.is_grad_enabled() and x.requires_grad)
-        for x in xs
-    ) and not torch.compiler.is_compiling()
-
-
 def argsort_and_sort_last(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """``(argsort_last(x), sort_values_last(y))``, on CPU split by rows over torch's thread count.
+    """``(argsort_last(x), sort_values_last(y))``: what the fused dual map needs of the two projections.
 
-    NumPy's sort is single-threaded and releases the GIL, so the rows of both
-    arrays are cut into ``torch.get_num_threads()`` blocks sorted concurrently:
-    with more threads the sorts get faster instead of time-slicing against
-    torch's thread pool. Small inputs, autograd and other devices take the
-    single-call paths.
+    Splitting the rows of the NumPy sorts over two threads was measured and
+    gained nothing on a 2-core CPU (scripts/bench_asap_paths.py), so both sorts
+    run in the calling thread.
     """
-    threads = torch.get_num_threads()
-    if threads < 2 or x.numel() < PARALLEL_SORT_MIN_ELEMENTS or not _numpy_ok(x, y):
-        return argsort_last(x), sort_values_last(y)
-    xn = x.detach().numpy().reshape(-1, x.shape[-1])
-    yn = y.detach().numpy().reshape(-1, y.shape[-1])
-    perm = np.empty(xn.shape, dtype=np.int64)
-    ys = np.empty(yn.shape, dtype=yn.dtype)
-    bounds = np.linspace(0, xn.shape[0], threads + 1).astype(int)
-
-    def job(start: int, stop: int) -> None:
-        perm[start:stop] = np.argsort(xn[start:stop], axis=-1)
-        ys[start:stop] = np.sort(yn[start:stop], axis=-1)
-
-    pool = _SORT_POOL.get(threads)
-    if pool is None:
-        pool = _SORT_POOL[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="asap-sort")
-    for future in [pool.submit(job, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]:
-        future.result()
-    return torch.from_numpy(perm).view(x.shape), torch.from_numpy(ys).view(y.shape)
+    return argsort_last(x), sort_values_last(y)
 
 
 def sort_last(x: Tensor) -> tuple[Tensor, Tensor]:

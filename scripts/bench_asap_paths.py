@@ -1,0 +1,91 @@
+"""Measure the crossovers behind asap_attention's backend="auto" rule and the shared path's chunk size.
+
+For each shape (b, h, n, d), unpadded and padded (a quarter of the tokens on average), one interleaved
+run (asap.bench.measure.benchmark) times, in softmax-call units (softmax on the same unpadded inputs):
+
+* the closure alone from a given f_hat: backend "flash" (two fused attention passes) and "shared"
+  (one exponential, unpadded only) at several chunk sizes;
+* the fused dual map (L = 16, qk_mean + q_norm) alone;
+* the whole AsapOperator with backend "auto", and Sinkhorn K = 3 and K = 11 for scale.
+
+Writes a JSON (machine, threads, load average, command) and prints one line per shape:
+
+    python scripts/bench_asap_paths.py --threads 2 --out results/bench/asap_paths_t2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from asap.attention import asap_attention, build_operator, sinkhorn_attention, softmax_attention
+from asap.attention.closure import shared_exp_closure
+from asap.bench.measure import benchmark, load_average, machine_info
+from asap.bench.operators import padding_for
+from asap.train.checkpoint import atomic_write_json
+
+SHAPES = [(8, 8, 16, 64), (8, 8, 64, 64), (8, 8, 128, 64), (8, 8, 256, 64), (8, 8, 512, 64), (8, 8, 1024, 64),
+          (32, 4, 17, 16), (128, 4, 17, 16), (32, 4, 50, 16), (32, 4, 128, 16), (32, 4, 512, 16), (16, 12, 128, 32),
+          (16, 12, 256, 32)]
+CHUNKS = (2**20, 4 * 2**20, 16 * 2**20)
+
+
+def run_shape(b: int, h: int, n: int, d: int, *, padded: bool, budget: float) -> dict:
+    gen = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for _ in range(3))
+    valid = padding_for(b, n, 0.25) if padded else None
+    op = build_operator("asap", num_heads=h, head_dim=d, num_slices=16, extra_features=("qk_mean", "q_norm"))
+    op.dual_map.set_coefficients(torch.randn(h, op.dual_map.num_features, generator=gen) / 18**0.5)
+    scale = d**-0.5
+    f = op.dual_map(q, k, scale=scale, padding_mask=valid, center=False)
+    fns = {
+        "softmax": lambda: softmax_attention(q, k, v),
+        "closure_flash": lambda: asap_attention(q, k, v, f, padding_mask=valid, backend="flash"),
+        "dual_map": lambda: op.dual_map(q, k, scale=scale, padding_mask=valid, center=False),
+        "asap_auto": lambda: op(q, k, v, padding_mask=valid),
+        "sinkhorn_k3": lambda: sinkhorn_attention(q, k, v, n_iters=3, padding_mask=valid),
+        "sinkhorn_k11": lambda: sinkhorn_attention(q, k, v, n_iters=11, padding_mask=valid),
+    }
+    for chunk in CHUNKS:
+        fns[f"closure_shared_{chunk >> 10}k"] = (
+            lambda chunk=chunk: shared_exp_closure(q, k, v, f, scale=scale, eps=1.0, valid=valid, chunk_bytes=chunk))
+    with torch.no_grad():
+        run = benchmark(fns, device="cpu", warmup=2, repeats=40, min_repeats=5, budget_s=budget, measure_memory=False)
+    med = {name: r.timing.median_s for name, r in run.results.items()}
+    unit = med["softmax"]
+    return {"b": b, "h": h, "n": n, "d": d, "padded": padded, "softmax_ms": 1e3 * unit,
+            "softmax_calls": {name: t / unit for name, t in med.items()}, "rounds": run.rounds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per method and shape")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    load_before = load_average()
+    for b, h, n, d in SHAPES:
+        for padded in (False, True):
+            row = run_shape(b, h, n, d, padded=padded, budget=args.budget)
+            rows.append(row)
+            calls = row["softmax_calls"]
+            print(f"b{b} h{h} n{n} d{d} {'padded' if padded else 'full  '} "
+                  + " ".join(f"{k}={v:.2f}" for k, v in calls.items() if k != "softmax"), flush=True)
+    doc = {"command": "python scripts/bench_asap_paths.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+           "machine": machine_info("cpu"), "load_average_before": load_before, "load_average_after": load_average(),
+           "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, doc)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
