@@ -255,10 +255,16 @@ def test_asap_inference_never_materialises_the_score_matrix():
     """Peak memory well under one (b, h, n, m) fp32 tensor (a strided bias once made SDPA expand it)."""
     from asap.bench.measure import peak_memory
 
-    b, h, n, d = 2, 4, 512, 16
+    from asap.attention.closure import SHARED_CHUNK_BYTES
+
+    b, h, n, d = 4, 8, 512, 16
     q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
     f_hat = torch.randn(b, h, n)
     full = b * h * n * n * 4
+    inputs = 4 * b * h * n * d * 4
     with torch.no_grad():
-        peak = peak_memory(lambda: asap_attention(q, k, v, f_hat), device=torch.device("cpu")).peak_bytes
-    assert 0 < peak < 0.25 * full, (peak, full)
+        for backend in ("flash", "shared"):  # shared: one chunk of score blocks at a time
+            peak = peak_memory(lambda: asap_attention(q, k, v, f_hat, backend=backend), device=torch.device("cpu")).peak_bytes
+            assert 0 < peak < 0.25 * full, (backend, peak, full)
+            if backend == "shared":
+                assert peak < SHARED_CHUNK_BYTES + 2 * inputs, (peak, SHARED_CHUNK_BYTES)
