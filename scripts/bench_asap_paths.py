@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             calls = row["softmax_calls"]
             print(f"b{b} h{h} n{n} d{d} {'padded' if padded else 'full  '} "
                   + " ".join(f"{k}={v:.2f}" for k, v in calls.items() if k != "softmax"), flush=True)
-    doc = {"command": "python scripts/bench_asap_paths.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+    command = "python scripts/bench_asap_paths.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    doc = {"schema": "asap.scripts.asap_paths/1", "command": command,
            "machine": machine_info("cpu"), "load_average_before": load_before, "load_average_after": load_average(),
            "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -99,20 +99,21 @@ def test_operator_figures_come_from_the_json(results_dir):
     text = generate_report(results_dir).read_text()
     assert "Synthetic CPU 9000" in text and "abcdef1234" in text
     assert "python -m asap.bench.operators --device cpu --lengths 512,1024" in text
-    assert "measured **9.50x** (met)" in text
+    assert "at least 8x faster than Sinkhorn K=21 at n=512: measured **9.50x** (met)" in text
+    assert "softmax calls at n=512: measured **" in text and "softmax calls at n=1024: measured **" in text
     assert "OOM" in text  # the out-of-memory cell is shown, not dropped
     assert "esp: not available" in text
-    # 1024: dense tensor 2*2*1024*1024*4 bytes = 16 MiB; ASAP's peak dense/8 = 2 MiB = 12 %.
-    assert "measured **2.0 MiB** (12 % of it" in text
+    assert "peak extra memory at n=4096" not in text  # not measured in this file: no line, no made-up figure
 
     write(results_dir / "bench" / "operators_cpu.json", synthetic_operators(asap_speedup_at_512=4.0))
     text = generate_report(results_dir).read_text()
-    assert "measured **4.00x** (NOT met)" in text
+    assert "Sinkhorn K=21 at n=512: measured **4.00x** (NOT met)" in text
 
 
 def test_absent_sections_are_announced_and_the_paper_is_quoted(results_dir):
     text = generate_report(results_dir).read_text()
-    assert text.count("**Not available yet**") == 5  # training cost, compile, accuracy, frozen layer, teachers
+    # training cost, compile, accuracy, frozen layer, fidelity, ASAP paths, teachers
+    assert text.count("**Not available yet**") == 7
     assert f"ASAP {PAPER_CLAIMS['speedup_over_teacher']}x faster" in text
     assert "9.5x at n=512" in text  # our operator speed-up beside the paper's claim
     assert "not measured yet (no training-cost JSON)" in text
@@ -124,7 +125,7 @@ def test_training_cost_and_unknown_schemas_are_rendered(results_dir):
     write(results_dir / "compile" / "run1" / "fidelity.json", {"layers": {"0": {"kl_asap": 0.0123}}, "n_iters": 21})
     (results_dir / "bench" / "command.txt").write_text("training_cost.json: asap bench training-cost --device cpu\n")
     text = generate_report(results_dir).read_text()
-    assert text.count("**Not available yet**") == 3  # accuracy, frozen layer, teachers
+    assert text.count("**Not available yet**") == 5  # accuracy, frozen layer, fidelity, ASAP paths, teachers
     assert "asap bench training-cost --device cpu" in text
     assert "| esp | 300.0 ms | 300.0 MiB | 7.50x | 12.25x |" in text
     assert "esp takes 7.50x the time and 12.25x the memory of sinkhorn_k3" in text
@@ -192,3 +193,18 @@ def test_asap_report_command_writes_the_readme(results_dir):
 
     assert asap_main(["report", "--results", str(results_dir)]) == 0
     assert "measured **9.50x**" in (results_dir / "README.md").read_text()
+
+
+def test_fidelity_plane_is_rendered_with_its_verdict(results_dir):
+    point = lambda method, family, tv, ms, **kw: {"method": method, "family": family, "row_tv": tv, "col_err": 0.1,  # noqa: E731
+                                                  "ms": ms, **kw}
+    layer = {"layer": 0, "name": "enc.0", "teacher_iters": 11, "shape": [16, 12, 128, 32],
+             "maps": {"16": {"r2_held_out": [0.8, 0.9]}},
+             "points": [point("sinkhorn_K3", "truncated", 0.06, 30.0, K=3), point("asap_L16_j0", "asap", 0.05, 28.0, L=16, extra_steps=0)],
+             "verdict": {"asap_points_on_front": [{"asap": "asap_L16_j0", "beats": "sinkhorn_K3"}], "asap_wins": True}}
+    write(results_dir / "fidelity" / "minilm.json", {"schema": "asap.bench.fidelity/1", "command": "asap bench fidelity --hf minilm",
+          "source": {"kind": "hf", "path": "m", "dataset": "imdb", "split": "train", "max_length": 128},
+          "calibration_examples": 64, "held_out_examples": 32, "layers": [layer]})  # fmt: skip
+    text = generate_report(results_dir).read_text()
+    assert "asap_L16_j0 is more faithful than sinkhorn_K3 at no more time" in text
+    assert "| asap_L16_j0 | 0.0500 | 0.1000 | 28.00 |" in text and "L=16: 0.850" in text
