@@ -41,13 +41,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES, build_dual_map
+from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES
 from asap.attention.functional import asap_attention, sinkhorn_attention
 from asap.attention.operators import AttentionOperator, SinkhornOperator, call_mask
 from asap.bench.measure import benchmark, load_average, machine_info
 from asap.bench.operators import command_line, record_command
-from asap.compile.fit import NormalEquations, explained_variance, solve_ridge
-from asap.compile.plans import closure_target, scores_and_support
+from asap.compile.direct import fit_dual_map
 from asap.train.checkpoint import atomic_write_json
 
 SCHEMA = "asap.bench.fidelity/1"
@@ -126,34 +125,6 @@ def capture_calls(
     return calls
 
 
-def fit_dual_map(
-    calls: Sequence[LayerCall], teacher: SinkhornOperator, *, num_slices: int, extra_features: tuple[str, ...],
-    seed: int, ridge: float,
-) -> tuple[nn.Module, NormalEquations]:  # fmt: skip
-    """Fit the dual map of one layer on ``calls`` (fp64 normal equations); returns the map and the equations."""
-    q0 = calls[0].q
-    h, d = q0.shape[1], q0.shape[-1]
-    dual_map = build_dual_map(num_heads=h, head_dim=d, num_slices=num_slices, slice_type="random", seed=seed,
-                              extra_features=extra_features)  # fmt: skip
-    normal = NormalEquations.zeros(h, dual_map.num_features)
-    scale = teacher.resolved_scale(q0)
-    for call in calls:
-        normal.add(*_design(dual_map, call, teacher, scale=scale), valid=_rows(call))
-    dual_map.set_coefficients(solve_ridge(normal, ridge=ridge).to(torch.float32))
-    return dual_map, normal
-
-
-def _design(dual_map: nn.Module, call: LayerCall, teacher: SinkhornOperator, *, scale: float) -> tuple[Tensor, Tensor]:
-    q, k = call.q.double(), call.k.double()
-    scores, supp = scores_and_support(q, k, scale=scale, attn_mask=call.attn_mask)
-    target = closure_target(scores, supp, n_iters=teacher.n_iters, eps=teacher.eps)
-    return dual_map.double().features(q, k, scale=scale, attn_mask=call.attn_mask), target
-
-
-def _rows(call: LayerCall) -> Tensor | None:
-    return None if call.valid is None else call.valid[:, None, :]
-
-
 def _attention(fn: Callable[..., Tensor], call: LayerCall, **kwargs: Any) -> Tensor:
     """The attention matrix an operator applies: its output for ``v`` = identity, ``(b, h, n, n)``."""
     b, h, n, _ = call.q.shape
@@ -197,15 +168,12 @@ def layer_plane(
             call0.q, call0.k, call0.v, n_iters=k_trunc, eps=eps, scale=scale, padding_mask=call0.valid)
     maps = {}
     for num_slices in config.slices:
-        dual_map, _ = fit_dual_map(fit_calls, teacher, num_slices=num_slices, extra_features=config.extra_features,
-                                   seed=config.seed, ridge=config.ridge)  # fmt: skip
-        dual_map = dual_map.float()
-        held = NormalEquations.zeros(dual_map.num_heads, dual_map.num_features)
-        for call in held_calls:
-            held.add(*_design(dual_map.double(), call, teacher, scale=scale), valid=_rows(call))
-        dual_map = dual_map.float()
-        r2 = explained_variance(held, dual_map.coefficients().double())
-        maps[num_slices] = {"r2_held_out": [float(x) for x in r2]}
+        dual_map, stats = fit_dual_map(
+            [(c.q, c.k, c.valid) for c in fit_calls], n_iters=K, eps=eps, scale=scale, num_slices=num_slices,
+            seed=config.seed, extra_features=config.extra_features, ridge=config.ridge,
+            held_out=[(c.q, c.k, c.valid) for c in held_calls],
+        )  # fmt: skip
+        maps[num_slices] = {"r2_held_out": stats["r2_held_out"], "r2_fit": stats["r2_fit"]}
 
         def f_hat(c: LayerCall, dual_map=dual_map) -> Tensor:
             return dual_map(c.q, c.k, scale=scale, padding_mask=c.valid, center=False)

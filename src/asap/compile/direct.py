@@ -1,0 +1,99 @@
+"""Fit an ASAP dual map straight from attention inputs, for any model: one call, no hooks, no project classes.
+
+``asap compile`` finds the Sinkhorn layers of a model and hooks them; a user
+with a model of their own, or with ``q, k`` saved from anywhere, only needs::
+
+    from asap.compile.direct import fit_dual_map
+
+    dual_map, stats = fit_dual_map([(q1, k1, pad1), (q2, k2, pad2)], n_iters=11, eps=1.0)
+    op = AsapOperator(num_heads=h, head_dim=d, eps=1.0, dual_map=dual_map)
+
+Each item is ``(q, k)`` or ``(q, k, padding_mask)`` with ``q, k (b, h, n, d)`` and
+an optional ``(b, n)`` token mask (True = real token), or a 4-D boolean
+``attn_mask`` broadcastable to ``(b, h, n, n)`` for other masks. The fit is the
+one ``asap compile`` does (docs/method.md sec. 4.4): the design matrix of
+:meth:`~asap.attention.dual_map.SliceDualMap.features` against the teacher's
+closure target ``f_{K-2}``, accumulated in fp64 normal equations (the inputs
+are not kept), then ridge least squares relative to the Gram trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES, SliceDualMap, build_dual_map
+from asap.compile.fit import NormalEquations, explained_variance, solve_ridge
+from asap.compile.plans import closure_target, scores_and_support
+from asap.transport.masks import key_padding_to_attn_mask
+
+
+def _as_mask(mask: Tensor | None) -> Tensor | None:
+    if mask is None or mask.dim() == 4:
+        return mask
+    if mask.dim() == 2:
+        return key_padding_to_attn_mask(mask)
+    raise ValueError(f"fit_dual_map: a mask is (b, n) token padding or a 4-D boolean mask, got shape {tuple(mask.shape)}")
+
+
+def accumulate(
+    dual_map: SliceDualMap, items: Iterable[tuple], *, n_iters: int, eps: float, scale: float | None = None
+) -> NormalEquations:
+    """The fp64 normal equations of ``dual_map``'s design matrix against the ``n_iters``-step closure target."""
+    normal = None
+    for item in items:
+        if len(item) not in (2, 3):
+            raise ValueError(f"fit_dual_map: each item is (q, k) or (q, k, mask), got {len(item)} elements")
+        q, k = item[0].detach().double(), item[1].detach().double()
+        mask = _as_mask(item[2] if len(item) == 3 else None)
+        if q.shape[1] != dual_map.num_heads or q.shape[-1] != dual_map.head_dim:
+            raise ValueError(f"fit_dual_map: q of shape {tuple(q.shape)} for a map of {dual_map.num_heads} heads "
+                             f"of size {dual_map.head_dim}")  # fmt: skip
+        s = q.shape[-1] ** -0.5 if scale is None else scale
+        scores, supp = scores_and_support(q, k, scale=s, attn_mask=mask)
+        target = closure_target(scores, supp, n_iters=n_iters, eps=eps)
+        phi = dual_map.double().features(q, k, scale=s, attn_mask=mask)
+        if normal is None:
+            normal = NormalEquations.zeros(dual_map.num_heads, dual_map.num_features)
+        normal.add(phi, target, valid=supp.rows)
+    if normal is None:
+        raise ValueError("fit_dual_map: no inputs to fit on")
+    return normal
+
+
+def fit_dual_map(
+    items: Iterable[tuple],
+    *,
+    n_iters: int,
+    eps: float = 1.0,
+    scale: float | None = None,
+    num_slices: int = 16,
+    slice_type: str = "random",
+    seed: int = 0,
+    extra_features: tuple[str, ...] = DEFAULT_EXTRA_FEATURES,
+    ridge: float = 1e-3,
+    held_out: Iterable[tuple] | None = None,
+) -> tuple[SliceDualMap, dict[str, Any]]:
+    """A fitted fp32 dual map for a K-step teacher, and ``{"r2_fit": [...], "r2_held_out": [...] | None}`` per head.
+
+    ``n_iters`` is the teacher's K (odd, >= 3); ``scale`` defaults to ``1/sqrt(d)``.
+    ``held_out`` items (same form) give the held-out R2 without entering the fit.
+    """
+    items = list(items)
+    if not items:
+        raise ValueError("fit_dual_map: no inputs to fit on")
+    q0 = items[0][0]
+    dual_map = build_dual_map(num_heads=q0.shape[1], head_dim=q0.shape[-1], num_slices=num_slices,
+                              slice_type=slice_type, seed=seed, extra_features=tuple(extra_features))  # fmt: skip
+    normal = accumulate(dual_map, items, n_iters=n_iters, eps=eps, scale=scale)
+    coef = solve_ridge(normal, ridge=ridge)
+    stats: dict[str, Any] = {"r2_fit": [float(x) for x in explained_variance(normal, coef)], "r2_held_out": None}
+    if held_out is not None:
+        held = accumulate(dual_map, held_out, n_iters=n_iters, eps=eps, scale=scale)
+        stats["r2_held_out"] = [float(x) for x in explained_variance(held, coef)]
+    dual_map = dual_map.float()
+    dual_map.set_coefficients(coef.float())
+    return dual_map, stats
