@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
 
 from asap.cli.main import main
+from asap.errors import ConfigError, UnsafePathError
 from asap.compile import load_compiled
 from asap.compile.runs import load_run_model
 from asap.train import TrainConfig, load_model, train
@@ -93,3 +96,109 @@ def test_eval_cli_accepts_a_compiled_model(tiny_run, tmp_path, capsys):
     assert result["attention"]["method"] == "asap" and result["attention"]["compiled_layers"] == [0, 1]
     model, _ = load_compiled(out)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["num_samples"] == 50
+
+
+# --------------------------------------------------------------------------- issue 12 items 3 and 4
+
+
+def _tree(root):
+    """Every path under ``root`` with its bytes (files), link target (symlinks) or None (folders)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                out[rel] = ("link", os.readlink(path))
+            elif os.path.isdir(path):
+                out[rel] = None
+            else:
+                with open(path, "rb") as f:
+                    out[rel] = f.read()
+    return out
+
+
+@pytest.fixture
+def sandbox(tiny_run, tmp_path):
+    """A copy of the run (``R``), another saved run (``other``), an artifact (``art``) and a plain folder."""
+    run = tmp_path / "R"
+    shutil.copytree(tiny_run, run)
+    shutil.copytree(tiny_run, tmp_path / "other")
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "manifest.json").write_text("{}")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("mine")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "link_to_run").symlink_to(run, target_is_directory=True)
+    return run
+
+
+REFUSED_OUT = [
+    ("R", "run folder"),                 # the teacher itself: its weights would be overwritten
+    ("R/compiled", "run folder"),         # inside the run
+    (".", "contains the run folder"),     # contains the run
+    ("link_to_run", "run folder"),        # the run again, through a symlink
+    ("link_to_run/sub", "run folder"),
+    ("other", "saved run"),               # another run
+    ("other/compiled", "saved run"),      # inside another run
+    ("art/compiled", "compiled artifact"),  # inside an artifact
+    ("plain", "not empty"),               # someone's folder
+    ("a_file", "not a folder"),
+]
+
+
+@pytest.mark.parametrize("out, reason", REFUSED_OUT, ids=[o for o, _ in REFUSED_OUT])
+def test_compile_refuses_an_out_that_would_damage_a_run_and_writes_nothing(sandbox, capsys, out, reason):
+    root = sandbox.parent
+    before = _tree(root)
+    code = main(["compile", str(sandbox), "--calibration", "16", "--out", str(root / out), "--no-eval", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and reason in err and "--out" in err, err
+    assert _tree(root) == before
+
+
+def test_compile_may_replace_an_earlier_artifact(tiny_run, tmp_path, capsys):
+    from asap.compile.runs import check_output_dir
+
+    out = tmp_path / "compiled"
+    args = ["compile", str(tiny_run), "--calibration", "32", "--out", str(out), "--slices", "2", "--no-eval", "--quiet"]
+    assert main(args) == 0 and main(args) == 0  # the second run overwrites the first artifact
+    load_compiled(out)
+    (tmp_path / "empty").mkdir()
+    assert check_output_dir(tmp_path / "empty", run_dir=tiny_run) == tmp_path / "empty"
+    assert check_output_dir(tmp_path / "new" / "deeper", run_dir=tiny_run) == tmp_path / "new" / "deeper"
+    (out / "sub").mkdir()
+    with pytest.raises(ConfigError, match="also holds"):
+        check_output_dir(out, run_dir=tiny_run)
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../../x", "sub/tokenizer.json"])
+def test_compile_refuses_a_tokenizer_name_outside_the_run(sandbox, capsys, name):
+    """An image run's config.json naming a tokenizer used to get that file copied into the artifact."""
+    config = json.loads((sandbox / "config.json").read_text())
+    config["data"]["tokenizer"] = name
+    (sandbox / "config.json").write_text(json.dumps(config))
+    root = sandbox.parent
+    before = _tree(root)
+    out = root / "compiled"
+    code = main(["compile", str(sandbox), "--calibration", "16", "--out", str(out), "--no-eval", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "data.tokenizer" in err, err
+    assert _tree(root) == before and not out.exists()
+
+
+def test_teacher_extra_files_checks_the_name(tiny_run):
+    from asap.compile.runs import load_teacher
+
+    teacher = load_teacher(tiny_run)
+    teacher.run_config.data["tokenizer"] = "/etc/hostname"
+    with pytest.raises(UnsafePathError, match="data.tokenizer"):
+        teacher.extra_files()
+    (tiny_run / "tokenizer.json").write_text("{}")
+    try:
+        teacher.run_config.data["tokenizer"] = "tokenizer.json"
+        assert teacher.extra_files() == [tiny_run / "tokenizer.json"]
+    finally:
+        (tiny_run / "tokenizer.json").unlink()
+        del teacher.run_config.data["tokenizer"]

@@ -21,6 +21,7 @@ import argparse
 import sys
 
 from asap.compile.maps import DEFAULT_EXTRA_FEATURES
+from asap.errors import AsapError
 
 
 def _layers(text: str) -> list[int]:
@@ -90,12 +91,16 @@ def run_compile(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from asap.compile import compile_model, fidelity_table, plot_report, save_compiled
-    from asap.compile.runs import accuracies, calibration_batches, load_data, load_teacher
-    from asap.train.checkpoint import CheckpointError, atomic_write_json
+    from asap.compile.runs import accuracies, calibration_batches, check_output_dir, load_data, load_teacher
+    from asap.train.checkpoint import atomic_write_json
 
     try:
         teacher = load_teacher(args.run_dir, device=args.device)
-    except CheckpointError as err:
+        # Before any work, and again just before writing (the folder may have changed meanwhile): --out must
+        # not be, contain or lie inside the run or another saved run (it would overwrite the teacher's weights).
+        check_output_dir(args.out, run_dir=args.run_dir)
+        extra_files = teacher.extra_files()
+    except AsapError as err:
         print(f"asap compile: {err}", file=sys.stderr)
         return 2
     progress = None if args.quiet else (lambda it, total: tqdm(it, total=total, desc="calibrating", leave=False))
@@ -115,9 +120,10 @@ def run_compile(args: argparse.Namespace) -> int:
             batch_size=args.eval_batch_size,
         )  # fmt: skip
         report["accuracy"]["split"] = args.eval_split
+    check_output_dir(args.out, run_dir=args.run_dir)
     out = save_compiled(
         args.out, compiled, report=report, run_config=teacher.run_config.to_dict(),
-        source_sha256=teacher.source_sha256, copy_files=teacher.extra_files(),
+        source_sha256=teacher.source_sha256, copy_files=extra_files,
     )  # fmt: skip
     atomic_write_json(Path(out) / "fidelity.json", report)
     plot_report(report, Path(out) / "fidelity.png")

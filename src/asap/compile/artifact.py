@@ -14,13 +14,19 @@ model needs; for every compiled layer its module name, teacher ``K`` and
 ``eps``, ``scale``, heads, head size, slices (type, L, seed), extra features; the fit options,
 the calibration size and the fidelity figures.
 
-Loading rebuilds the teacher architecture from the config, replaces the
-compiled layers' operators by ASAP operators of the recorded shapes, and loads
-the weights with strict key/shape/dtype checks. It refuses, with a message
-naming the file and the problem: a missing file, a manifest of another format
-or version, weights whose hash is not the manifest's (corrupted, truncated or
-replaced), an unreadable safetensors file, a layer the config does not have,
-or tensors that do not fit. Every file is written atomically (temporary file,
+Loading trusts nothing in the folder (an artifact may come from someone else)
+and checks, in this order, before anything large is read or allocated:
+
+1. the manifest's schema (:func:`validate_manifest`): types, required keys,
+   sizes within bounds; one :class:`ManifestError` naming the file and field;
+2. the weights file name: a plain name inside the artifact folder
+   (:func:`asap.io.file_inside`), else :class:`UnsafeArtifactPathError`, and
+   no file outside the folder is opened, hashed or named by its hash;
+3. the safetensors *header* of the weights (names, shapes, dtypes; no tensor
+   read) against the model the manifest describes, built on the ``meta``
+   device (so ``dim = 65536`` allocates nothing);
+4. the sha256 of the weights, then the tensors themselves (finite values),
+   and only then the real model is built and loaded strictly. Every file is written atomically (temporary file,
 fsync, rename), the manifest last: a crash leaves no manifest pointing at
 half-written weights.
 """
@@ -28,6 +34,7 @@ half-written weights.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 from pathlib import Path
@@ -36,12 +43,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from asap.attention.dual_map import SliceDualMap
+from asap.attention.dual_map import EXTRA_FEATURES, SLICE_TYPES, SliceDualMap, build_dual_map
 from asap.attention.operators import AsapOperator, SinkhornOperator
-from asap.compile.maps import build_dual_map
+from asap.errors import ConfigError, UnsafePathError
+from asap.io import file_inside, read_json
 from asap.models import build_model, model_config_from_dict
-from asap.io import read_json
-from asap.train.checkpoint import CheckpointError, atomic_write_json, check_state_dict, load_tensors, save_tensors
+from asap.train.checkpoint import (
+    CheckpointError,
+    _validate_model_dict,
+    atomic_write_json,
+    check_finite,
+    check_shapes,
+    check_state_dict,
+    load_tensors,
+    read_header,
+    save_tensors,
+)
 
 FORMAT = "asap-compiled"
 FORMAT_VERSION = 1
@@ -49,8 +66,22 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
+#: Bounds of a compiled layer's description: far beyond any real model, small enough that a
+#: manifest cannot describe an absurd one (the header comparison catches the rest before allocation).
+MAX_LAYER_SIZES = {"num_heads": 4096, "head_dim": 2**16, "slices.num": 2**16}
+MAX_COMPILED_LAYERS = 4096
+
+
 class ArtifactError(CheckpointError):
     """A compiled artifact that cannot be used; the message names the file and the problem."""
+
+
+class ManifestError(ArtifactError, ConfigError):
+    """A manifest whose structure is wrong (type, missing key, size); names the file and the field."""
+
+
+class UnsafeArtifactPathError(ArtifactError, UnsafePathError):
+    """A file name in a manifest that is not a plain name inside the artifact folder."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -145,70 +176,206 @@ def read_manifest(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         raise ArtifactError(
             f"{manifest_path}: format version {manifest.get('format_version')!r}, this asap reads {FORMAT_VERSION}"
         )
-    for key in ("weights", "model_config", "compiled_layers"):
-        if key not in manifest:
-            raise ArtifactError(f"{manifest_path}: missing field {key!r}")
+    validate_manifest(manifest, source=str(manifest_path))
     return directory, manifest
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def validate_manifest(manifest: Any, *, source: str) -> None:
+    """Check the structure of a manifest; :class:`ManifestError` naming ``source`` and the first bad field.
+
+    Checked: ``weights`` (``file`` a string, ``sha256`` 64 hex digits),
+    ``model_config`` (every field present and typed, sizes within the run
+    config's bounds, as for a run's ``config.json``), ``run_config`` (null or an
+    object), ``compiled_layers`` (a list of at most :data:`MAX_COMPILED_LAYERS`
+    layers, each with a distinct ``name``, finite positive ``eps``, a
+    finite positive or null ``scale``, integer ``num_heads``/``head_dim``/``slices.num`` within
+    :data:`MAX_LAYER_SIZES`, a known ``slices.type``, an integer ``slices.seed``
+    in ``[0, 2**63)``, distinct known ``extra_features``). Whether the sizes fit
+    the weights is checked later, against the safetensors header.
+    """
+
+    def bad(field: str, problem: str) -> ManifestError:
+        return ManifestError(f"{source}: {field} {problem}")
+
+    if not isinstance(manifest, dict):
+        raise bad("the manifest", f"must be a JSON object, got {type(manifest).__name__}")
+    for key in ("weights", "model_config", "compiled_layers"):
+        if key not in manifest:
+            raise bad(repr(key), "is missing")
+    weights = manifest["weights"]
+    if not isinstance(weights, dict):
+        raise bad("weights", f"must be a JSON object, got {weights!r:.60}")
+    if not isinstance(weights.get("file"), str):
+        raise bad("weights.file", f"must be a file name, got {weights.get('file')!r:.60}")
+    digest = weights.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise bad("weights.sha256", f"must be 64 lowercase hex digits, got {digest!r:.80}")
+    model_config = manifest["model_config"]
+    if not isinstance(model_config, dict):
+        raise bad("model_config", f"must be a JSON object, got {model_config!r:.60}")
+    try:
+        _validate_model_dict(model_config, source=source)
+    except CheckpointError as err:  # its messages name the field "model.<x>"; here it is "model_config.<x>"
+        raise ManifestError(str(err).replace(f"{source}: model", f"{source}: model_config", 1)) from None
+    for key in ("run_config", "source"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise bad(key, f"must be a JSON object or null, got {manifest[key]!r:.60}")
+    layers = manifest["compiled_layers"]
+    if not isinstance(layers, list):
+        raise bad("compiled_layers", f"must be a list, got {layers!r:.60}")
+    if len(layers) > MAX_COMPILED_LAYERS:
+        raise bad("compiled_layers", f"has {len(layers)} entries, at most {MAX_COMPILED_LAYERS} allowed")
+    names: set[str] = set()
+    for i, layer in enumerate(layers):
+        where = f"compiled_layers[{i}]"
+        if not isinstance(layer, dict):
+            raise bad(where, f"must be a JSON object, got {layer!r:.60}")
+        name = layer.get("name")
+        if not isinstance(name, str) or not name:
+            raise bad(f"{where}.name", f"must be a module name, got {name!r:.60}")
+        if name in names:
+            raise bad(f"{where}.name", f"{name!r} appears twice")
+        names.add(name)
+        if not _is_positive_number(layer.get("eps")):
+            raise bad(f"{where}.eps", f"must be a finite positive number, got {layer.get('eps')!r:.60}")
+        if layer.get("scale") is not None and not _is_positive_number(layer["scale"]):  # null: 1/sqrt(head_dim)
+            raise bad(f"{where}.scale", f"must be a finite positive number or null, got {layer['scale']!r:.60}")
+        slices = layer.get("slices")
+        if not isinstance(slices, dict):
+            raise bad(f"{where}.slices", f"must be a JSON object, got {slices!r:.60}")
+        sizes = {"num_heads": layer.get("num_heads"), "head_dim": layer.get("head_dim"), "slices.num": slices.get("num")}
+        for key, value in sizes.items():
+            if not _is_int(value) or not 1 <= value <= MAX_LAYER_SIZES[key]:
+                raise bad(f"{where}.{key}", f"must be an integer in [1, {MAX_LAYER_SIZES[key]}], got {value!r:.60}")
+        if slices.get("type") not in SLICE_TYPES:
+            raise bad(f"{where}.slices.type", f"must be one of {list(SLICE_TYPES)}, got {slices.get('type')!r:.60}")
+        if slices["type"] == "axis" and slices["num"] > layer["head_dim"]:
+            raise bad(f"{where}.slices.num", f"({slices['num']}) cannot exceed head_dim ({layer['head_dim']}) for axis slices")
+        if not _is_int(slices.get("seed")) or not 0 <= slices["seed"] < 2**63:
+            raise bad(f"{where}.slices.seed", f"must be an integer in [0, 2**63), got {slices.get('seed')!r:.60}")
+        extra = layer.get("extra_features", [])
+        if (not isinstance(extra, list) or not all(isinstance(f, str) and f in EXTRA_FEATURES for f in extra)
+                or len(set(extra)) != len(extra)):  # fmt: skip
+            raise bad(f"{where}.extra_features", f"must be distinct names from {list(EXTRA_FEATURES)}, got {extra!r:.80}")
+        if layer.get("teacher") is not None and not isinstance(layer["teacher"], dict):
+            raise bad(f"{where}.teacher", f"must be a JSON object or null, got {layer['teacher']!r:.60}")
+
+
+def artifact_file(directory: str | os.PathLike, name: object, *, what: str) -> Path:
+    """``directory / name`` for a file name read from a manifest: a plain name inside ``directory``.
+
+    Raises :class:`UnsafeArtifactPathError` (nothing is opened) otherwise.
+    """
+    try:
+        return file_inside(directory, name, what=what)
+    except UnsafePathError as err:
+        raise UnsafeArtifactPathError(str(err)) from None
+
+
 def _install_asap_operators(model: nn.Module, layers: list[dict[str, Any]], *, source: str) -> None:
-    """Replace the named Sinkhorn operators of a freshly built teacher by empty ASAP operators of the recorded shapes."""
-    for layer in layers:
+    """Replace the named Sinkhorn operators of a freshly built teacher by empty ASAP operators of the recorded shapes.
+
+    ``layers`` has passed :func:`validate_manifest`. Builds under the caller's
+    default device (``meta`` for the shape check: nothing is allocated).
+    """
+    for i, layer in enumerate(layers):
         name = layer["name"]
         parent_name, _, attr = name.rpartition(".")
         try:
             parent = model.get_submodule(parent_name) if parent_name else model
             current = getattr(parent, attr)
         except AttributeError:
-            raise ArtifactError(
+            raise ManifestError(
                 f"{source}: compiled layer {name!r} does not exist in the model its config describes"
             ) from None
         if not isinstance(current, SinkhornOperator):
             kind = type(current).__name__
-            raise ArtifactError(f"{source}: {name!r} is a {kind} in the config's model, not a Sinkhorn layer")
+            raise ManifestError(f"{source}: {name!r} is a {kind} in the config's model, not a Sinkhorn layer")
+        for key in ("num_heads", "head_dim"):  # the attention module around the operator knows its shape
+            expected = getattr(parent, key, None)
+            if expected is not None and layer[key] != expected:
+                raise ManifestError(
+                    f"{source}: compiled_layers[{i}].{key} is {layer[key]}, but {name!r} has {expected} in the config's model"
+                )
         slices = layer["slices"]
         try:
             dual_map = build_dual_map(
                 num_heads=layer["num_heads"], head_dim=layer["head_dim"], num_slices=slices["num"],
                 slice_type=slices["type"], seed=slices["seed"], extra_features=tuple(layer.get("extra_features", ())),
             )  # fmt: skip
-        except (KeyError, ValueError, TypeError) as err:
-            raise ArtifactError(f"{source}: invalid description of compiled layer {name!r} ({err})") from None
-        operator = AsapOperator(
-            num_heads=layer["num_heads"], head_dim=layer["head_dim"], eps=layer["eps"], scale=layer["scale"],
-            dual_map=dual_map,
-        )  # fmt: skip
+            operator = AsapOperator(
+                num_heads=layer["num_heads"], head_dim=layer["head_dim"], eps=layer["eps"], scale=layer["scale"],
+                dual_map=dual_map,
+            )  # fmt: skip
+        except (ValueError, TypeError) as err:
+            raise ManifestError(f"{source}: invalid description of compiled layer {name!r} ({err})") from None
         setattr(parent, attr, operator)
+
+
+def _build(manifest: dict[str, Any], *, source: str) -> nn.Module:
+    """The model a (validated) manifest describes, compiled layers installed, on the current default device."""
+    try:
+        model = build_model(model_config_from_dict(manifest["model_config"]))
+    except (ValueError, TypeError) as err:
+        raise ManifestError(f"{source}: invalid model config ({err})") from None
+    _install_asap_operators(model, manifest["compiled_layers"], source=source)
+    return model
 
 
 def load_compiled(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Load a compiled model: ``(model in eval mode, manifest)``.
 
+    The order of the checks is the module docstring's: schema, file name,
+    header shapes against a ``meta`` model, hash, finite tensors; the real
+    model is built last, so a manifest that lies about sizes never allocates.
+
     Raises:
-        ArtifactError: missing or mismatched files, corrupted weights, wrong shapes (see the module docstring).
+        ArtifactError: missing or mismatched files, corrupted weights, wrong shapes (see the module docstring);
+            :class:`ManifestError` for a malformed manifest, :class:`UnsafeArtifactPathError` for a bad file name.
     """
     directory, manifest = read_manifest(path)
-    weights = directory / manifest["weights"].get("file", WEIGHTS_FILE)
+    source = str(directory / MANIFEST_FILE)
+    weights = artifact_file(directory, manifest["weights"]["file"], what=f"{source}: weights.file")
+    run_config = manifest.get("run_config") or {}
+    data = run_config.get("data") if isinstance(run_config.get("data"), dict) else {}
+    if data.get("tokenizer") is not None:  # read by `asap eval` from this folder: the same rule
+        artifact_file(directory, data["tokenizer"], what=f"{source}: run_config.data.tokenizer")
     if not weights.is_file():
         raise ArtifactError(f"{weights}: file not found (the manifest in {directory} refers to it)")
-    digest = sha256_file(weights)
-    if digest != manifest["weights"].get("sha256"):
-        raise ArtifactError(
-            f"{weights}: sha256 {digest[:12]}... does not match the manifest's "
-            f"{str(manifest['weights'].get('sha256'))[:12]}... "
-            "(the weights are corrupted, truncated or from another compilation)"
-        )
     try:
-        tensors, meta = load_tensors(weights)
+        header, meta = read_header(weights)
     except CheckpointError as err:
         raise ArtifactError(str(err)) from None
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{weights}: not written by `asap compile` (format {meta.get('format')!r})")
+    with torch.device("meta"):  # shapes only: nothing is allocated, whatever sizes the manifest claims
+        skeleton = _build(manifest, source=source)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
+    del skeleton
     try:
-        model = build_model(model_config_from_dict(manifest["model_config"]))
-    except (ValueError, TypeError) as err:
-        raise ArtifactError(f"{directory / MANIFEST_FILE}: invalid model config ({err})") from None
-    _install_asap_operators(model, manifest["compiled_layers"], source=str(directory / MANIFEST_FILE))
+        check_shapes(expected, header, source=str(weights))
+    except CheckpointError as err:
+        raise ArtifactError(str(err)) from None
+    digest = sha256_file(weights)
+    if digest != manifest["weights"]["sha256"]:
+        raise ArtifactError(
+            f"{weights}: sha256 {digest[:12]}... does not match the manifest's {manifest['weights']['sha256'][:12]}... "
+            "(the weights are corrupted, truncated or from another compilation)"
+        )
+    try:
+        tensors, _ = load_tensors(weights)
+        check_finite(tensors, source=str(weights))
+    except CheckpointError as err:
+        raise ArtifactError(str(err)) from None
+    model = _build(manifest, source=source)
     try:
         check_state_dict(model, tensors, source=str(weights))
     except CheckpointError as err:

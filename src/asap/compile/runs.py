@@ -16,9 +16,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from asap.compile.artifact import MANIFEST_FILE, ArtifactError, load_compiled, sha256_file
+from asap.compile.artifact import MANIFEST_FILE, ArtifactError, artifact_file, load_compiled, sha256_file
 from asap.compile.swap import truncate_sinkhorn
-from asap.train.checkpoint import MODEL_FILE, RunConfig, load_model
+from asap.errors import ConfigError
+from asap.io import file_inside
+from asap.train.checkpoint import CONFIG_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, CheckpointError, RunConfig, load_model
 from asap.train.data import batch_inputs, load_split
 
 
@@ -36,9 +38,17 @@ class TeacherRun:
         return self.run_config.data
 
     def extra_files(self) -> list[Path]:
-        """Files the compiled artifact needs beside the weights (the tokenizer of a text run)."""
+        """Files the compiled artifact needs beside the weights (the tokenizer of a text run).
+
+        The name comes from the run's ``config.json``, which may come from someone
+        else: it must be a plain file name inside the run folder (whatever the
+        run's kind), else :class:`~asap.errors.UnsafePathError` before anything is
+        opened or copied.
+        """
         tokenizer = self.data_info.get("tokenizer")
-        return [self.run_dir / tokenizer] if tokenizer else []
+        if tokenizer is None:
+            return []
+        return [file_inside(self.run_dir, tokenizer, what=f"{self.run_dir / CONFIG_FILE}: data.tokenizer")]
 
 
 def load_teacher(run_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> TeacherRun:
@@ -131,9 +141,59 @@ def load_run_model(path: str | os.PathLike, *, device: str | torch.device = "cpu
     if not (directory / MANIFEST_FILE).is_file():
         return load_model(path, device=device)
     model, manifest = load_compiled(directory, device=device)
+    source = directory / MANIFEST_FILE
     if not manifest.get("run_config"):
-        raise ArtifactError(f"{directory / MANIFEST_FILE}: no run config (saved without its teacher run)")
+        raise ArtifactError(f"{source}: no run config (saved without its teacher run)")
     try:
-        return model, RunConfig.from_dict(manifest["run_config"])
-    except (KeyError, ValueError, TypeError) as err:
-        raise ArtifactError(f"{directory / MANIFEST_FILE}: invalid run config ({err})") from None
+        run_config = RunConfig.from_dict(manifest["run_config"], source=f"{source}: run_config")
+    except CheckpointError as err:
+        raise ArtifactError(str(err)) from None
+    if run_config.data["kind"] == "text":  # the tokenizer is read from the artifact folder
+        artifact_file(directory, run_config.data["tokenizer"], what=f"{source}: run_config.data.tokenizer")
+    return model, run_config
+
+
+def saved_kind(directory: Path) -> str | None:
+    """What ``directory`` holds: ``"compiled artifact"`` (a ``manifest.json``), ``"run"`` (a ``config.json``
+    beside weights or metrics: a training run, or a saved Hugging Face model), or None."""
+    if (directory / MANIFEST_FILE).is_file():
+        return "compiled artifact"
+    if (directory / CONFIG_FILE).is_file() and (
+        (directory / METRICS_FILE).is_file() or (directory / LOCK_FILE).exists() or any(directory.glob("*.safetensors"))
+    ):
+        return "run"
+    return None
+
+
+def check_output_dir(out_dir: str | os.PathLike, *, run_dir: str | os.PathLike) -> Path:
+    """Refuse an output folder for a compiled artifact that would damage a run; return it (nothing is written).
+
+    With symlinks resolved, ``out_dir`` may not be, contain or lie inside
+    ``run_dir``; may not be or lie inside any other saved run, nor lie inside an
+    artifact; and, if it exists, must be a folder that is empty or an earlier
+    artifact holding only files (so that overwriting it replaces an artifact and
+    nothing else). Raises :class:`~asap.errors.ConfigError` naming the folder.
+    """
+    out = Path(out_dir)
+    target, run = out.resolve(), Path(run_dir).resolve()
+    if target == run or run in target.parents:
+        raise ConfigError(f"--out {out}: is or lies inside the run folder {run_dir}; choose a folder outside it")
+    if target in run.parents:
+        raise ConfigError(f"--out {out}: contains the run folder {run_dir}; choose a folder outside it")
+    for folder in (target, *target.parents):
+        kind = saved_kind(folder)
+        if kind == "run" or (kind is not None and folder != target):
+            where = "is" if folder == target else f"lies inside {folder}, which is"
+            raise ConfigError(f"--out {out}: {where} a saved {kind}; choose a new folder")
+    if out.is_symlink() and not target.exists():
+        raise ConfigError(f"--out {out}: is a symlink to nothing ({target}); choose a new folder")
+    if target.exists():
+        if not target.is_dir():
+            raise ConfigError(f"--out {out}: exists and is not a folder")
+        entries = list(target.iterdir())
+        if entries and saved_kind(target) is None:
+            raise ConfigError(f"--out {out}: exists and is not empty (and not a compiled artifact); choose a new folder")
+        nested = [e.name for e in entries if e.is_dir() or not e.is_file()]
+        if nested:
+            raise ConfigError(f"--out {out}: the artifact folder also holds {sorted(nested)[:4]}; choose a new folder")
+    return out
