@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from asap.compile.options import add_compile_options
 from asap.compile.report import layer_summary, plot_report
 from asap.compile.runs import TeacherRun, calibration_batches, load_data, load_teacher, predict
 from asap.compile.swap import compile_model, sinkhorn_layers, truncate_sinkhorn
@@ -281,8 +282,6 @@ def _ints(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from asap.cli.compile import add_compile_options
-
     parser = argparse.ArgumentParser(prog="python -m asap.compile.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("run_dir", metavar="RUN_DIR")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from asap.attention.operators import SinkhornOperator
 from asap.compile.fit import explained_variance
@@ -56,8 +56,16 @@ def _to_list(x: Tensor) -> list[float]:
 
 
 @torch.no_grad()
-def layer_fidelity(calib: "LayerCalibration", coef: Tensor, *, truncated_iters: int = 3) -> dict[str, Any]:
-    """Per-head fidelity figures of one fitted layer (see the module docstring)."""
+def layer_fidelity(
+    calib: "LayerCalibration", coef: Tensor, *, truncated_iters: int = 3, asap_operator: nn.Module | None = None
+) -> dict[str, Any]:
+    """Per-head fidelity figures of one fitted layer (see the module docstring).
+
+    ``asap_operator`` is the fitted operator that replaces the layer (built by
+    the caller, :func:`asap.compile.swap.asap_operator_for`, so that this module
+    does not import the pipeline that imports it); with it, ``time_ms`` times
+    the three operators, without it ``time_ms`` is omitted.
+    """
     held = bool(calib.held_out_reservoir.chunks)
     chunks = calib.held_out_reservoir.chunks if held else calib.fit_reservoir.chunks
     sums: dict[str, Tensor] = {}
@@ -89,25 +97,24 @@ def layer_fidelity(calib: "LayerCalibration", coef: Tensor, *, truncated_iters: 
         "truncated_iters": truncated_iters,
     }
     out.update({key: _to_list(value / weight) for key, value in sums.items()})
-    out["time_ms"] = time_operators(calib, coef, chunk=chunks[0], truncated_iters=truncated_iters)
+    if asap_operator is not None:
+        out["time_ms"] = time_operators(calib, asap_operator, chunk=chunks[0], truncated_iters=truncated_iters)
     return out
 
 
 @torch.no_grad()
 def time_operators(
-    calib: "LayerCalibration", coef: Tensor, *, chunk: tuple, truncated_iters: int, repeats: int = 5
+    calib: "LayerCalibration", asap_operator: nn.Module, *, chunk: tuple, truncated_iters: int, repeats: int = 5
 ) -> dict[str, float]:
-    """Median milliseconds of one call of the teacher, truncated Sinkhorn and ASAP operators on ``chunk``.
+    """Median milliseconds of one call of the teacher, truncated Sinkhorn and ``asap_operator`` on ``chunk``.
 
     Round-robin (each round calls every operator once, after one warm-up round), so that the load of a
     shared machine affects the three alike.
     """
-    from asap.compile.swap import asap_operator_for  # local: swap imports this module
-
     q, k, mask = chunk
     teacher = calib.layer.operator
     truncated = SinkhornOperator(n_iters=truncated_iters, eps=teacher.eps, scale=teacher.scale)
-    asap = asap_operator_for(calib, coef).cpu()
+    asap = asap_operator.cpu()
     ops = {"teacher": teacher, "truncated": truncated, "asap": asap}
     samples: dict[str, list[float]] = {name: [] for name in ops}
     for round_index in range(repeats + 1):

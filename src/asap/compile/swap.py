@@ -212,7 +212,8 @@ def compile_model(
             "seed": calib.seed,
             "sequences": dict(calib.sequences),
             "tokens": {"fit": int(calib.fit.count[0]), "held_out": int(calib.held_out.count[0])},
-            **layer_fidelity(calib, coef, truncated_iters=options.truncated_iters),
+            **layer_fidelity(calib, coef, truncated_iters=options.truncated_iters,
+                             asap_operator=asap_operator_for(calib, coef)),  # fmt: skip
         }
         if info:
             entry["refine"] = info
