@@ -36,6 +36,7 @@ from asap.attention.checks import (
     validate_padding_mask,
 )
 from asap.attention.closure import SHARED_MAX_BLOCK_BYTES, shared_exp_closure
+from asap.attention.options import ASAP_BACKENDS, GRAD_MODES  # noqa: F401 (re-exported: the switch's names)
 from asap.transport.ctransform import (
     DEFAULT_TILE_BYTES,
     append_bias_column,
@@ -50,7 +51,6 @@ from asap.transport.masks import Support, padding_support, support
 from asap.transport.sinkhorn import sinkhorn
 
 GradMode = Literal["unroll", "closure"]
-GRAD_MODES: tuple[str, ...] = ("unroll", "closure")
 
 
 def _open_padding_rows(mask: Tensor, rows: Tensor) -> Tensor:
@@ -295,8 +295,6 @@ def _biased_row_attention(
     return supp.zero_rows(out, vectors=True)
 
 
-#: The ways :func:`asap_attention` can compute the closure (see its docstring).
-ASAP_BACKENDS: tuple[str, ...] = ("auto", "flash", "shared", "triton")
 
 
 def _check_f_hat(f_hat: Tensor, q: Tensor) -> None:

@@ -107,8 +107,16 @@ class MultiheadAttention(nn.Module):
         return self.dropout(self.proj(out))
 
 
+def operator_config(operator: nn.Module) -> AttentionConfig:
+    """The :class:`AttentionConfig` that rebuilds ``operator`` (its ``.options``; weights come from the state dict)."""
+    options = getattr(operator, "options", None)
+    if options is None or not hasattr(options, "to_dict"):
+        raise TypeError(f"{type(operator).__name__} has no typed options to describe it")
+    return AttentionConfig(method=operator.method, options=options.to_dict())
+
+
 def available_methods() -> tuple[str, ...]:
     return tuple(sorted(OPERATORS))
 
 
-__all__ = ["AttentionConfig", "MultiheadAttention", "available_methods"]
+__all__ = ["AttentionConfig", "MultiheadAttention", "available_methods", "operator_config"]

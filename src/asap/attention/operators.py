@@ -17,13 +17,8 @@ from torch import Tensor, nn
 
 from asap.attention.checks import check_int, check_positive
 from asap.attention.dual_map import SliceDualMap, build_dual_map
-from asap.attention.functional import (
-    ASAP_BACKENDS,
-    GRAD_MODES,
-    asap_attention,
-    sinkhorn_attention,
-    softmax_attention,
-)
+from asap.attention.functional import asap_attention, sinkhorn_attention, softmax_attention
+from asap.attention.options import AsapOptions, SinkhornOptions, SoftmaxOptions
 from asap.transport.ctransform import DEFAULT_TILE_BYTES
 from asap.transport.masks import key_padding_to_attn_mask
 
@@ -56,6 +51,10 @@ class SoftmaxOperator(AttentionOperator):
     method = "softmax"
     takes_padding_mask = True
 
+    @property
+    def options(self) -> SoftmaxOptions:
+        return SoftmaxOptions(scale=self.scale)
+
     def forward(self, q, k, v, *, attn_mask=None, padding_mask=None):
         return softmax_attention(q, k, v, attn_mask=attn_mask, padding_mask=padding_mask, scale=self.scale)
 
@@ -68,10 +67,12 @@ class SinkhornOperator(AttentionOperator):
 
     def __init__(self, *, n_iters: int = 3, eps: float = 1.0, grad_mode: str = "unroll", scale: float | None = None):
         super().__init__(scale=scale)
-        n_iters = check_int("sinkhorn: n_iters", n_iters, minimum=1)
-        if grad_mode not in GRAD_MODES:
-            raise ValueError(f"sinkhorn: grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
-        self.n_iters, self.eps, self.grad_mode = n_iters, check_positive("eps", eps), grad_mode
+        opts = SinkhornOptions(n_iters=n_iters, eps=eps, grad_mode=grad_mode, scale=scale)
+        self.n_iters, self.eps, self.grad_mode = opts.n_iters, opts.eps, opts.grad_mode
+
+    @property
+    def options(self) -> SinkhornOptions:
+        return SinkhornOptions(n_iters=self.n_iters, eps=self.eps, grad_mode=self.grad_mode, scale=self.scale)
 
     def extra_repr(self) -> str:
         return f"n_iters={self.n_iters}, eps={self.eps}, grad_mode={self.grad_mode!r}"
@@ -115,22 +116,31 @@ class AsapOperator(AttentionOperator):
         dual_map: nn.Module | None = None,
     ):
         super().__init__(scale=scale)
-        self.eps = check_positive("eps", eps)
-        self.tile_bytes = check_int("asap: tile_bytes", tile_bytes, minimum=1)
-        self.extra_steps = check_int("asap: extra_steps", extra_steps, minimum=0)
-        if backend not in ASAP_BACKENDS:
-            raise ValueError(f"asap: backend must be one of {ASAP_BACKENDS}, got {backend!r}")
-        self.backend = backend
+        if isinstance(dual_map, SliceDualMap):  # the given map's own shape is what the options record
+            num_slices, slice_type, extra_features = dual_map.num_slices, dual_map.slice_type, dual_map.extra_features
+            seed, map_kind = int(dual_map.seed), dual_map.kind  # construction only: not a forward-time sync
+        opts = AsapOptions(eps=eps, num_slices=num_slices, slice_type=slice_type, seed=seed,
+                           extra_features=tuple(extra_features), map_kind=map_kind, extra_steps=extra_steps,
+                           backend=backend, tile_bytes=tile_bytes, scale=scale)  # fmt: skip
+        self.eps, self.tile_bytes, self.extra_steps, self.backend = opts.eps, opts.tile_bytes, opts.extra_steps, opts.backend
+        self._map_options = {key: getattr(opts, key) for key in ("num_slices", "slice_type", "seed", "extra_features",
+                                                                "map_kind")}  # fmt: skip
         self.dual_map = dual_map or build_dual_map(
             num_heads=check_int("asap: num_heads", num_heads, minimum=1),
             head_dim=check_int("asap: head_dim", head_dim, minimum=1),
-            num_slices=check_int("asap: num_slices", num_slices, minimum=1),
-            slice_type=slice_type,
-            seed=check_int("asap: seed", seed, minimum=0),
-            extra_features=tuple(extra_features),
-            kind=map_kind,
+            num_slices=opts.num_slices,
+            slice_type=opts.slice_type,
+            seed=opts.seed,
+            extra_features=opts.extra_features,
+            kind=opts.map_kind,
         )
         self._checked_fitted = False
+
+    @property
+    def options(self) -> AsapOptions:
+        """Everything that rebuilds this operator (the fitted coefficients are in the state dict)."""
+        return AsapOptions(eps=self.eps, extra_steps=self.extra_steps, backend=self.backend,
+                           tile_bytes=self.tile_bytes, scale=self.scale, **self._map_options)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, extra_steps={self.extra_steps}, backend={self.backend!r}"
