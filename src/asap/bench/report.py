@@ -51,6 +51,8 @@ PAPER_CLAIMS: dict[str, Any] = {
 #: Targets the operator benchmark is reported against (the speed issue); reported, never asserted.
 SPEED_TARGET = {"calls_at": (512, 1024), "max_softmax_calls": 1.7, "n": 512, "speedup_over": {21: 8.0, 11: 5.0}}
 MEMORY_TARGET_N = 4096
+# Issue 14: on the attention shape a trained teacher really has, ASAP at least this much faster than the teacher.
+TEACHER_SHAPE_SPEEDUP = 1.5
 
 
 @dataclass(frozen=True)
@@ -599,13 +601,12 @@ def render_accuracy(docs: list[Doc], results_dir: Path) -> Rendered:
 
 
 def frozen_layer_target(record: dict[str, Any], reference: str) -> str:
+    """One line: ASAP's measured speed-up over ``reference`` on this layer's real inputs, against the goal."""
     ratio = record.get("speedup_of_asap_over", {}).get(reference)
-    n = record["shape"]["k"][-2]
     if ratio is None:
         return f"{reference}: not timed"
-    verdict = "met" if ratio >= SPEED_TARGET["speedup_vs_teacher"] else "NOT met"
-    at = "" if n == SPEED_TARGET["n"] else f" (measured at n={n}, the target is stated at n={SPEED_TARGET['n']})"
-    return f"{ratio:.2f}x over {reference}: {SPEED_TARGET['speedup_vs_teacher']:g}x goal {verdict}{at}"
+    verdict = "met" if ratio >= TEACHER_SHAPE_SPEEDUP else "NOT met"
+    return f"{ratio:.2f}x over {reference}: {TEACHER_SHAPE_SPEEDUP:g}x goal at the teacher's shape {verdict}"
 
 
 def render_frozen_layer(docs: list[Doc], results_dir: Path) -> Rendered:

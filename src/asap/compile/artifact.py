@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from asap.attention.dual_map import EXTRA_FEATURES, SLICE_TYPES, SliceDualMap, build_dual_map
+from asap.attention.dual_map import EXTRA_FEATURES, SLICE_TYPES, SliceDualMap
 from asap.attention.operators import AsapOperator, SinkhornOperator
 from asap.errors import ConfigError, UnsafePathError
 from asap.io import file_inside, read_json
@@ -306,14 +306,11 @@ def _install_asap_operators(model: nn.Module, layers: list[dict[str, Any]], *, s
                     f"{source}: compiled_layers[{i}].{key} is {layer[key]}, but {name!r} has {expected} in the config's model"
                 )
         slices = layer["slices"]
-        try:
-            dual_map = build_dual_map(
-                num_heads=layer["num_heads"], head_dim=layer["head_dim"], num_slices=slices["num"],
-                slice_type=slices["type"], seed=slices["seed"], extra_features=tuple(layer.get("extra_features", ())),
-            )  # fmt: skip
+        try:  # the operator builds its own (unfitted) dual map from the recorded options: no tensor is read
             operator = AsapOperator(
                 num_heads=layer["num_heads"], head_dim=layer["head_dim"], eps=layer["eps"], scale=layer["scale"],
-                dual_map=dual_map,
+                num_slices=slices["num"], slice_type=slices["type"], seed=slices["seed"],
+                extra_features=tuple(layer.get("extra_features", ())),
             )  # fmt: skip
         except (ValueError, TypeError) as err:
             raise ManifestError(f"{source}: invalid description of compiled layer {name!r} ({err})") from None
