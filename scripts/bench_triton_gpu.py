@@ -15,8 +15,9 @@ forward pass, under ``torch.inference_mode()``, of
   padded setting passes a ``(b, 1, 1, n)`` key-padding mask);
 * ``asap_triton``: :func:`asap.attention.triton_kernels.asap_attention_triton` from a
   given ``f_hat`` (padding as ``(b, n)`` vectors: no host sync);
-* ``asap_torch``: :func:`asap.attention.functional.asap_attention`, the PyTorch path,
-  from the same ``f_hat`` (padding as the ``(b, 1, n, n)`` mask models build);
+* ``asap_torch``: :func:`asap.attention.functional.asap_attention` with ``backend="flash"``
+  (the PyTorch path; ``"auto"`` would choose Triton on CUDA), from the same ``f_hat``
+  (padding as the ``(b, 1, n, n)`` mask models build);
 * ``asap_l16_triton`` / ``asap_l16_torch``: the whole operator, the L = 16 slice dual map
   (random coefficients: the cost does not depend on them) then either path;
 * ``sinkhorn_k{K}``: :func:`asap.sinkhorn_attention`, K in (3, 11, 21) by default.
@@ -188,7 +189,8 @@ def run(args: argparse.Namespace, device) -> int:
                                                           reference=asap_attention_reference, tk=tk)
                     fns = {
                         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask),
-                        "asap_torch": lambda: asap_attention(q, k, v, f_hat, eps=eps, attn_mask=mask),
+                        # backend="flash" pins the PyTorch path: "auto" would pick Triton on CUDA when unmasked
+                        "asap_torch": lambda: asap_attention(q, k, v, f_hat, eps=eps, attn_mask=mask, backend="flash"),
                     }
                     if triton_ok:
                         fns["asap_triton"] = lambda: tk.asap_attention_triton(
@@ -196,7 +198,9 @@ def run(args: argparse.Namespace, device) -> int:
                     if not args.no_full_operator:
                         op = random_asap_operator(heads=h, head_dim=d, num_slices=16, eps=eps, seed=args.seed,
                                                   device=device)
-                        fns["asap_l16_torch"] = lambda: op(q, k, v, attn_mask=mask)
+                        flash_op = random_asap_operator(heads=h, head_dim=d, num_slices=16, eps=eps, seed=args.seed,
+                                                        device=device, backend="flash")
+                        fns["asap_l16_torch"] = lambda: flash_op(q, k, v, attn_mask=mask)
                         if triton_ok:
                             fns["asap_l16_triton"] = lambda: tk.asap_attention_triton(
                                 q, k, v, op.dual_map(q, k, scale=scale, attn_mask=mask), eps=eps,
@@ -233,7 +237,7 @@ def verify(setting, q, k, v, f_hat, mask, valid, *, eps, verify_max_length, asap
     import torch
 
     fast = tk.asap_attention_triton(q, k, v, f_hat, eps=eps, query_valid=valid, key_valid=valid)
-    torch_path = asap_attention(q, k, v, f_hat, eps=eps, attn_mask=mask)
+    torch_path = asap_attention(q, k, v, f_hat, eps=eps, attn_mask=mask, backend="flash")
     parity: dict[str, Any] = {"max_abs_diff_vs_torch_path": float((fast.float() - torch_path.float()).abs().max())}
     ok = bool(torch.isfinite(fast).all())
     n = q.shape[-2]

@@ -194,11 +194,11 @@ def teacher_name(iters: int) -> str:
 
 def random_asap_operator(
     *, heads: int, head_dim: int, num_slices: int, eps: float, seed: int, device: torch.device,
-    extra_features: tuple[str, ...] = (),
+    extra_features: tuple[str, ...] = (), backend: str = "auto",
 ) -> AsapOperator:  # fmt: skip
     """The full ASAP operator with random (unfitted) coefficients ``alpha ~ N(0, 1/(L + E))``: for timing only."""
     op = AsapOperator(num_heads=heads, head_dim=head_dim, eps=eps, num_slices=num_slices, slice_type="random",
-                      seed=seed, extra_features=extra_features)  # fmt: skip
+                      seed=seed, extra_features=extra_features, backend=backend)  # fmt: skip
     gen = torch.Generator().manual_seed(seed + 1)
     features = op.dual_map.num_features
     # deliberately "fitted" with random values: see the module docstring
