@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every GPU figure of the speed issue in one go, on a machine with a CUDA GPU and triton (about 8 minutes on
+# one H200): the Triton ASAP kernels against SDPA, the PyTorch ASAP path and the Sinkhorn teacher (fp16 and
+# bf16, n = 512 ... 8192, unpadded and padded, parity-gated), then the operator benchmark on CUDA (fp16; ESP
+# is left out: its fp16 gradients fail the benchmark's own fp64 check, grad_k error 0.68 > 0.05 on CPU).
+# Usage: bash scripts/bench_gpu.sh [OUT_DIR]   (default results/bench; PYTHON picks the interpreter)
+# Then `asap report` regenerates results/README.md from the JSON written here.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-results/bench}
+PY=${PYTHON:-python3}
+export PYTHONPATH="$(pwd)/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT_DIR"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+status=0
+timeout 360 $PY scripts/bench_triton_gpu.py --out "$OUT_DIR/triton_gpu.json" --dtypes float16,bfloat16 \
+    --lengths 512,1024,2048,4096,8192 --batch 4 --heads 8 --head-dim 64 --sinkhorn-iters 3,5,11,21 \
+    --budget-s 1.0 --repeats 10 --seed 0 || status=1
+timeout 180 $PY -m asap.bench.operators --device cuda --dtype float16 --batch 8 --heads 8 --head-dim 64 \
+    --lengths 256,512,1024,2048,4096 --iters 3,5,11,21 --teacher-iters 21 --slices 16 --eps 1.0 \
+    --methods softmax,sinkhorn,asap --backward-max-length 1024 --warmup 2 \
+    --repeats 10 --min-repeats 3 --budget-s 0.5 --seed 0 --out "$OUT_DIR/operators_cuda.json" || status=1
+exit $status
