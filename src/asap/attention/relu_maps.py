@@ -99,6 +99,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from asap.attention.least_squares import check_training_r2, residual_and_r2, solve_normal_equations
 from asap.transport.sinkhorn import center
 
 #: Peaks are kept in ``[PEAK_MARGIN, 1 - PEAK_MARGIN]``: strictly inside (0, 1) even where
@@ -369,8 +370,9 @@ def fit_readout(dual_map: ReluSliceDualMap, chunks: Iterable[Chunk], *, ridge: f
 
     Accumulates ``G = D^T D (h, C, C)`` and ``c = D^T t`` in fp64 over the chunks
     ``(phi, feat, target (b, h, n), valid)`` (``target`` centred over valid queries,
-    like the closure target), then solves ``(G + ridge diag(G)) coef = c`` by
-    Cholesky. The ridge is relative to each column's own energy, so it means
+    like the closure target), then solves ``(G + ridge diag(G)) coef = c`` with
+    :func:`~asap.attention.least_squares.solve_normal_equations` (Cholesky, least
+    norm where singular, residual checked; a training R2 below -1 is refused). The ridge is relative to each column's own energy, so it means
     the same whatever the scales of the potentials and features. Writes
     ``coef``, sets ``fitted`` and returns per-head ``r2`` and ``rss`` on the chunks.
     """
@@ -398,16 +400,13 @@ def fit_readout(dual_map: ReluSliceDualMap, chunks: Iterable[Chunk], *, ridge: f
     # a tiny absolute floor keeps all-zero columns (a slice that never left the clamp) solvable
     floor = 1e-12 * diag.mean(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
     system = gram + torch.diag_embed(ridge * diag + floor)
-    factor, info = torch.linalg.cholesky_ex(system)
-    if bool((info != 0).any()):  # not positive definite (ridge 0 on collinear columns): least norm instead
-        coef = (torch.linalg.pinv(system) @ cross.unsqueeze(-1)).squeeze(-1)
-    else:
-        coef = torch.cholesky_solve(cross.unsqueeze(-1), factor).squeeze(-1)
-    rss = (t_sq - 2 * (coef * cross).sum(-1) + torch.einsum("hc,hce,he->h", coef, gram, coef)).clamp(min=0)
-    tss = (t_sq - t_sum**2 / count).clamp(min=torch.finfo(torch.float64).tiny)
+    # Cholesky, least norm where not positive definite (ridge 0 on collinear columns), residual checked
+    coef = solve_normal_equations(system, cross, what="ReLU dual map read-out")
+    rss, r2 = residual_and_r2(gram, cross, t_sq, t_sum, count, coef)
+    check_training_r2(r2, what="ReLU dual map read-out")
     dual_map.coef.copy_(coef.to(dual_map.coef.dtype))
     dual_map.fitted.fill_(True)
-    return {"r2": (1 - rss / tss).tolist(), "rss": rss.tolist()}
+    return {"r2": r2.tolist(), "rss": rss.tolist()}
 
 
 Predictor = Callable[..., Tensor]

@@ -89,7 +89,7 @@ def fit_dual_map(
     dual_map = build_dual_map(num_heads=q0.shape[1], head_dim=q0.shape[-1], num_slices=num_slices,
                               slice_type=slice_type, seed=seed, extra_features=tuple(extra_features))  # fmt: skip
     normal = accumulate(dual_map, items, n_iters=n_iters, eps=eps, scale=scale)
-    coef = solve_ridge(normal, ridge=ridge)
+    coef = solve_ridge(normal, ridge=ridge, what="fit_dual_map")
     stats: dict[str, Any] = {"r2_fit": [float(x) for x in explained_variance(normal, coef)], "r2_held_out": None}
     if held_out is not None:
         held = accumulate(dual_map, held_out, n_iters=n_iters, eps=eps, scale=scale)

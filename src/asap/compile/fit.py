@@ -14,7 +14,10 @@ valid query of every calibration sequence.
 * :func:`solve_ridge` solves ``(G + lambda tr(G)/L I) alpha = c`` in fp64. The
   ridge is *relative to the Gram trace* so that one default (``1e-3``) means
   the same thing whatever the scale of the potentials (they grow with
-  ``|q| |k|``) and whatever the number of calibration tokens.
+  ``|q| |k|``) and whatever the number of calibration tokens. The solve is
+  :func:`asap.attention.least_squares.solve_normal_equations` (Cholesky, a
+  least-norm fallback, a residual check of every head), and a fit whose
+  training R2 is absurd (< -1 or not finite) is refused.
 * :func:`explained_variance` gives R^2 of a coefficient vector on any set of
   normal equations (e.g. held-out ones), without revisiting the data.
 * :func:`refine_kl` is the optional second stage: it minimises the KL
@@ -29,12 +32,14 @@ so the model has no intercept.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from asap.attention.least_squares import check_training_r2, residual_and_r2, solve_normal_equations
 from asap.compile.plans import asap_log_attention, row_kl, scores_and_support, sinkhorn_log_attention
 from asap.transport.masks import Support
 
@@ -106,14 +111,22 @@ class NormalEquations:
         )
 
 
-def solve_ridge(normal: NormalEquations, *, ridge: float) -> Tensor:
+def solve_ridge(normal: NormalEquations, *, ridge: float, what: str = "dual map") -> Tensor:
     """Ridge least squares per head: ``alpha (h, L)`` in fp64.
 
-    Solves ``(G + lambda * tr(G) / L * I) alpha = c`` with ``lambda = ridge``.
-    ``ridge = 0`` is plain least squares (a pseudo-inverse if ``G`` is singular).
+    Solves ``(G + lambda * tr(G) / L * I) alpha = c`` with ``lambda = ridge`` by
+    :func:`~asap.attention.least_squares.solve_normal_equations` (Cholesky; the
+    minimum-norm solution where the system is singular, e.g. ``ridge = 0`` on
+    collinear features; the residual of every head checked). ``what`` names the
+    fit in errors (e.g. the layer).
+
+    Raises:
+        ValueError: a negative ridge, a head without calibration tokens, a
+            solve that fails its residual check, or a training R2 below -1 or
+            not finite (a broken fit, refused rather than returned).
     """
-    if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if not (ridge >= 0 and math.isfinite(ridge)):
+        raise ValueError(f"ridge must be >= 0 and finite, got {ridge}")
     if bool((normal.count == 0).any()):
         raise ValueError("cannot fit the dual map: no valid calibration token for at least one head")
     gram, cross = normal.gram, normal.cross
@@ -121,16 +134,14 @@ def solve_ridge(normal: NormalEquations, *, ridge: float) -> Tensor:
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)  # (h,)
     eye = torch.eye(num_features, dtype=gram.dtype)
     system = gram + (ridge * trace / num_features)[:, None, None] * eye
-    if ridge > 0:
-        return torch.linalg.solve(system, cross.unsqueeze(-1)).squeeze(-1)
-    return (torch.linalg.pinv(system) @ cross.unsqueeze(-1)).squeeze(-1)
+    coef = solve_normal_equations(system, cross, what=what)
+    check_training_r2(explained_variance(normal, coef), what=what)
+    return coef
 
 
 def residual_sum_of_squares(normal: NormalEquations, coef: Tensor) -> Tensor:
     """``sum (t - Phi alpha)^2 = t^T t - 2 alpha^T c + alpha^T G alpha`` per head: ``(h,)``."""
-    coef = coef.to(torch.float64)
-    quad = torch.einsum("hl,hlk,hk->h", coef, normal.gram, coef)
-    return (normal.target_sq - 2 * (coef * normal.cross).sum(-1) + quad).clamp(min=0)
+    return _residual_and_r2(normal, coef)[0]
 
 
 def explained_variance(normal: NormalEquations, coef: Tensor) -> Tensor:
@@ -139,9 +150,11 @@ def explained_variance(normal: NormalEquations, coef: Tensor) -> Tensor:
     1 is a perfect fit, 0 is no better than predicting the mean; it can be
     negative on held-out data.
     """
-    count = normal.count.clamp(min=1)
-    total = (normal.target_sq - normal.target_sum**2 / count).clamp(min=torch.finfo(torch.float64).tiny)
-    return 1 - residual_sum_of_squares(normal, coef) / total
+    return _residual_and_r2(normal, coef)[1]
+
+
+def _residual_and_r2(normal: NormalEquations, coef: Tensor) -> tuple[Tensor, Tensor]:
+    return residual_and_r2(normal.gram, normal.cross, normal.target_sq, normal.target_sum, normal.count, coef)
 
 
 # --------------------------------------------------------------------------- KL refinement

@@ -104,7 +104,7 @@ class CompileOptions:
 
 def fit_coefficients(calib: LayerCalibration, options: CompileOptions) -> tuple[Tensor, dict[str, Any]]:
     """Ridge solution of one layer, optionally refined on the row KL: ``(coef (h, L) fp32, info)``."""
-    coef = solve_ridge(calib.fit, ridge=options.ridge)
+    coef = solve_ridge(calib.fit, ridge=options.ridge, what=f"layer {calib.layer.index} ({calib.layer.name})")
     info: dict[str, Any] = {}
     if options.refine == "kl":
         prepare = lambda chunks: kl_problems(  # noqa: E731
