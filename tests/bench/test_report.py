@@ -112,8 +112,8 @@ def test_operator_figures_come_from_the_json(results_dir):
 
 def test_absent_sections_are_announced_and_the_paper_is_quoted(results_dir):
     text = generate_report(results_dir).read_text()
-    # training cost, compile, accuracy, frozen layer, fidelity, ASAP paths, teachers
-    assert text.count("**Not available yet**") == 7
+    # training cost, compile, accuracy, frozen layer, fidelity, ASAP paths, Triton GPU, teachers
+    assert text.count("**Not available yet**") == 8
     assert f"ASAP {PAPER_CLAIMS['speedup_over_teacher']}x faster" in text
     assert "9.5x at n=512" in text  # our operator speed-up beside the paper's claim
     assert "not measured yet (no training-cost JSON)" in text
@@ -125,7 +125,7 @@ def test_training_cost_and_unknown_schemas_are_rendered(results_dir):
     write(results_dir / "compile" / "run1" / "fidelity.json", {"layers": {"0": {"kl_asap": 0.0123}}, "n_iters": 21})
     (results_dir / "bench" / "command.txt").write_text("training_cost.json: asap bench training-cost --device cpu\n")
     text = generate_report(results_dir).read_text()
-    assert text.count("**Not available yet**") == 5  # accuracy, frozen layer, fidelity, ASAP paths, teachers
+    assert text.count("**Not available yet**") == 6  # accuracy, frozen layer, fidelity, ASAP paths, Triton GPU, teachers
     assert "asap bench training-cost --device cpu" in text
     assert "| esp | 300.0 ms | 300.0 MiB | 7.50x | 12.25x |" in text
     assert "esp takes 7.50x the time and 12.25x the memory of sinkhorn_k3" in text
@@ -208,3 +208,32 @@ def test_fidelity_plane_is_rendered_with_its_verdict(results_dir):
     text = generate_report(results_dir).read_text()
     assert "asap_L16_j0 is more faithful than sinkhorn_K3 at no more time" in text
     assert "| asap_L16_j0 | 0.0500 | 0.1000 | 28.00 |" in text and "L=16: 0.850" in text
+
+
+def _gpu_setting(n: int, padded: bool, *, asap_ms: float, k3_ms: float, timed: bool = True) -> dict:
+    def res(ms):
+        return {"oom": False, "median_s": ms / 1e3, "peak_bytes": 1}
+
+    methods = {"sdpa": res(0.1), "sinkhorn_k3": res(k3_ms), "sinkhorn_k21": res(10 * k3_ms)}
+    if timed:
+        methods["asap_l16_triton"] = res(asap_ms)
+    return {"dtype": "float16", "n": n, "padded": padded, "shape": [2, 2, n, 8], "methods": methods,
+            "parity": {"passed": timed}}
+
+
+def test_gpu_kernels_are_tabulated_with_their_losses(results_dir):
+    """The Triton GPU section carries the JSON's times and names every setting where ASAP is not ahead of K = 3."""
+    doc = {"schema": "asap.scripts.bench_triton_gpu/1", "config": {"verify_max_length": 1024},
+           "teacher": "sinkhorn_k21", "machine": {"gpu": {"name": "Synthetic GPU"}},
+           "settings": [_gpu_setting(512, False, asap_ms=1.5, k3_ms=1.0),
+                        _gpu_setting(4096, False, asap_ms=2.0, k3_ms=40.0),
+                        _gpu_setting(4096, True, asap_ms=0, k3_ms=40.0, timed=False)]}
+    (results_dir / "bench" / "triton_gpu.json").write_text(json.dumps(doc))
+    (results_dir / "bench" / "command.txt").write_text("triton_gpu.json: bash scripts/bench_gpu.sh\n")
+    readme = generate_report(results_dir).read_text()
+    section = readme[readme.index("## ASAP on a GPU"):]
+    assert "| float16 | 4096 | no | 0.10 | - | 2.00 | - | 40.00 | - | - | 400.00 | 200.00x | 20.00x | 20.00 | passed |" in section
+    assert "float16 n=512 (0.67x)" in section and "float16 n=4096 padded (not timed)" in section
+    assert "float16 n=4096 (" not in section.split("NOT faster")[1].split("\n")[0]
+    assert "Command: `bash scripts/bench_gpu.sh`" in section
+    assert (results_dir / "bench" / "triton_gpu.png").read_bytes().startswith(PNG_MAGIC)
