@@ -325,3 +325,44 @@ def test_operator_is_built_by_the_method_switch():
         pytest.skip("EspOperator is not registered in OPERATORS yet (asap.attention.__init__)")
     op = build_operator("esp", num_heads=2, head_dim=4, tau_sort=0.1, memory_budget_bytes=10_000)
     assert isinstance(op, EspOperator) and op.method == "esp"
+
+
+def test_one_mask_rule_for_the_function_the_operator_and_the_switch():
+    """Issue 12 item 5: a mask forbidding pairs of valid tokens was refused by esp_attention but silently
+    ignored by build_operator("esp") (up to 0.76 of a row on masked pairs); every entry point now refuses it."""
+    import asap  # registers EspOperator in the method switch
+
+    q, k, _ = _qkv(b=2, h=3, n=6, d=8)
+    eye = torch.eye(6, dtype=F64).expand(2, 3, 6, 6)
+    arbitrary = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(0)) > 0.4
+    arbitrary[..., range(6), range(6)] = True
+    entries = {
+        "esp_attention": lambda **kw: esp_attention(q, k, eye, **kw),
+        "EspOperator": lambda **kw: EspOperator()(q, k, eye, **kw),
+        "build_operator": lambda **kw: asap.build_operator("esp", num_heads=3, head_dim=8)(q, k, eye, **kw),
+    }
+    padding = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    expected = esp_attention_reference(q, k, eye, attn_mask=key_padding_to_attn_mask(padding))
+    for name, call in entries.items():
+        with pytest.raises(ValueError, match="key-padding masks only"):
+            call(attn_mask=arbitrary)
+        with pytest.raises(ValueError, match="key-padding masks only"):
+            call(attn_mask=torch.ones(6, 6, dtype=torch.bool).tril())
+        # a key-padding mask, as a (b, 1, n, n) mask or as (b, n) token vectors, is honoured exactly
+        for kwargs in ({"attn_mask": key_padding_to_attn_mask(padding)}, {"padding_mask": padding}):
+            torch.testing.assert_close(call(**kwargs), expected, msg=f"{name} {sorted(kwargs)}")
+    with pytest.raises(ValueError, match="either attn_mask or padding_mask"):
+        esp_attention(q, k, eye, attn_mask=key_padding_to_attn_mask(padding), padding_mask=padding)
+
+
+def test_multihead_attention_passes_esp_its_padding_as_token_vectors():
+    from asap.attention.module import MultiheadAttention
+
+    torch.manual_seed(0)
+    mha = MultiheadAttention(8, num_heads=2, method="esp", tau_sort=0.1).double()
+    assert mha.operator.takes_padding_mask
+    x = torch.randn(2, 5, 8, dtype=F64)
+    padding = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    out = mha(x, padding_mask=padding)
+    short = mha(x[1:, :3])
+    torch.testing.assert_close(out[1, :3], short[0])

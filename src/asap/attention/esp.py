@@ -73,7 +73,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from asap.attention.checks import default_scale, empty_output, validate_attention_inputs
+from asap.attention.checks import default_scale, empty_output, validate_attention_inputs, validate_padding_mask
 from asap.attention.dual_map import SLICE_TYPES, make_directions
 from asap.attention.operators import AttentionOperator
 from asap.transport.ctransform import reduction_dtype
@@ -165,19 +165,26 @@ def _check_directions(
 
 
 def _padding_from_mask(
-    mask: Tensor | None, b: int, h: int, n: int, m: int, *, validate: bool = True
+    mask: Tensor | None, padding: Tensor | None, b: int, h: int, n: int, m: int
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Valid queries ``(b, h, n)`` and keys ``(b, h, m)`` of a key-padding mask; refuse any other mask.
+    """Valid queries ``(b, h, n)`` and keys ``(b, h, m)`` of a token or key-padding mask; refuse any other mask.
 
-    The sliced plans only know which tokens carry mass, so a mask that forbids
-    some (valid query, valid key) pairs cannot be honoured. Checking this costs
-    one host synchronisation, and only when a mask is given.
+    ``padding (b, n)`` (self-attention, True = real token) is a key-padding mask
+    by construction and costs nothing. The sliced plans only know which tokens
+    carry mass, so an ``attn_mask`` that forbids some (valid query, valid key)
+    pairs cannot be honoured: it is always checked (one host synchronisation,
+    only when an ``attn_mask`` is given) and refused. This is the one mask rule
+    of ESP: :func:`esp_attention` and :class:`EspOperator` (whatever builds it)
+    both apply it.
     """
+    if padding is not None:
+        tokens = padding[:, None, :]
+        return tokens.expand(b, h, n), tokens.expand(b, h, m)
     if mask is None:
         return None, None
     rows, cols = valid_rows_cols(mask, n, m)
     separable = rows.unsqueeze(-1) & cols.unsqueeze(-2)
-    if validate and not bool(torch.equal(mask.expand_as(separable), separable)):
+    if not bool(torch.equal(mask.expand_as(separable), separable)):
         raise ValueError(
             "esp attention supports key-padding masks only (True exactly where the query and the key are both "
             "valid tokens, e.g. asap.transport.masks.key_padding_to_attn_mask); this mask also forbids pairs of "
@@ -282,6 +289,7 @@ def esp_attention(
     v: Tensor,
     *,
     attn_mask: Tensor | None = None,
+    padding_mask: Tensor | None = None,
     scale: float | None = None,
     is_causal: bool = False,
     directions: Tensor | None = None,
@@ -292,14 +300,17 @@ def esp_attention(
     normalize: Normalize | None = None,
     published: bool = False,
     memory_budget_bytes: int | None = DEFAULT_MEMORY_BUDGET,
-    validate_mask: bool = True,
 ) -> Tensor:
     """ESP attention ``A v`` with ``A = (sum_l w_l pi_l) / a``: ``(b, h, n, dv)`` in the input dtype.
 
     Args:
         q: ``(b, h, n, d)``; k: ``(b, h, m, d)``; v: ``(b, h, m, dv)``.
         attn_mask: bool key-padding mask broadcastable to ``(b, h, n, m)``, True = attend
-            (valid query and valid key); other masks are refused.
+            (valid query and valid key); other masks are refused (checked on every
+            call: one host synchronisation).
+        padding_mask: ``(b, n)`` bool, True = real token, for self-attention: the
+            same as ``attn_mask = key_padding_to_attn_mask(padding_mask)``, with no
+            check needed (what ``MultiheadAttention`` passes).
         scale: score scale (default ``1/sqrt(d)``); the moved points are ``sqrt(scale) q, k``.
         is_causal: refused: exact doubly-stochastic causal attention is the identity.
         directions: slice directions ``(L, d)`` shared by heads or ``(h, L, d)``, used as
@@ -316,13 +327,11 @@ def esp_attention(
             explicit ``cost`` / ``normalize`` still override.
         memory_budget_bytes: bytes of intermediates per tile (slices, then groups of ``b*h``, are
             split to fit; approximate); ``None`` processes everything in one tile.
-        validate_mask: check that ``attn_mask`` is a key-padding mask (one host
-            synchronisation per call with a mask). ``MultiheadAttention`` only
-            builds such masks and turns the check off, keeping its forward sync-free.
 
     Padded queries output zero (no NaN, forward or backward).
     """
     mask = validate_attention_inputs(q, k, v, attn_mask=attn_mask, is_causal=is_causal, method="esp")
+    padding = validate_padding_mask(padding_mask, q, k, attn_mask=mask, method="esp")
     _check_options(tau_sort=tau_sort, tau=tau, memory_budget_bytes=memory_budget_bytes)
     conv = EspConventions.resolve(cost=cost, normalize=normalize, published=published)
     b, h, n, d = q.shape
@@ -332,7 +341,7 @@ def esp_attention(
     directions = _check_directions(directions, heads=h, dim=d, dtype=dtype, device=q.device)
     if (empty := empty_output(q, v)) is not None:  # the tile planner divides by b * h
         return empty
-    valid_q, valid_k = _padding_from_mask(mask, b, h, n, m, validate=validate_mask)
+    valid_q, valid_k = _padding_from_mask(mask, padding, b, h, n, m)
     soft = soft and tau_sort > 0
     tau_sort = tau_sort if soft else 0.0
 
@@ -408,6 +417,7 @@ class EspOperator(AttentionOperator):
     """
 
     method = "esp"
+    takes_padding_mask = True
 
     def __init__(
         self,
@@ -425,13 +435,9 @@ class EspOperator(AttentionOperator):
         normalize: Normalize | None = None,
         published: bool = False,
         memory_budget_bytes: int | None = DEFAULT_MEMORY_BUDGET,
-        validate_mask: bool = False,
         scale: float | None = None,
     ):
         super().__init__(scale=scale)
-        # Off by default: inside MultiheadAttention masks are key-padding masks by
-        # construction, and the check would be a host sync in every forward.
-        self.validate_mask = validate_mask
         _check_options(tau_sort=tau_sort, tau=tau, memory_budget_bytes=memory_budget_bytes)
         EspConventions.resolve(cost=cost, normalize=normalize, published=published)  # fail at construction
         if slice_type not in SLICE_TYPES:
@@ -455,11 +461,14 @@ class EspOperator(AttentionOperator):
             f"normalize={self.normalize!r}, published={self.published}"
         )
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, padding_mask: Tensor | None = None
+    ) -> Tensor:
+        """Same mask rule as :func:`esp_attention`: ``padding_mask (b, n)`` as is, ``attn_mask`` checked to be key-padding."""
         return esp_attention(
-            q, k, v, attn_mask=attn_mask, scale=self.scale, directions=self.directions, soft=self.soft,
-            tau_sort=self.tau_sort, tau=self.tau, cost=self.cost, normalize=self.normalize, published=self.published,
-            memory_budget_bytes=self.memory_budget_bytes, validate_mask=self.validate_mask,
+            q, k, v, attn_mask=attn_mask, padding_mask=padding_mask, scale=self.scale, directions=self.directions,
+            soft=self.soft, tau_sort=self.tau_sort, tau=self.tau, cost=self.cost, normalize=self.normalize,
+            published=self.published, memory_budget_bytes=self.memory_budget_bytes,
         )
 
 
