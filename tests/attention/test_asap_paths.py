@@ -234,3 +234,45 @@ def test_low_precision_rule_against_plain_softmax(dtype, eps, score_scale, maski
     fast_err = (fast.double() - truth).abs().max()
     plain_err = (plain.double() - plain_truth).abs().max()
     assert fast_err <= 2 * plain_err, (fast_err, plain_err)
+
+
+@pytest.mark.parametrize("masking", ["none", "padding_vector"])
+def test_fp16_scores_beyond_the_fp16_range_keep_every_valid_row(masking):
+    """Issue 12 item 6: |S / eps| > 65504 overflowed the fp16 key bias to -inf and valid rows came out all
+    zeros (row sums 0, no NaN). Biases and log-sum-exps stay fp32: rows sum to 1, and the error against fp64
+    is that of the same values computed in fp32 (at |S / eps| ~ 1e5 fp32 itself resolves ~0.01) plus fp16's."""
+    q64, k64, _ = rand_qkv(b=2, h=3, n=6, d=8, scale=30.0)
+    q, k = q64.half(), k64.half()
+    eye = torch.eye(6, dtype=torch.float16).expand(2, 3, 6, 6)
+    f = torch.zeros(2, 3, 6)
+    valid = _valid([6, 4], n=6)
+    kwargs, mask = ({"padding_mask": valid}, key_padding_to_attn_mask(valid)) if masking != "none" else ({}, None)
+    with torch.no_grad():
+        attn = asap_attention(q, k, eye, f, eps=1e-2, **kwargs)
+        attn32 = asap_attention(q.float(), k.float(), eye.float(), f, eps=1e-2, **kwargs)
+    assert (q.double() @ k.double().transpose(-1, -2) * 8**-0.5 / 1e-2).abs().max() > 65504  # really out of range
+    truth = asap_attention_reference(q.double(), k.double(), eye.double(), f.double(), eps=1e-2, attn_mask=mask)
+    rows = torch.ones(2, 1, 6, dtype=torch.bool) if mask is None else valid[:, None, :]
+    sums = attn.double().sum(-1)
+    torch.testing.assert_close(sums[rows.expand_as(sums)], torch.ones(int(rows.expand_as(sums).sum()), dtype=torch.float64),
+                               rtol=0, atol=2 * torch.finfo(torch.float16).eps)  # fmt: skip
+    err32 = (attn32.double() - truth).abs().max()
+    assert (attn.double() - truth).abs().max() <= 2 * err32 + torch.finfo(torch.float16).eps
+
+
+def test_padded_asap_extra_memory_is_o_n_not_o_n_m():
+    """Issue 12 item 7: a padding mask made support() build (b, 1, n, m) float biases (3.45x a score matrix at
+    n = 8192). With the (b, n) token mask the peak stays well under one (b, h, n, m) fp32 tensor even at h = 1,
+    where two such biases alone would be twice that tensor."""
+    from asap.bench.measure import peak_memory
+
+    b, h, n, d = 2, 1, 1024, 16
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    f_hat = torch.randn(b, h, n)
+    valid = _valid([n, n - 300], n=n)
+    full = b * h * n * n * 4
+    with torch.no_grad():
+        for backend in ("auto", "flash"):
+            run = lambda: asap_attention(q, k, v, f_hat, padding_mask=valid, backend=backend)  # noqa: E731
+            peak = peak_memory(run, device=torch.device("cpu")).peak_bytes
+            assert 0 < peak < 0.5 * full, (backend, peak / full)
