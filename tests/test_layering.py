@@ -24,7 +24,8 @@ from pathlib import Path
 # or folder fails the test until it is placed here).
 #
 # rank  stage         modules                                   may import (besides its own stage)
-#    0  base          asap.errors, asap.io, asap.env            nothing in asap
+#    0  base          asap.errors, asap.io, asap.env,           nothing in asap
+#                     asap.argtypes
 #    1  transport     asap.transport.*                          base
 #    2  attention     asap.attention.*                          transport, base
 #    3  facade        asap (the root __init__: public API)      attention and below
@@ -45,6 +46,7 @@ STAGES: dict[str, tuple[int, str]] = {
     "asap.errors": (0, "base"),
     "asap.io": (0, "base"),
     "asap.env": (0, "base"),
+    "asap.argtypes": (0, "base"),
     "asap.transport": (1, "transport"),
     "asap.attention": (2, "attention"),
     "asap": (3, "facade"),  # exact match only: the root __init__

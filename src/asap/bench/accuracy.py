@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from asap.argtypes import int_list, name_list, nonnegative_int
 from asap.bench.measure import benchmark, machine_info
 from asap.bench.operators import command_line, record_command
 from asap.train.checkpoint import atomic_write_json
@@ -305,13 +306,6 @@ def run_accuracy(cfg: AccuracyConfig, *, out: Path, command: str, log=print) -> 
     return doc
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The budget options given on the command line (each a :class:`~asap.train.TrainConfig` field)."""
     names = ("epochs", "limit", "batch_size", "lr", "max_length", "dim", "depth")
@@ -320,11 +314,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", required=True, choices=sorted(SUITES), help="data set and its training budget")
-    parser.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--methods", type=lambda s: tuple(m for m in s.split(",") if m), default=TRAINED_METHODS,
+    parser.add_argument("--seeds", type=int_list(nonnegative_int), default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--methods", type=name_list(TRAINED_METHODS), default=TRAINED_METHODS,
                         help=f"trained methods (default {','.join(TRAINED_METHODS)})")  # fmt: skip
     parser.add_argument("--teacher-iters", type=int, default=11, help="Sinkhorn half-steps K of the teacher")
-    parser.add_argument("--truncated-iters", type=_ints, default=(3,), help="K of the truncated teachers (default 3)")
+    parser.add_argument("--truncated-iters", type=int_list(), default=(3,), help="K of the truncated teachers (default 3)")
     parser.add_argument("--calibration", type=int, default=None, help="ASAP calibration examples (default: suite's)")
     parser.add_argument("--data-dir", default=None, help="data directory (default: $ASAP_DATA_DIR)")
     parser.add_argument("--runs-dir", default="runs/accuracy", help="where the training runs go (default %(default)s)")

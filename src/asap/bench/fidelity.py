@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asap.argtypes import int_list, nonnegative_int
 from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES
 from asap.attention.functional import asap_attention, sinkhorn_attention
 from asap.attention.operators import AttentionOperator, SinkhornOperator, call_mask
@@ -332,16 +333,6 @@ def run_fidelity(args: argparse.Namespace, command: str, *, log: Callable[[str],
     }  # fmt: skip
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", nargs="?", type=Path, default=None, metavar="RUN_DIR",
                         help="a trained Sinkhorn run (asap train); or use --hf")  # fmt: skip
@@ -357,10 +348,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", type=int, default=64, help="examples the maps are fitted on (default 64)")
     parser.add_argument("--held-out", type=int, default=32, help="examples the figures are measured on (default 32)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per batch; timing uses one (default 16)")
-    parser.add_argument("--layers", type=_ints, default=None, help="layer indices (default all)")
-    parser.add_argument("--slices", type=_ints, default=[16], help="slice counts L to fit (default 16)")
-    parser.add_argument("--extra-steps", type=_ints, default=[0, 1, 2, 4], help="ASAP warm-start steps j")
-    parser.add_argument("--truncated", type=_ints, default=[1, 3, 5, 7], help="truncated Sinkhorn K")
+    parser.add_argument("--layers", type=int_list(nonnegative_int), default=None, help="layer indices (default all)")
+    parser.add_argument("--slices", type=int_list(), default=[16], help="slice counts L to fit (default 16)")
+    parser.add_argument("--extra-steps", type=int_list(nonnegative_int), default=[0, 1, 2, 4], help="ASAP warm-start steps j")
+    parser.add_argument("--truncated", type=int_list(), default=[1, 3, 5, 7], help="truncated Sinkhorn K")
     parser.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the fit (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed calls per candidate")

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asap.argtypes import int_list, nonnegative_int
 from asap.attention.operators import call_mask
 from asap.bench.measure import benchmark, machine_info, speedups
 from asap.bench.operators import command_line, record_command
@@ -201,16 +202,9 @@ def _mean(values: list[float] | None) -> float | None:
     return None if not values else sum(values) / len(values)
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained Sinkhorn run (asap train)")
-    parser.add_argument("--layers", type=_ints, default=None, help="Sinkhorn layers to compile, one at a time (default all)")
+    parser.add_argument("--layers", type=int_list(nonnegative_int), default=None, help="Sinkhorn layers to compile, one at a time (default all)")
     parser.add_argument("--teacher-iters", type=int, default=21, help="K of the timed reference teacher (default 21)")
     parser.add_argument("--truncated-iters", type=int, default=3, help="K of the same-cost baseline (default 3)")
     parser.add_argument("--calibration", type=int, default=512, help="calibration examples (default 512)")

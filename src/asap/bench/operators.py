@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from asap.argtypes import int_list, name_list, nonnegative_int, positive_int
 from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES
 from asap.attention.functional import sinkhorn_attention, softmax_attention
 from asap.attention.operators import AsapOperator
@@ -492,24 +493,10 @@ def save_result(result: Mapping[str, Any], path: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
 def _limits(text: str) -> dict[str, int]:
     """``esp=128,sinkhorn=512`` -> ``{"esp": 128, "sinkhorn": 512}``."""
     out = {}
-    for item in _names(text):
+    for item in name_list()(text):
         family, _, value = item.partition("=")
         if family not in FAMILIES or not value.isdigit():
             raise argparse.ArgumentTypeError(f"expected FAMILY=N with FAMILY in {FAMILIES}, got {item!r}")
@@ -522,29 +509,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device, help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--batch", type=int, help="b (default 8)")
-    parser.add_argument("--heads", type=int, help="h (default 8)")
-    parser.add_argument("--head-dim", type=int, help="d (default 64)")
-    parser.add_argument("--lengths", type=_ints, help="comma-separated n = m, e.g. 64,128,256 (default: by device)")
-    parser.add_argument("--iters", type=_ints, help="Sinkhorn half-steps K to time (default 3,5,11,21)")
-    parser.add_argument("--teacher-iters", type=int, help="K of the reference teacher (default 21)")
-    parser.add_argument("--slices", type=int, help="ASAP slices L (default 16)")
-    parser.add_argument("--extra-features", type=_names,
+    parser.add_argument("--batch", type=positive_int, help="b (default 8)")
+    parser.add_argument("--heads", type=positive_int, help="h (default 8)")
+    parser.add_argument("--head-dim", type=positive_int, help="d (default 64)")
+    parser.add_argument("--lengths", type=int_list(), help="comma-separated n = m, e.g. 64,128,256 (default: by device)")
+    parser.add_argument("--iters", type=int_list(), help="Sinkhorn half-steps K to time (default 3,5,11,21)")
+    parser.add_argument("--teacher-iters", type=positive_int, help="K of the reference teacher (default 21)")
+    parser.add_argument("--slices", type=positive_int, help="ASAP slices L (default 16)")
+    parser.add_argument("--extra-features", type=name_list(),
                         help=f"ASAP per-token extras, comma-separated, or 'none' (default {','.join(DEFAULT_EXTRA_FEATURES)})")
     parser.add_argument("--padding", type=float, help="mean fraction of padded tokens, in [0, 0.5) (default 0)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's default)")
     parser.add_argument("--eps", type=float, help="entropic regularisation (default 1.0)")
-    parser.add_argument("--methods", type=_names, help=f"families to run, from {','.join(FAMILIES)} (default: all)")
+    parser.add_argument("--methods", type=name_list(FAMILIES), help=f"families to run, from {','.join(FAMILIES)} (default: all)")
     parser.add_argument("--no-backward", action="store_true", help="time forward passes only")
-    parser.add_argument("--backward-max-length", type=int, help="longest n timed with backward (0: no limit)")
+    parser.add_argument("--backward-max-length", type=nonnegative_int, help="longest n timed with backward (0: no limit)")
     parser.add_argument("--max-length", type=_limits, help="per-family longest n, e.g. esp=128 (default: by device)")
-    parser.add_argument("--warmup", type=int, help="untimed calls per method (default 1; the first measures memory)")
-    parser.add_argument("--repeats", type=int, help="most timed calls per method and shape (default 7)")
-    parser.add_argument("--min-repeats", type=int, help="fewest timed calls per method and shape (default 1)")
+    parser.add_argument("--warmup", type=nonnegative_int, help="untimed calls per method (default 1; the first measures memory)")
+    parser.add_argument("--repeats", type=positive_int, help="most timed calls per method and shape (default 7)")
+    parser.add_argument("--min-repeats", type=positive_int, help="fewest timed calls per method and shape (default 1)")
     parser.add_argument("--budget-s", type=float,
                         help="seconds of timed calls per method and shape (default 5; 0: no budget)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=nonnegative_int)
     parser.add_argument("--out", type=Path, help="output JSON (default results/bench/operators_<device>.json)")
 
 
@@ -556,8 +543,9 @@ def config_from_args(args: argparse.Namespace) -> OperatorBenchConfig:
                       ("max_length", "max_length"), ("warmup", "warmup"), ("repeats", "repeats"),
                       ("min_repeats", "min_repeats"), ("seed", "seed"), ("padding", "padding"),
                       ("threads", "threads")):
-        if getattr(args, attr) is not None:
-            overrides[key] = getattr(args, attr)
+        value = getattr(args, attr)
+        if value is not None:
+            overrides[key] = tuple(value) if isinstance(value, list) else value  # the config's sequences are tuples
     if args.extra_features is not None:
         overrides["extra_features"] = () if args.extra_features == ("none",) else args.extra_features
     if args.backward_max_length is not None:

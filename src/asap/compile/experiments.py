@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from asap.argtypes import int_list, name_list, nonnegative_int
 from asap.compile.options import add_compile_options
 from asap.compile.report import layer_summary, plot_report
 from asap.compile.runs import TeacherRun, calibration_batches, load_data, load_teacher, predict
@@ -277,22 +278,18 @@ def summarize(out: str | Path) -> str:
     return text
 
 
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m asap.compile.experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("run_dir", metavar="RUN_DIR")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--experiments", type=lambda s: [e for e in s.split(",") if e], default=list(EXPERIMENTS),
+    parser.add_argument("--experiments", type=name_list(EXPERIMENTS), default=list(EXPERIMENTS),
                         help=f"comma-separated subset of {','.join(EXPERIMENTS)}")  # fmt: skip
     parser.add_argument("--calibration", type=int, default=512, help="base calibration examples")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--calibration-grid", type=_ints, default=[64, 128, 256, 512, 1024])
-    parser.add_argument("--slice-grid", type=_ints, default=[4, 8, 16, 32, 64])
-    parser.add_argument("--frozen-layers", type=_ints, default=None, help="layers for the frozen experiment (default all)")
+    parser.add_argument("--calibration-grid", type=int_list(), default=[64, 128, 256, 512, 1024])
+    parser.add_argument("--slice-grid", type=int_list(), default=[4, 8, 16, 32, 64])
+    parser.add_argument("--frozen-layers", type=int_list(nonnegative_int), default=None, help="layers for the frozen experiment (default all)")
     parser.add_argument("--eval-split", default="test")
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--eval-batch-size", type=int, default=128)
