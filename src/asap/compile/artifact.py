@@ -45,6 +45,7 @@ from torch import nn
 
 from asap.attention.dual_map import EXTRA_FEATURES, SLICE_TYPES, SliceDualMap
 from asap.attention.operators import AsapOperator, SinkhornOperator
+from asap.attention.submodules import find_modules, get_module, replace_module
 from asap.errors import ConfigError, UnsafePathError
 from asap.io import file_inside, read_json
 from asap.models import build_model, model_config_from_dict
@@ -95,20 +96,23 @@ def sha256_file(path: str | os.PathLike) -> str:
 def compiled_layers(model: nn.Module) -> list[dict[str, Any]]:
     """Description of every ASAP operator of ``model`` (module name, shapes, slices, eps, scale)."""
     layers = []
-    for name, module in model.named_modules():
-        if isinstance(module, AsapOperator):
-            dual_map = module.dual_map
-            if not isinstance(dual_map, SliceDualMap):
-                raise ArtifactError(f"{name}: only SliceDualMap dual maps can be saved, got {type(dual_map).__name__}")
-            layers.append({
-                "name": name,
-                "eps": module.eps,
-                "scale": module.scale,
-                "num_heads": dual_map.num_heads,
-                "head_dim": dual_map.head_dim,
-                "slices": {"type": dual_map.slice_type, "num": dual_map.num_slices, "seed": int(dual_map.seed)},
-                "extra_features": list(getattr(dual_map, "extra_features", ())),
-            })  # fmt: skip
+    for found in find_modules(model, AsapOperator):
+        name, module = found.name, found.module
+        if len(found.aliases) > 1:
+            raise ArtifactError(f"{name}: an ASAP operator shared under several names {list(found.aliases)} cannot be "
+                                "saved in this format (asap.compile.save_compiled_module can)")  # fmt: skip
+        dual_map = module.dual_map
+        if not isinstance(dual_map, SliceDualMap):
+            raise ArtifactError(f"{name}: only SliceDualMap dual maps can be saved, got {type(dual_map).__name__}")
+        layers.append({
+            "name": name,
+            "eps": module.eps,
+            "scale": module.scale,
+            "num_heads": dual_map.num_heads,
+            "head_dim": dual_map.head_dim,
+            "slices": {"type": dual_map.slice_type, "num": dual_map.num_slices, "seed": int(dual_map.seed)},
+            "extra_features": list(getattr(dual_map, "extra_features", ())),
+        })  # fmt: skip
     return layers
 
 
@@ -188,6 +192,20 @@ def _is_positive_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def validate_weights_entry(weights: Any, *, source: str) -> None:
+    """A manifest's ``weights`` entry: ``{"file": name, "sha256": 64 lowercase hex digits}``, else :class:`ManifestError`.
+
+    The file name is only typed here; :func:`artifact_file` decides whether it stays inside the folder.
+    """
+    if not isinstance(weights, dict):
+        raise ManifestError(f"{source}: weights must be a JSON object, got {weights!r:.60}")
+    if not isinstance(weights.get("file"), str):
+        raise ManifestError(f"{source}: weights.file must be a file name, got {weights.get('file')!r:.60}")
+    digest = weights.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ManifestError(f"{source}: weights.sha256 must be 64 lowercase hex digits, got {digest!r:.80}")
+
+
 def validate_manifest(manifest: Any, *, source: str) -> None:
     """Check the structure of a manifest; :class:`ManifestError` naming ``source`` and the first bad field.
 
@@ -210,14 +228,7 @@ def validate_manifest(manifest: Any, *, source: str) -> None:
     for key in ("weights", "model_config", "compiled_layers"):
         if key not in manifest:
             raise bad(repr(key), "is missing")
-    weights = manifest["weights"]
-    if not isinstance(weights, dict):
-        raise bad("weights", f"must be a JSON object, got {weights!r:.60}")
-    if not isinstance(weights.get("file"), str):
-        raise bad("weights.file", f"must be a file name, got {weights.get('file')!r:.60}")
-    digest = weights.get("sha256")
-    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise bad("weights.sha256", f"must be 64 lowercase hex digits, got {digest!r:.80}")
+    validate_weights_entry(manifest["weights"], source=source)
     model_config = manifest["model_config"]
     if not isinstance(model_config, dict):
         raise bad("model_config", f"must be a JSON object, got {model_config!r:.60}")
@@ -280,6 +291,64 @@ def artifact_file(directory: str | os.PathLike, name: object, *, what: str) -> P
         raise UnsafeArtifactPathError(str(err)) from None
 
 
+def read_weights_header(
+    weights: Path, *, directory: Path, format: tuple[str, int]
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The safetensors header ``{name: (shape, dtype)}`` of an artifact's weights (no tensor read); format checked.
+
+    ``weights`` has passed :func:`artifact_file`; ``format`` is the ``(name,
+    version)`` its metadata must record. Raises :class:`ArtifactError` naming the file.
+    """
+    if not weights.is_file():
+        raise ArtifactError(f"{weights}: file not found (the manifest in {directory} refers to it)")
+    try:
+        header, meta = read_header(weights)
+    except CheckpointError as err:
+        raise ArtifactError(str(err)) from None
+    if (meta.get("format"), meta.get("format_version")) != tuple(format):
+        raise ArtifactError(f"{weights}: not a {format[0]!r} weights file (format {meta.get('format')!r})")
+    return header
+
+
+def read_checked_tensors(
+    weights: Path,
+    *,
+    header: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    sha256: str,
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``weights``, after the checks of the module docstring's steps 3 and 4.
+
+    In order: the ``header`` (from :func:`read_weights_header`) against the
+    ``expected`` names, shapes and dtypes (nothing read yet), the file's sha256
+    against the manifest's, then the tensors, which must all be finite.
+    Raises :class:`ArtifactError` naming the file.
+    """
+    try:
+        check_shapes(expected, header, source=str(weights))
+    except CheckpointError as err:
+        raise ArtifactError(str(err)) from None
+    digest = sha256_file(weights)
+    if digest != sha256:
+        raise ArtifactError(
+            f"{weights}: sha256 {digest[:12]}... does not match the manifest's {sha256[:12]}... "
+            "(the weights are corrupted, truncated or from another compilation)"
+        )
+    try:
+        tensors, _ = load_tensors(weights)
+        check_finite(tensors, source=str(weights))
+    except CheckpointError as err:
+        raise ArtifactError(str(err)) from None
+    return tensors
+
+
+def check_fitted(model: nn.Module, *, source: str) -> None:
+    """Refuse a loaded model holding a dual map that was saved unfitted (:class:`ArtifactError` naming ``source``)."""
+    unfitted = [found.name for found in find_modules(model, SliceDualMap) if not bool(found.module.fitted)]
+    if unfitted:
+        raise ArtifactError(f"{source}: dual maps {unfitted} were saved unfitted")
+
+
 def _install_asap_operators(model: nn.Module, layers: list[dict[str, Any]], *, source: str) -> None:
     """Replace the named Sinkhorn operators of a freshly built teacher by empty ASAP operators of the recorded shapes.
 
@@ -288,11 +357,10 @@ def _install_asap_operators(model: nn.Module, layers: list[dict[str, Any]], *, s
     """
     for i, layer in enumerate(layers):
         name = layer["name"]
-        parent_name, _, attr = name.rpartition(".")
         try:
-            parent = model.get_submodule(parent_name) if parent_name else model
-            current = getattr(parent, attr)
-        except AttributeError:
+            current = get_module(model, name)
+            parent = get_module(model, name.rpartition(".")[0])
+        except LookupError:
             raise ManifestError(
                 f"{source}: compiled layer {name!r} does not exist in the model its config describes"
             ) from None
@@ -314,7 +382,7 @@ def _install_asap_operators(model: nn.Module, layers: list[dict[str, Any]], *, s
             )  # fmt: skip
         except (ValueError, TypeError) as err:
             raise ManifestError(f"{source}: invalid description of compiled layer {name!r} ({err})") from None
-        setattr(parent, attr, operator)
+        replace_module(model, name, operator)
 
 
 def _build(manifest: dict[str, Any], *, source: str) -> nn.Module:
@@ -345,40 +413,17 @@ def load_compiled(path: str | os.PathLike, *, device: str | torch.device = "cpu"
     data = run_config.get("data") if isinstance(run_config.get("data"), dict) else {}
     if data.get("tokenizer") is not None:  # read by `asap eval` from this folder: the same rule
         artifact_file(directory, data["tokenizer"], what=f"{source}: run_config.data.tokenizer")
-    if not weights.is_file():
-        raise ArtifactError(f"{weights}: file not found (the manifest in {directory} refers to it)")
-    try:
-        header, meta = read_header(weights)
-    except CheckpointError as err:
-        raise ArtifactError(str(err)) from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{weights}: not written by `asap compile` (format {meta.get('format')!r})")
+    header = read_weights_header(weights, directory=directory, format=(FORMAT, FORMAT_VERSION))
     with torch.device("meta"):  # shapes only: nothing is allocated, whatever sizes the manifest claims
         skeleton = _build(manifest, source=source)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
     del skeleton
-    try:
-        check_shapes(expected, header, source=str(weights))
-    except CheckpointError as err:
-        raise ArtifactError(str(err)) from None
-    digest = sha256_file(weights)
-    if digest != manifest["weights"]["sha256"]:
-        raise ArtifactError(
-            f"{weights}: sha256 {digest[:12]}... does not match the manifest's {manifest['weights']['sha256'][:12]}... "
-            "(the weights are corrupted, truncated or from another compilation)"
-        )
-    try:
-        tensors, _ = load_tensors(weights)
-        check_finite(tensors, source=str(weights))
-    except CheckpointError as err:
-        raise ArtifactError(str(err)) from None
+    tensors = read_checked_tensors(weights, header=header, expected=expected, sha256=manifest["weights"]["sha256"])
     model = _build(manifest, source=source)
     try:
         check_state_dict(model, tensors, source=str(weights))
     except CheckpointError as err:
         raise ArtifactError(str(err)) from None
     model.load_state_dict(tensors, strict=True)
-    unfitted = [name for name, m in model.named_modules() if isinstance(m, SliceDualMap) and not bool(m.fitted)]
-    if unfitted:
-        raise ArtifactError(f"{weights}: dual maps {unfitted} were saved unfitted")
+    check_fitted(model, source=str(weights))
     return model.to(device).eval(), manifest

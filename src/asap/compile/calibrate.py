@@ -17,14 +17,22 @@ the attention-level fidelity figures need. Its memory is at most
 ``2 * reservoir_size * h * (n + m) * d`` floats per layer (e.g. 64 IMDb
 sequences of 256 tokens, 4 heads of 32: 2 x 8 MB).
 
-Once every selected layer has been seen, the hook stops the forward pass
-(the rest of the network is not needed), which in ``sequential`` mode makes
-calibrating layer ``l`` cost only the forward of layers ``0..l``.
+Every call of a selected operator is observed (an operator shared by two
+layers, or called twice by a recurrent model, is fitted on all of its calls).
+The first input of a pass runs to the end; when every selected operator was
+called there, later inputs are cut once each has been called as often as on
+the first one (the rest of the network is not needed), which in
+``sequential`` mode makes calibrating layer ``l`` cost only the forward of
+layers ``0..l``. The cut is a private :class:`BaseException` that ``except
+Exception`` in the user's code does not catch; the calls it cuts are never
+observed, so the statistics do not depend on whether anything catches it, and
+it never leaves :func:`collect`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +41,7 @@ from torch import Tensor, nn
 
 from asap.attention.checks import validate_attention_inputs
 from asap.attention.operators import SinkhornOperator, call_mask
+from asap.attention.submodules import find_modules, get_module
 from asap.compile.fit import NormalEquations
 from asap.compile.maps import build_dual_map, num_features
 from asap.compile.plans import as_4d_mask, check_closure_teacher, closure_target, scores_and_support
@@ -40,42 +49,93 @@ from asap.compile.plans import as_4d_mask, check_closure_teacher, closure_target
 Batch = Mapping[str, Any] | Sequence[Any] | Tensor
 
 
+#: Which Sinkhorn operators to compile: ``None`` (all); qualified names (of an operator, or of any module holding
+#: some) and/or indices among the model's Sinkhorn operators; or a predicate ``(name, operator) -> bool``.
+Selection = str | int | Iterable[str | int] | Callable[[str, SinkhornOperator], bool] | None
+
+
 @dataclass
 class SinkhornLayer:
-    """A Sinkhorn operator inside a model: its position among them, its name, and where it hangs."""
+    """A Sinkhorn operator inside a model: its position among them, its qualified name(s).
+
+    ``names`` has every qualified name the operator object is registered under
+    (``name`` first; several when one operator is shared by several layers).
+    """
 
     index: int
     name: str
     operator: SinkhornOperator
-    parent: nn.Module
-    attr: str
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            self.names = (self.name,)
 
 
 def sinkhorn_layers(model: nn.Module) -> list[SinkhornLayer]:
     """Every :class:`SinkhornOperator` of ``model``, in module registration order (the forward order of a stack)."""
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, SinkhornOperator):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            found.append(SinkhornLayer(len(found), name, module, parent, attr))
-    return found
+    return [
+        SinkhornLayer(i, found.name, found.module, found.aliases)
+        for i, found in enumerate(find_modules(model, SinkhornOperator))
+    ]
 
 
-def select_layers(model: nn.Module, layers: Iterable[int] | None) -> list[SinkhornLayer]:
-    """The Sinkhorn layers to compile: all of them, or the given indices (0-based, among Sinkhorn layers)."""
+def _no_sinkhorn(model: nn.Module) -> ValueError:
+    return ValueError(
+        f"{type(model).__name__} has no Sinkhorn attention operator to compile (no submodule is an "
+        "asap.attention.SinkhornOperator; build its attention with method='sinkhorn', e.g. "
+        "asap.MultiheadAttention(..., method='sinkhorn'), or convert a transformers encoder with "
+        "asap.integrations.transformers.convert(model, 'sinkhorn'))"
+    )
+
+
+def select_layers(model: nn.Module, layers: Selection) -> list[SinkhornLayer]:
+    """The Sinkhorn layers to compile, in model order (see :data:`Selection`).
+
+    A name selects the operator of that name, or every Sinkhorn operator inside
+    the module of that name; an index counts among the model's Sinkhorn
+    operators (0-based). Refused with one line: a model with no Sinkhorn
+    operator, an unknown name or index, a name holding no Sinkhorn operator, a
+    selection matching nothing, a teacher whose ``n_iters`` is not odd and >= 3.
+    """
     found = sinkhorn_layers(model)
     if not found:
-        raise ValueError(f"{type(model).__name__} has no Sinkhorn attention operator to compile")
-    chosen = range(len(found)) if layers is None else sorted(set(int(i) for i in layers))
-    bad = [i for i in chosen if not 0 <= i < len(found)]
-    if bad or not chosen:
-        raise ValueError(
-            f"layers {bad or '[]'} out of range: the model has {len(found)} Sinkhorn layers (0..{len(found) - 1})"
-        )
-    for i in chosen:
-        check_closure_teacher(found[i].operator.n_iters)
-    return [found[i] for i in chosen]
+        raise _no_sinkhorn(model)
+    listing = lambda: ", ".join(repr(layer.name) for layer in found[:8]) + (" ..." if len(found) > 8 else "")  # noqa: E731
+    if layers is None:
+        chosen = found
+    elif callable(layers) and not isinstance(layers, (str, nn.Module)):
+        chosen = [layer for layer in found if layers(layer.name, layer.operator)]
+        if not chosen:
+            raise ValueError(f"select: the predicate accepts none of the Sinkhorn operators ({listing()})")
+    else:
+        items = [layers] if isinstance(layers, (str, int)) else list(layers)
+        picked: set[int] = set()
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (str, int)):
+                raise TypeError(f"select: expected qualified names or indices, got {item!r:.80}")
+            if isinstance(item, int):
+                if not 0 <= item < len(found):
+                    raise ValueError(
+                        f"layers [{item}] out of range: the model has {len(found)} Sinkhorn layers (0..{len(found) - 1})"
+                    )
+                picked.add(item)
+                continue
+            try:
+                get_module(model, item)
+            except LookupError as err:
+                raise ValueError(f"select: {err}; its Sinkhorn operators are {listing()}") from None
+            inside = [layer.index for layer in found
+                      if any(n == item or n.startswith(item + ".") or item == "" for n in layer.names)]  # fmt: skip
+            if not inside:
+                raise ValueError(f"select: {item!r} holds no Sinkhorn operator; the model's are {listing()}")
+            picked.update(inside)
+        if not picked:
+            raise ValueError(f"layers [] select nothing: the model has {len(found)} Sinkhorn layers ({listing()})")
+        chosen = [found[i] for i in sorted(picked)]
+    for layer in chosen:
+        check_closure_teacher(layer.operator.n_iters)
+    return chosen
 
 
 @dataclass
@@ -161,18 +221,57 @@ class LayerCalibration:
             raise RuntimeError(f"layer {self.layer.name} was never called during calibration (is it used by forward?)")
 
 
-class _StopForward(Exception):
-    """Raised by the last hook: the rest of the forward pass is not needed for calibration."""
+class _StopCalibration(BaseException):
+    """Cuts a calibration forward pass once its remaining calls are not needed (private; never leaves :func:`collect`).
+
+    A :class:`BaseException`, like :class:`KeyboardInterrupt`: a user's forward
+    or model that catches ``Exception`` lets it through. ``run`` is the
+    :class:`_Pass` that raised it, so that :func:`collect` only ever catches its own.
+    """
+
+    def __init__(self, run: "_Pass"):
+        super().__init__("calibration: the rest of this forward pass is not needed")
+        self.run = run
 
 
-def model_inputs(model: nn.Module, batch: Batch, device: torch.device) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` to call ``model`` with, from a batch on ``device``.
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter (else first buffer); ``None`` for a module with neither."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return None
+
+
+def to_device(item: Any, device: torch.device | None) -> Any:
+    """``item`` with every tensor in it (inside mappings, lists and tuples, at any depth) moved to ``device``.
+
+    A mapping becomes a ``dict``, except one with its own ``.to`` (a transformers
+    ``BatchEncoding``), which moves itself; other objects are returned as they are.
+    """
+    if device is None:
+        return item
+    if isinstance(item, Tensor):
+        return item.to(device)
+    if isinstance(item, Mapping):
+        if type(item) is not dict and callable(getattr(item, "to", None)):  # a BatchEncoding, a TensorDict: keep its type
+            return item.to(device)
+        return {key: to_device(value, device) for key, value in item.items()}
+    if isinstance(item, tuple) and hasattr(item, "_fields"):  # a named tuple
+        return type(item)(*(to_device(value, device) for value in item))
+    if isinstance(item, (list, tuple)):
+        return type(item)(to_device(value, device) for value in item)
+    return item
+
+
+def model_inputs(model: nn.Module, batch: Batch, device: torch.device | None) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` to call ``model`` with, from a batch (its tensors moved to ``device`` unless None).
 
     A mapping is passed as keyword arguments, restricted to ``model.input_names``
     when the model declares them (so collated batches with ``labels`` work); a
-    tensor is one positional argument; a tuple/list are positional arguments.
+    tuple/list are positional arguments; anything else (a tensor) is one
+    positional argument.
     """
-    move = lambda t: t.to(device) if isinstance(t, Tensor) else t  # noqa: E731
     if isinstance(batch, Mapping):
         names = getattr(model, "input_names", None)
         if names is not None:
@@ -180,71 +279,160 @@ def model_inputs(model: nn.Module, batch: Batch, device: torch.device) -> tuple[
             if missing:
                 raise KeyError(f"calibration batch has no {missing} (keys: {sorted(batch)}); the model needs {list(names)}")
             batch = {n: batch[n] for n in names}
-        return (), {key: move(value) for key, value in batch.items()}
-    if isinstance(batch, Tensor):
-        return (move(batch),), {}
-    return tuple(move(t) for t in batch), {}
+        return (), to_device(dict(batch), device)
+    if isinstance(batch, (tuple, list)):
+        return tuple(to_device(list(batch), device)), {}
+    return (to_device(batch, device),), {}
+
+
+def call_model(model: nn.Module, batch: Batch) -> Any:
+    """The default calibration forward: ``model(**batch)`` / ``model(*batch)`` / ``model(batch)`` (see :func:`model_inputs`)."""
+    args, kwargs = model_inputs(model, batch, None)
+    return model(*args, **kwargs)
 
 
 def num_held_out(num_batches: int, fraction: float) -> int:
     """How many trailing calibration batches are held out: ``round(fraction * N)``, at least 1 when N >= 2."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"holdout_fraction must be in [0, 1), got {fraction}")
+    check_holdout_fraction(fraction)
     if num_batches < 2 or fraction == 0:
         return 0
     return min(num_batches - 1, max(1, round(fraction * num_batches)))
 
 
-@torch.no_grad()
-def collect(
-    model: nn.Module,
-    batches: Sequence[Batch],
-    calibrations: list[LayerCalibration],
-    *,
-    held_out_batches: int,
-    progress: Any = None,
-) -> None:
-    """Run ``model`` (eval mode) over ``batches`` and feed every selected layer's calls to its calibration.
+def check_holdout_fraction(fraction: float) -> float:
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {fraction}")
+    return fraction
 
-    The last ``held_out_batches`` batches go to the held-out statistics.
-    ``progress`` is an optional callable wrapping the batch iterator (e.g. ``tqdm``).
+
+def held_out_rule(num_batches: int | None, fraction: float) -> Callable[[int], bool]:
+    """Which calibration batches (by position) are held out of the fit.
+
+    When the number of batches ``N`` is known (a list, a ``DataLoader`` over a
+    sized data set): the last :func:`num_held_out` ``(N, fraction)`` of them.
+    When it is not (a generator, an iterable data set): batch ``i`` is held out
+    when ``floor((i + 1) fraction) > floor(i fraction)``, a ``fraction`` of
+    the batches spread evenly over the stream.
     """
-    if not batches:
-        raise ValueError("calibration needs at least one batch")
-    device = next(model.parameters()).device
-    state: dict[str, Any] = {"held_out": False, "seen": set()}
-    handles = []
+    check_holdout_fraction(fraction)
+    if num_batches is not None:
+        first = num_batches - num_held_out(num_batches, fraction)
+        return lambda i: i >= first
+    return lambda i: math.floor((i + 1) * fraction) > math.floor(i * fraction)
 
-    def make_hook(calib: LayerCalibration):
+
+def batch_count(batches: Iterable[Any]) -> int | None:
+    """``len(batches)`` when it has one (a ``DataLoader`` over an iterable data set raises: None)."""
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+class _Pass:
+    """The state of one calibration pass over the data: which calls to observe, when to cut a forward."""
+
+    def __init__(self, calibrations: list[LayerCalibration], *, stop_early: bool):
+        self.calibrations = calibrations
+        self.stop_early = stop_early
+        self.held_out = False
+        self.calls = [0] * len(calibrations)
+        self.budget: list[int] | None = None  # the calls of each operator on the first input, once known
+        self.cut = False
+
+    def start_item(self, held_out: bool) -> None:
+        self.held_out, self.calls, self.cut = held_out, [0] * len(self.calibrations), False
+
+    def end_first_item(self) -> None:
+        # Cut later forwards only if every selected operator was called on the first input (else the call
+        # counts say nothing about where the forward could stop).
+        if self.stop_early and all(self.calls):
+            self.budget = list(self.calls)
+
+    def hook(self, index: int):
+        calib = self.calibrations[index]
+
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.cut:  # the cut was caught (by a bare except) and the model called again: observe nothing
+                raise _StopCalibration(self)
             q, k, v = args[:3] if len(args) >= 3 else (kwargs.get("q"), kwargs.get("k"), kwargs.get("v"))
             mask = validate_attention_inputs(q, k, v, attn_mask=call_mask(kwargs), method="sinkhorn")
-            calib.observe(q, k, mask, held_out=state["held_out"])
-            state["seen"].add(calib.layer.index)
-            if len(state["seen"]) == len(calibrations):
-                raise _StopForward
+            calib.observe(q, k, mask, held_out=self.held_out)
+            self.calls[index] += 1
+            if self.budget is not None and all(c >= b for c, b in zip(self.calls, self.budget)):
+                self.cut = True
+                raise _StopCalibration(self)
 
         return hook
 
+
+@torch.no_grad()
+def collect(
+    model: nn.Module,
+    batches: Iterable[Any],
+    calibrations: list[LayerCalibration],
+    *,
+    held_out_batches: int | Callable[[int], bool] = 0,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    stop_early: bool = True,
+    progress: Any = None,
+) -> dict[str, int]:
+    """Run ``model`` (eval mode, no autograd) over ``batches`` once; feed every call of the selected operators to its calibration.
+
+    Args:
+        batches: any iterable of inputs (a list, a ``DataLoader``, a generator);
+            each one's tensors are moved to the model's device (:func:`model_device`).
+        held_out_batches: the number of trailing batches held out of the fit
+            (needs ``len(batches)``), or a rule ``i -> bool`` (:func:`held_out_rule`).
+        forward: ``forward(model, batch)`` runs the model on one batch; default
+            :func:`call_model`. Its return value is ignored.
+        stop_early: cut forwards once the selected operators have been called as
+            often as on the first batch (see the module docstring); ``False`` runs
+            every forward to the end (a model whose call count depends on the input).
+        progress: optional ``tqdm``-like callable wrapping the batch iterator.
+
+    Returns ``{"batches": N, "held_out_batches": H}``. An exception raised by
+    the model or by ``forward`` propagates unchanged; the hooks are removed and
+    the model's training mode restored whatever happens.
+    """
+    rule = held_out_batches
+    if not callable(rule):
+        total = batch_count(batches)
+        if total is None:
+            raise TypeError("collect: held_out_batches as a count needs batches with a len(); pass a rule i -> bool")
+        first = total - int(rule)
+        rule = lambda i: i >= first  # noqa: E731
+    forward = call_model if forward is None else forward
+    device = model_device(model)
+    run = _Pass(calibrations, stop_early=stop_early)
+    handles = []
+    counts = {"batches": 0, "held_out_batches": 0}
     was_training = model.training
     model.eval()
     try:
-        for calib in calibrations:
-            handles.append(calib.layer.operator.register_forward_pre_hook(make_hook(calib), with_kwargs=True))
-        iterator = enumerate(batches)
+        for index, calib in enumerate(calibrations):
+            handles.append(calib.layer.operator.register_forward_pre_hook(run.hook(index), with_kwargs=True))
+        iterator: Any = enumerate(batches)
         if progress is not None:
-            iterator = progress(iterator, total=len(batches))
+            iterator = progress(iterator, total=batch_count(batches))
         for i, batch in iterator:
-            state["held_out"] = i >= len(batches) - held_out_batches
-            state["seen"] = set()
-            args, kwargs = model_inputs(model, batch, device)
+            held = bool(rule(i))
+            run.start_item(held)
             try:
-                model(*args, **kwargs)
-            except _StopForward:
-                pass
+                forward(model, to_device(batch, device))
+            except _StopCalibration as stop:
+                if stop.run is not run:  # another (nested) calibration's: not ours to catch
+                    raise
+            if i == 0:
+                run.end_first_item()
+            counts["batches"] += 1
+            counts["held_out_batches"] += held
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if counts["batches"] == 0:
+        raise ValueError("calibration needs at least one batch (the data gave none)")
     for calib in calibrations:
         calib.check_seen()
+    return counts

@@ -12,12 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from asap.attention.operators import AsapOperator, AttentionOperator, SinkhornOperator, SoftmaxOperator, call_mask
+from asap.attention.submodules import find_modules
 from asap.compile.calibrate import model_inputs
 from asap.compile.plans import as_4d_mask, asap_log_attention, scores_and_support, sinkhorn_log_attention
 
 
 def attention_operators(model: nn.Module) -> list[AttentionOperator]:
-    return [m for m in model.modules() if isinstance(m, AttentionOperator)]
+    """Every attention operator of ``model``, each object once, in registration order."""
+    return [found.module for found in find_modules(model, AttentionOperator)]
 
 
 def operator_attention(operator: AttentionOperator, q: Tensor, k: Tensor, attn_mask: Tensor | None) -> Tensor:

@@ -21,7 +21,7 @@ Two calibration modes (docs/method.md sec. 4.4):
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,12 +29,14 @@ from torch import Tensor, nn
 
 from asap.attention.dual_map import SLICE_TYPES
 from asap.attention.operators import AsapOperator, SinkhornOperator
+from asap.attention.submodules import replace_module
 from asap.compile.calibrate import (
-    Batch,
     LayerCalibration,
+    Selection,
     SinkhornLayer,
+    batch_count,
     collect,
-    num_held_out,
+    held_out_rule,
     select_layers,
     sinkhorn_layers,
 )
@@ -118,25 +120,112 @@ def fit_coefficients(calib: LayerCalibration, options: CompileOptions) -> tuple[
 
 
 def asap_operator_for(calib: LayerCalibration, coef: Tensor) -> AsapOperator:
-    """The ASAP operator replacing ``calib``'s Sinkhorn layer: same eps and scale, fitted dual map."""
+    """The ASAP operator replacing ``calib``'s Sinkhorn layer: same eps and scale, fitted dual map.
+
+    Its tensors (the dual map's) are on the device the layer was called on during
+    calibration; it takes the teacher operator's training flag.
+    """
     teacher = calib.layer.operator
     dual_map = copy.deepcopy(calib.dual_map)
     set_coefficients(dual_map, coef)
     operator = AsapOperator(
         num_heads=calib.num_heads, head_dim=calib.head_dim, eps=teacher.eps, scale=teacher.scale, dual_map=dual_map
     )
-    reference = next(calib.layer.parent.parameters(), None)  # the device the layer runs on
-    return operator if reference is None else operator.to(reference.device)
+    return operator.train(teacher.training)
 
 
-def swap_in(layer: SinkhornLayer, operator: nn.Module) -> None:
-    """Replace the operator in its parent module, in place."""
-    setattr(layer.parent, layer.attr, operator)
+def swap_in(model: nn.Module, layer: SinkhornLayer, operator: nn.Module) -> None:
+    """Put ``operator`` in place of the layer's operator, in place, under every name it has in ``model``."""
+    for name in layer.names:
+        replace_module(model, name, operator)
+
+
+def compile_selected(
+    model: nn.Module,
+    data: Iterable[Any],
+    selected: list[SinkhornLayer],
+    options: CompileOptions,
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    stop_early: bool = True,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Calibrate, fit and swap the ``selected`` Sinkhorn layers of ``model`` IN PLACE; return the report.
+
+    The pipeline of :func:`compile_model` (which calls it on a copy) and of
+    :func:`asap.compile.module.compile_module` (on the user's model). ``data`` is
+    iterated once per pass (once in ``"teacher"`` mode, once per layer in
+    ``"sequential"`` mode, which therefore refuses a one-shot iterator). If
+    anything fails, every operator already swapped is put back: the model is
+    left as it was (its training flag included).
+    """
+    if options.mode == "sequential" and len(selected) > 1 and isinstance(data, Iterator):
+        raise ValueError(
+            "mode='sequential' passes over the calibration data once per layer: give a re-iterable "
+            "(a list, a DataLoader), not a one-shot iterator or generator"
+        )
+    rule = held_out_rule(batch_count(data), options.holdout_fraction)
+    new = lambda layer: LayerCalibration(  # noqa: E731
+        layer, num_slices=options.num_slices, slice_type=options.slice_type, seed=options.seed + layer.index,
+        reservoir_size=options.reservoir_size, extra_features=options.extra_features,
+    )  # fmt: skip
+    run = dict(held_out_batches=rule, forward=forward, stop_early=stop_early, progress=progress)
+    swapped: list[SinkhornLayer] = []
+    try:
+        if options.mode == "teacher":
+            calibrations = [new(layer) for layer in selected]
+            counts = collect(model, data, calibrations, **run)
+            fitted = [(calib, *fit_coefficients(calib, options)) for calib in calibrations]
+            for calib, coef, _ in fitted:
+                swap_in(model, calib.layer, asap_operator_for(calib, coef))
+                swapped.append(calib.layer)
+        else:
+            fitted, counts = [], None
+            for layer in selected:  # layers below `layer` already run ASAP when it is calibrated
+                calib = new(layer)
+                seen = collect(model, data, [calib], **run)
+                counts = counts or seen
+                coef, info = fit_coefficients(calib, options)
+                swap_in(model, layer, asap_operator_for(calib, coef))
+                swapped.append(layer)
+                fitted.append((calib, coef, info))
+        report_layers = [_layer_report(calib, coef, info, options) for calib, coef, info in fitted]
+    except BaseException:
+        for layer in swapped:
+            swap_in(model, layer, layer.operator)
+        raise
+    return {
+        "options": options.to_dict(),
+        "calibration": dict(counts),
+        "layers": report_layers,
+    }
+
+
+def _layer_report(calib: LayerCalibration, coef: Tensor, info: dict[str, Any], options: CompileOptions) -> dict[str, Any]:
+    entry = {
+        "index": calib.layer.index,
+        "name": calib.layer.name,
+        "n_iters": calib.n_iters,
+        "eps": calib.eps,
+        "scale": calib.scale,
+        "num_heads": calib.num_heads,
+        "head_dim": calib.head_dim,
+        "seed": calib.seed,
+        "sequences": dict(calib.sequences),
+        "tokens": {"fit": int(calib.fit.count[0]), "held_out": int(calib.held_out.count[0])},
+        **layer_fidelity(calib, coef, truncated_iters=options.truncated_iters,
+                         asap_operator=asap_operator_for(calib, coef)),  # fmt: skip
+    }
+    if len(calib.layer.names) > 1:
+        entry["aliases"] = list(calib.layer.names)
+    if info:
+        entry["refine"] = info
+    return entry
 
 
 def compile_model(
     model: nn.Module,
-    calibration_batches: Sequence[Batch],
+    calibration_batches: Iterable[Any],
     *,
     num_slices: int = 16,
     slice_type: str = "random",
@@ -152,14 +241,14 @@ def compile_model(
     truncated_iters: int = 3,
     progress: Any = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Compile the Sinkhorn layers of a trained model to ASAP without retraining.
+    """Compile the Sinkhorn layers of a trained model to ASAP without retraining; the model is not modified.
 
     Args:
         model: any module containing :class:`~asap.attention.SinkhornOperator` s
             (odd ``n_iters >= 3``); it is not modified.
-        calibration_batches: a sequence (iterated once per pass) of unlabelled
-            inputs: dicts of keyword inputs (filtered by ``model.input_names``
-            when present), tensors or tuples of positional inputs.
+        calibration_batches: unlabelled inputs, iterated once per pass: dicts of
+            keyword inputs (filtered by ``model.input_names`` when present),
+            tensors or tuples of positional inputs (a list, a ``DataLoader``).
         layers: indices among the model's Sinkhorn layers to compile (``None``:
             all); the others stay Sinkhorn (the frozen-layer experiment).
         other options: see :class:`CompileOptions`.
@@ -169,6 +258,9 @@ def compile_model(
         ``(compiled, report)``: a deep copy of ``model`` with ASAP operators in
         the selected layers (eval mode), and a JSON-ready report with the
         options, calibration sizes and per-layer, per-head fidelity figures.
+
+    :func:`asap.compile.module.compile_module` is the same pipeline for any
+    model, in place, with a custom forward and selection by name.
     """
     options = CompileOptions(
         num_slices=num_slices, slice_type=slice_type, extra_features=tuple(extra_features), seed=seed, ridge=ridge,
@@ -176,54 +268,12 @@ def compile_model(
         refine_iters=refine_iters, mode=mode, layers=None if layers is None else tuple(sorted(set(layers))),
         holdout_fraction=holdout_fraction, reservoir_size=reservoir_size, truncated_iters=truncated_iters,
     )  # fmt: skip
+    if batch_count(calibration_batches) == 0:
+        raise ValueError("calibration needs at least one batch")
     compiled = copy.deepcopy(model).eval()
     selected = select_layers(compiled, options.layers)
-    held_out = num_held_out(len(calibration_batches), options.holdout_fraction)
-    new = lambda layer: LayerCalibration(  # noqa: E731
-        layer, num_slices=options.num_slices, slice_type=options.slice_type, seed=options.seed + layer.index,
-        reservoir_size=options.reservoir_size, extra_features=options.extra_features,
-    )  # fmt: skip
-
-    if options.mode == "teacher":
-        calibrations = [new(layer) for layer in selected]
-        collect(compiled, calibration_batches, calibrations, held_out_batches=held_out, progress=progress)
-        fitted = [(calib, *fit_coefficients(calib, options)) for calib in calibrations]
-        for calib, coef, _ in fitted:
-            swap_in(calib.layer, asap_operator_for(calib, coef))
-    else:
-        fitted = []
-        for layer in selected:  # layers below `layer` already run ASAP when it is calibrated
-            calib = new(layer)
-            collect(compiled, calibration_batches, [calib], held_out_batches=held_out, progress=progress)
-            coef, info = fit_coefficients(calib, options)
-            swap_in(layer, asap_operator_for(calib, coef))
-            fitted.append((calib, coef, info))
-
-    report_layers = []
-    for calib, coef, info in fitted:
-        entry = {
-            "index": calib.layer.index,
-            "name": calib.layer.name,
-            "n_iters": calib.n_iters,
-            "eps": calib.eps,
-            "scale": calib.scale,
-            "num_heads": calib.num_heads,
-            "head_dim": calib.head_dim,
-            "seed": calib.seed,
-            "sequences": dict(calib.sequences),
-            "tokens": {"fit": int(calib.fit.count[0]), "held_out": int(calib.held_out.count[0])},
-            **layer_fidelity(calib, coef, truncated_iters=options.truncated_iters,
-                             asap_operator=asap_operator_for(calib, coef)),  # fmt: skip
-        }
-        if info:
-            entry["refine"] = info
-        report_layers.append(entry)
-    report = {
-        "options": options.to_dict(),
-        "calibration": {"batches": len(calibration_batches), "held_out_batches": held_out},
-        "num_sinkhorn_layers": len(sinkhorn_layers(model)),
-        "layers": report_layers,
-    }
+    report = compile_selected(compiled, calibration_batches, selected, options, progress=progress)
+    report["num_sinkhorn_layers"] = len(sinkhorn_layers(model))
     return compiled.eval(), report
 
 
@@ -235,5 +285,5 @@ def truncate_sinkhorn(model: nn.Module, *, n_iters: int, layers: Iterable[int] |
     for i in chosen:
         teacher = found[i].operator
         operator = SinkhornOperator(n_iters=n_iters, eps=teacher.eps, grad_mode=teacher.grad_mode, scale=teacher.scale)
-        swap_in(found[i], operator)
+        swap_in(truncated, found[i], operator)
     return truncated

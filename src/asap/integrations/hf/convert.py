@@ -32,6 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from asap.attention import OPERATORS, AttentionConfig, AttentionOperator, build_operator
+from asap.attention.submodules import find_modules, replace_module
 from asap.errors import ConfigError
 from asap.integrations.hf.attention import ATTN_IMPLEMENTATION, OPERATOR_ATTR, UnsupportedModelError, register
 
@@ -106,7 +107,9 @@ def attention_modules(model: nn.Module, arch: Architecture) -> list[tuple[str, n
     """``(name, module, num_heads, head_dim)`` of every self-attention of ``arch`` in ``model``, in order."""
     cls = arch.attention_class()
     found = []
-    for name, module in model.named_modules():
+    candidates = find_modules(model, lambda name, module: isinstance(module, cls) or (
+        "crossattention" in type(module).__name__.lower()))  # fmt: skip
+    for name, module in ((c.name, c.module) for c in candidates):
         if isinstance(module, cls):
             heads, head_dim = int(getattr(module, arch.heads)), int(getattr(module, arch.head_dim))
             query = getattr(module, arch.query)
@@ -184,19 +187,16 @@ def convert(model: PreTrainedModel, method: str, **options: Any) -> PreTrainedMo
             f"{type(model).__name__} does not let transformers set its attention implementation to "
             f"{ATTN_IMPLEMENTATION!r} (it does not dispatch through AttentionInterface)"
         )
-    for module, operator in built:
-        setattr(module, OPERATOR_ATTR, operator)  # a registered submodule: moved, saved and compiled with the model
+    for module, operator in built:  # a registered submodule: moved, saved and compiled with the model
+        replace_module(module, OPERATOR_ATTR, operator, create=True)
     setattr(model, CONVERSION_ATTR, AttentionConfig(method=method, options=dict(options)))
     return model
 
 
 def converted_operators(model: nn.Module) -> list[tuple[str, AttentionOperator]]:
     """``(module name, operator)`` of every converted attention of ``model`` (after compile, its ASAP operators)."""
-    return [
-        (name, getattr(module, OPERATOR_ATTR))
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, OPERATOR_ATTR, None), nn.Module)
-    ]
+    holders = find_modules(model, lambda name, module: isinstance(module._modules.get(OPERATOR_ATTR), nn.Module))
+    return [(found.name, getattr(found.module, OPERATOR_ATTR)) for found in holders]
 
 
 def conversion(model: nn.Module) -> AttentionConfig:
