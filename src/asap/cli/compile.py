@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from asap.cli.options import positive_int
 from asap.compile.options import _features, _layers, add_compile_options, compile_options  # noqa: F401 (kept here too)
 from asap.errors import AsapError
 
@@ -30,15 +31,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("run_dir", metavar="RUN_DIR", help="directory written by asap train (a Sinkhorn model)")
-    parser.add_argument("--calibration", type=int, required=True, metavar="N", help="number of calibration examples")
+    parser.add_argument("--calibration", type=positive_int, required=True, metavar="N", help="number of calibration examples")
     parser.add_argument("--out", required=True, metavar="OUT_DIR", help="directory for the compiled model and report")
-    parser.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="calibration batch size (default 32)")
     add_compile_options(parser)
     group = parser.add_argument_group("evaluation")
     group.add_argument("--no-eval", action="store_true", help="skip the accuracy comparison")
     group.add_argument("--eval-split", default="test", help="split for accuracy (default test)")
-    group.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many examples")
-    group.add_argument("--eval-batch-size", type=int, default=128)
+    group.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on at most this many examples")
+    group.add_argument("--eval-batch-size", type=positive_int, default=128)
     parser.add_argument("--data-dir", default=None, help="data directory (default: the run's, then $ASAP_DATA_DIR)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda[:i]")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -53,8 +54,17 @@ def run_compile(args: argparse.Namespace) -> int:
 
     from asap.compile import compile_model, fidelity_table, plot_report, save_compiled
     from asap.compile.runs import accuracies, calibration_batches, check_output_dir, load_data, load_teacher
+    from asap.compile.calibrate import check_holdout_fraction
+    from asap.compile.swap import CompileOptions
     from asap.train.checkpoint import atomic_write_json
 
+    options = compile_options(args)
+    try:  # the fit options' ranges (--ridge >= 0, --holdout in [0, 1), odd --truncated-iters, ...), before any work
+        CompileOptions(**{**options, "layers": None if options["layers"] is None else tuple(options["layers"])})
+        check_holdout_fraction(options["holdout_fraction"])
+    except ValueError as err:
+        print(f"asap compile: {err}", file=sys.stderr)
+        return 2
     try:
         teacher = load_teacher(args.run_dir, device=args.device)
         # Before any work, and again just before writing (the folder may have changed meanwhile): --out must
@@ -68,7 +78,7 @@ def run_compile(args: argparse.Namespace) -> int:
     batches = calibration_batches(teacher, num_samples=args.calibration, batch_size=args.batch_size, seed=args.seed,
                                   data_dir=args.data_dir)  # fmt: skip
     try:
-        compiled, report = compile_model(teacher.model, batches, progress=progress, **compile_options(args))
+        compiled, report = compile_model(teacher.model, batches, progress=progress, **options)
     except ValueError as err:
         print(f"asap compile: {err}", file=sys.stderr)
         return 2
