@@ -8,16 +8,29 @@ Typical use::
     save_compiled("runs/imdb_asap", compiled, report=report)
     model, manifest = load_compiled("runs/imdb_asap")
 
+Any model of your own (or a converted transformers encoder), in place, with your
+own data and forward call, and its artifact without the project's model classes::
+
+    from asap.compile import compile_module, save_compiled_module, load_compiled_module
+
+    model, report = compile_module(model, loader, forward=lambda m, batch: m(batch["x"], batch["mask"]))
+    save_compiled_module(model, "compiled/")
+    model = load_compiled_module(MyModel(), "compiled/")
+
 Modules: :mod:`~asap.compile.calibrate` (hooks, accumulation),
 :mod:`~asap.compile.fit` (normal equations, ridge, KL refinement),
 :mod:`~asap.compile.swap` (the pipeline), :mod:`~asap.compile.plans`
 (attention matrices for analysis), :mod:`~asap.compile.report` (fidelity),
-:mod:`~asap.compile.artifact` (save / strict load).
+:mod:`~asap.compile.artifact` (save / strict load), :mod:`~asap.compile.module`
+(any ``nn.Module``: compile in place, save, load), :mod:`~asap.compile.direct`
+(a dual map fitted from raw ``(q, k, mask)`` tensors, no model).
 """
 
 from asap.compile.artifact import ArtifactError, load_compiled, read_manifest, save_compiled
 from asap.compile.calibrate import LayerCalibration, collect, select_layers, sinkhorn_layers
+from asap.compile.direct import fit_dual_map
 from asap.compile.fit import NormalEquations, explained_variance, refine_kl, solve_ridge
+from asap.compile.module import compile_module, load_compiled_module, read_module_manifest, save_compiled_module
 from asap.compile.report import fidelity_table, plot_report
 from asap.compile.swap import CompileOptions, compile_model, truncate_sinkhorn
 
@@ -28,13 +41,18 @@ __all__ = [
     "NormalEquations",
     "collect",
     "compile_model",
+    "compile_module",
     "explained_variance",
     "fidelity_table",
+    "fit_dual_map",
     "load_compiled",
+    "load_compiled_module",
     "plot_report",
     "read_manifest",
+    "read_module_manifest",
     "refine_kl",
     "save_compiled",
+    "save_compiled_module",
     "select_layers",
     "sinkhorn_layers",
     "solve_ridge",
