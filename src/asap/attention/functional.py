@@ -151,7 +151,10 @@ def sinkhorn_attention(
             is exact at convergence by the envelope theorem).
         tol, check_every: optional early stopping on the L1 column-marginal
             error (see :func:`asap.transport.sinkhorn.sinkhorn`); synchronises
-            with the host, for analysis rather than training.
+            with the host, for analysis rather than training. For the duals
+            after every half-step (a convergence study), call
+            ``asap.transport.sinkhorn(scores, ..., return_iterates=True)`` on
+            ``S = scale q k^T`` and ``asap.transport.support(attn_mask, n, m, ...)``.
         chunk_bytes: process ``(b, h)`` in blocks whose ``(n, m)`` score
             tensors total at most this many bytes. Default: ``CPU_CHUNK_BYTES``
             on CPU, no chunking elsewhere (caching GPU allocators do not pay

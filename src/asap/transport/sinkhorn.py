@@ -20,6 +20,15 @@ tolerance mode (``tol``) checks the column marginal error every
 ``check_every`` column steps and stops early; it synchronises with the host at each
 check and is meant for analysis, not for training.
 
+For convergence studies, ``sinkhorn(..., return_iterates=True)`` also returns
+the duals of the plan after every half-step (:class:`SinkhornIterates`, no
+host synchronisation either), from which the plans, their marginal errors
+(:meth:`SinkhornIterates.marginal_errors`) or the dual objective follow::
+
+    supp = support(mask, n, m, dtype=torch.float64, device=scores.device)
+    result, iterates = sinkhorn(scores, n_iters=21, eps=1.0, supp=supp, return_iterates=True)
+    row_err, col_err = iterates.marginal_errors(scores, eps=1.0, supp=supp)   # (21, b, h) each
+
 References: Cuturi, "Sinkhorn distances", NeurIPS 2013; Peyre & Cuturi,
 "Computational Optimal Transport", 2019, sec. 4.4 (log-domain stabilisation);
 Sander et al., "Sinkformers", AISTATS 2022.
@@ -27,12 +36,13 @@ Sander et al., "Sinkformers", AISTATS 2022.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor
 
 from asap.transport.ctransform import c_transform_cols, c_transform_rows, col_step, row_step, scaled_logits
+from asap.transport.diagnostics import marginal_errors
 from asap.transport.masks import Support
 
 class SinkhornResult(NamedTuple):
@@ -48,6 +58,36 @@ class SinkhornResult(NamedTuple):
     g: Tensor
     target: Tensor | None
     n_steps: int
+
+
+class SinkhornIterates(NamedTuple):
+    """The duals of the plan after every half-step of :func:`sinkhorn` (``return_iterates=True``).
+
+    f: ``(K, ..., n)``; ``f[k - 1]`` is the query dual after ``k`` half-steps:
+        ``f_k`` after a row step (odd ``k``), unchanged (``f_{k-1}``) after a column step.
+    g: ``(K, ..., m)``; ``g[k - 1]`` is the key dual after ``k`` half-steps:
+        ``g_k`` after a column step (even ``k``), unchanged after a row step (``g[0] = 0``).
+
+    ``K`` is the number of half-steps run (``SinkhornResult.n_steps``); the last
+    iterate is the result's ``(f, g)``. The plan after ``k`` half-steps is
+    ``exp((S + f[k-1] + g[k-1]) / eps)`` (:func:`asap.transport.diagnostics.log_plan`):
+    its row marginal is exact after a row step, its column marginal after a column step.
+    """
+
+    f: Tensor
+    g: Tensor
+
+    def marginal_errors(self, scores: Tensor, *, eps: float, supp: Support) -> tuple[Tensor, Tensor]:
+        """L1 marginal errors ``(rows, cols)`` of the plan after every half-step, each ``(K, ...)``.
+
+        ``rows[k - 1] = sum_i |P_k 1 - a|_i`` and ``cols[k - 1] = sum_j |P_k^T 1 - b|_j``
+        (:func:`asap.transport.diagnostics.marginal_errors`, one ``(..., n, m)``
+        plan at a time); the error that is not exact after a step is the one a
+        convergence study follows: ``cols`` after row steps, ``rows`` after
+        column steps. No host synchronisation.
+        """
+        pairs = [marginal_errors(scores, f, g, eps=eps, supp=supp) for f, g in zip(self.f, self.g)]
+        return torch.stack([rows for rows, _ in pairs]), torch.stack([cols for _, cols in pairs])
 
 
 def center(x: Tensor, *, valid: Tensor | None = None) -> Tensor:
@@ -73,6 +113,20 @@ def _column_marginal_error(g_old: Tensor, g_new: Tensor, *, eps: float, supp: Su
     return err.sum(dim=-1)
 
 
+@overload
+def sinkhorn(
+    scores: Tensor, *, n_iters: int, eps: float = ..., supp: Support, tol: float | None = ..., check_every: int = ...,
+    logits: tuple[Tensor, Tensor] | None = ..., return_iterates: Literal[False] = ...,
+) -> SinkhornResult: ...  # fmt: skip
+
+
+@overload
+def sinkhorn(
+    scores: Tensor, *, n_iters: int, eps: float = ..., supp: Support, tol: float | None = ..., check_every: int = ...,
+    logits: tuple[Tensor, Tensor] | None = ..., return_iterates: Literal[True],
+) -> tuple[SinkhornResult, SinkhornIterates]: ...  # fmt: skip
+
+
 def sinkhorn(
     scores: Tensor,
     *,
@@ -82,7 +136,8 @@ def sinkhorn(
     tol: float | None = None,
     check_every: int = 10,
     logits: tuple[Tensor, Tensor] | None = None,
-) -> SinkhornResult:
+    return_iterates: bool = False,
+) -> SinkhornResult | tuple[SinkhornResult, SinkhornIterates]:
     """Run ``n_iters`` Sinkhorn half-steps on a score matrix.
 
     Args:
@@ -96,6 +151,12 @@ def sinkhorn(
         logits: the log-kernels ``scaled_logits(scores, eps=eps, supp=supp)`` when
             the caller needs them too (Sinkhorn attention's final row
             normalisation), so they are formed once; computed here otherwise.
+        return_iterates: also return the duals after every half-step:
+            ``(result, SinkhornIterates)`` with ``f (K, ..., n)`` and ``g (K, ..., m)``
+            (``K = result.n_steps``), for convergence studies. Costs their memory
+            (``K (n + m)`` per problem, kept in the autograd graph when there is
+            one), no extra pass and no host synchronisation. The default returns
+            the :class:`SinkhornResult` alone, as before.
     """
     if n_iters < 1:
         raise ValueError(f"n_iters must be >= 1 half-step, got {n_iters}")
@@ -107,6 +168,8 @@ def sinkhorn(
     g = scores.new_zeros(scores.shape[:-2] + (scores.shape[-1],))
     f = scores.new_zeros(scores.shape[:-1])
     f_prev = None  # f_{k-2} when the current step k is a row step
+    fs: list[Tensor] = []  # the duals after every half-step (return_iterates only)
+    gs: list[Tensor] = []
     step = 0
     while step < n_iters:
         step += 1
@@ -120,10 +183,16 @@ def sinkhorn(
                     step -= 1  # the plan (f, g) after the last row step is the answer
                     break
             g = g_new
+        if return_iterates:
+            fs.append(f)
+            gs.append(g)
     target = None
     if step % 2 == 1 and step >= 3:
         target = center(f_prev, valid=supp.rows)
-    return SinkhornResult(f=f, g=g, target=target, n_steps=step)
+    result = SinkhornResult(f=f, g=g, target=target, n_steps=step)
+    if not return_iterates:
+        return result
+    return result, SinkhornIterates(f=torch.stack(fs), g=torch.stack(gs))
 
 
 def closure(scores: Tensor, f_hat: Tensor, *, eps: float, supp: Support) -> tuple[Tensor, Tensor]:
