@@ -36,7 +36,7 @@ from asap.data.registry import (
 from asap.data.splits import stratified_head, stratified_split, train_val_split
 from asap.data.table_files import load_csv, load_jsonl
 from asap.data.text_loaders import clean_ag_news_text, clean_imdb_text, read_zhang_csv, unescape_zhang_text
-from asap.data.tokenizer import PAD_ID, SubwordTokenizer, load_or_train_tokenizer
+from asap.data.tokenizer import PAD_ID, PretrainedTokenizer, SubwordTokenizer, load_or_train_tokenizer
 from asap.data.torch_datasets import (
     ImageClassificationDataset,
     TextClassificationDataset,
@@ -59,6 +59,7 @@ __all__ = [
     "DatasetSpec",
     "ImageClassificationDataset",
     "ImageData",
+    "PretrainedTokenizer",
     "SubwordTokenizer",
     "TextClassificationDataset",
     "TextData",

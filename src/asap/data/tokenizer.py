@@ -105,12 +105,7 @@ class SubwordTokenizer:
                 or missing the special tokens).
         """
         path = pathlib.Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        try:
-            tokenizer = Tokenizer.from_str(path.read_text(encoding="utf-8"))
-        except Exception as err:  # the Rust side raises a bare Exception for any parse error
-            raise ValueError(f"{path} is not a valid tokenizer JSON file: {err}") from err
+        tokenizer = _read_tokenizer(path)
         try:
             return cls(tokenizer)
         except ValueError as err:
@@ -119,19 +114,7 @@ class SubwordTokenizer:
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as JSON, atomically: a temporary file beside ``path``, then
         ``os.replace``, so a crash or a concurrent reader never sees half a file."""
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as tmp:
-                tmp.write(self._tokenizer.to_str())
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            raise
+        _write_atomic(path, self._tokenizer.to_str())
 
     @property
     def vocab_size(self) -> int:
@@ -187,14 +170,117 @@ class SubwordTokenizer:
         return f"SubwordTokenizer(vocab_size={self.vocab_size})"
 
 
-def pad_ids(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D int64 id tensors with :data:`PAD_ID` to the longest.
+class PretrainedTokenizer:
+    """A pretrained model's own tokenizer: the ``tokenizers`` backend of a Hugging Face fast tokenizer.
+
+    It encodes as the model's tokenizer does with ``truncation=True``: its
+    normaliser, pre-tokeniser, vocabulary and post-processor (the special
+    tokens, e.g. ``[CLS] ... [SEP]``), cut to ``max_length`` ids *including*
+    the special tokens. Its padding id is saved in the file (as the file's
+    padding setting), so a run reads it back without the model's folder;
+    sequences are never padded here (:func:`pad_ids` pads a batch with
+    :attr:`pad_id`).
+
+    Build one from ``transformers_tokenizer.backend_tokenizer`` and its
+    ``pad_token_id`` (see :func:`asap.integrations.transformers.pretrained_tokenizer`),
+    or :meth:`load` a file written by :meth:`save`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, pad_id: int | None = None) -> None:
+        if pad_id is None:
+            padding = tokenizer.padding
+            pad_id = None if padding is None else padding.get("pad_id")
+        if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0:
+            raise ValueError(f"tokenizer has no padding id (got {pad_id!r}); a pretrained tokenizer needs a pad token")
+        self._tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a private copy: truncation is set here
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        pad_token = self._tokenizer.id_to_token(pad_id)
+        if pad_token is None:
+            raise ValueError(f"padding id {pad_id} is not in the tokenizer's vocabulary")
+        self.pad_id, self._pad_token = pad_id, pad_token
+        self._max_length: int | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PretrainedTokenizer:
+        """Read a tokenizer written by :meth:`save` (``FileNotFoundError``/``ValueError`` naming the file)."""
+        path = pathlib.Path(path)
+        tokenizer = _read_tokenizer(path)
+        try:
+            return cls(tokenizer)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer (with its padding id) as JSON, atomically."""
+        copy = Tokenizer.from_str(self._tokenizer.to_str())
+        copy.no_truncation()
+        copy.enable_padding(pad_id=self.pad_id, pad_token=self._pad_token)
+        _write_atomic(path, copy.to_str())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode_ids(self, texts: Sequence[str], *, max_length: int) -> list[list[int]]:
+        """Token ids of each text, special tokens included, at most ``max_length`` ids each."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not a single string")
+        if max_length != self._max_length:
+            try:
+                self._tokenizer.enable_truncation(max_length)
+            except Exception as err:  # the Rust side raises a bare Exception
+                raise ValueError(f"cannot truncate to max_length={max_length}: {err}") from None
+            self._max_length = max_length
+        ids: list[list[int]] = []
+        for start in range(0, len(texts), _ENCODE_CHUNK):
+            chunk = list(texts[start : start + _ENCODE_CHUNK])
+            try:
+                encodings = self._tokenizer.encode_batch_fast(chunk, add_special_tokens=True)
+            except Exception as err:  # e.g. max_length shorter than the special tokens
+                raise ValueError(f"cannot encode with max_length={max_length}: {err}") from None
+            ids.extend(encoding.ids for encoding in encodings)
+        return ids
+
+    def __repr__(self) -> str:
+        return f"PretrainedTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id})"
+
+
+def _read_tokenizer(path: pathlib.Path) -> Tokenizer:
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        return Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    except Exception as err:  # the Rust side raises a bare Exception for any parse error
+        raise ValueError(f"{path} is not a valid tokenizer JSON file: {err}") from err
+
+
+def _write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it and ``os.replace``: a crash or a
+    concurrent reader never sees half a file."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as tmp:
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def pad_ids(rows: Sequence[torch.Tensor], *, pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D int64 id tensors with ``pad_id`` (:data:`PAD_ID` by default) to the longest.
 
     Returns:
         ``(input_ids (B, T) int64, padding_mask (B, T) bool, True = real token)``.
     """
     lengths = torch.tensor([row.numel() for row in rows])
-    input_ids = torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True, padding_value=PAD_ID)
+    input_ids = torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True, padding_value=pad_id)
     padding_mask = torch.arange(input_ids.shape[1]) < lengths[:, None]
     return input_ids, padding_mask
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from asap.data.containers import ImageData, TextData
-from asap.data.tokenizer import SubwordTokenizer, pad_ids
+from asap.data.tokenizer import PAD_ID, PretrainedTokenizer, SubwordTokenizer, pad_ids
 
 
 class TextClassificationDataset(torch.utils.data.Dataset):
@@ -29,11 +29,11 @@ class TextClassificationDataset(torch.utils.data.Dataset):
 
     Args:
         data: the split.
-        tokenizer: a trained :class:`SubwordTokenizer`.
-        max_length: the longest sequence, ``[CLS]`` included; longer texts are truncated.
+        tokenizer: a trained :class:`SubwordTokenizer`, or a model's :class:`PretrainedTokenizer`.
+        max_length: the longest sequence, special tokens included; longer texts are truncated.
     """
 
-    def __init__(self, data: TextData, tokenizer: SubwordTokenizer, max_length: int) -> None:
+    def __init__(self, data: TextData, tokenizer: SubwordTokenizer | PretrainedTokenizer, max_length: int) -> None:
         rows = tokenizer.encode_ids(data.texts, max_length=max_length)
         self.lengths = torch.tensor([len(row) for row in rows], dtype=torch.int64)
         self._offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(self.lengths, 0)])
@@ -50,14 +50,15 @@ class TextClassificationDataset(torch.utils.data.Dataset):
         return self._ids[start:stop].long(), self.labels[index]
 
 
-def collate_text(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def collate_text(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], *, pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
     """Pad a list of ``(input_ids, label)`` items to the longest.
 
     Returns:
         ``dict(input_ids=(B, T) int64, padding_mask=(B, T) bool, labels=(B,) int64)``;
-        padding uses id 0 and ``padding_mask`` is True on real tokens.
+        padding uses ``pad_id`` (0, the subword tokenizer's; a pretrained
+        tokenizer's own otherwise) and ``padding_mask`` is True on real tokens.
     """
-    input_ids, padding_mask = pad_ids([ids for ids, _ in batch])
+    input_ids, padding_mask = pad_ids([ids for ids, _ in batch], pad_id=pad_id)
     return {"input_ids": input_ids, "padding_mask": padding_mask, "labels": torch.stack([label for _, label in batch])}
 
 
