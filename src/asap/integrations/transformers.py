@@ -26,6 +26,9 @@ padded positions are not meaningful (read real tokens only, as masked pooling do
 For fine-tuning, :func:`load_pretrained_classifier` loads a local checkpoint with a
 fresh classification head and converts it, and :func:`load_tokenizer` loads its
 tokenizer; both read local folders only (nothing is downloaded).
+:class:`HFClassifier` (built from :func:`classifier_config`) wraps such a classifier
+as a model of asap's own training loop, which is what ``asap train --model hf:PATH``
+fine-tunes; :func:`pretrained_tokenizer` gives the tokenizer a run keeps.
 """
 
 from asap.integrations.hf.attention import (
@@ -36,22 +39,27 @@ from asap.integrations.hf.attention import (
     asap_mask,
     register,
 )
+from asap.integrations.hf.classifier import HFClassifier, HFClassifierConfig, classifier_config
 from asap.integrations.hf.convert import ARCHITECTURES, conversion, converted_operators, convert
 from asap.integrations.hf.io import (
     load_converted,
     load_pretrained_classifier,
     load_tokenizer,
     local_folder,
+    pretrained_tokenizer,
     save_converted,
 )
 
 __all__ = [
     "ARCHITECTURES",
     "ATTN_IMPLEMENTATION",
+    "HFClassifier",
+    "HFClassifierConfig",
     "OPERATOR_ATTR",
     "UnsupportedModelError",
     "asap_attention_forward",
     "asap_mask",
+    "classifier_config",
     "conversion",
     "converted_operators",
     "convert",
@@ -59,6 +67,7 @@ __all__ = [
     "load_pretrained_classifier",
     "load_tokenizer",
     "local_folder",
+    "pretrained_tokenizer",
     "register",
     "save_converted",
 ]

@@ -13,7 +13,7 @@ from asap.models.config import (
     ViTConfig,
     model_config_from_dict,
 )
-from asap.models.factory import MODELS, attention_layers, build_model, swap_attention
+from asap.models.factory import MODELS, attention_layers, build_model, register_model, swap_attention
 from asap.models.text import TextClassifier
 from asap.models.vision import VisionTransformer
 
@@ -31,5 +31,6 @@ __all__ = [
     "attention_layers",
     "build_model",
     "model_config_from_dict",
+    "register_model",
     "swap_attention",
 ]

@@ -8,7 +8,7 @@ from torch import nn
 
 from asap.attention.module import MultiheadAttention
 from asap.attention.operators import build_operator
-from asap.models.config import ModelConfig, TextClassifierConfig, ViTConfig
+from asap.models.config import MODEL_CONFIGS, ModelConfig, TextClassifierConfig, ViTConfig
 from asap.models.text import TextClassifier
 from asap.models.vision import VisionTransformer
 
@@ -17,6 +17,24 @@ MODELS: dict[str, type[nn.Module]] = {
     TextClassifierConfig.model_type: TextClassifier,
     ViTConfig.model_type: VisionTransformer,
 }
+
+
+def register_model(config_class: type, model_class: type[nn.Module]) -> None:
+    """Add a model type, so that :func:`build_model` and :func:`~asap.models.model_config_from_dict` know it.
+
+    ``config_class.model_type`` names it; the config class has ``to_dict`` /
+    ``from_dict``, and the model class is built as ``model_class(config)``.
+    Adapters register their models when imported (the transformers adapter:
+    ``"hf_classifier"``); registering the same pair again does nothing, another
+    class under a taken name is refused.
+    """
+    model_type = getattr(config_class, "model_type", None)
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"{config_class!r} has no model_type")
+    if MODEL_CONFIGS.get(model_type, config_class) is not config_class or MODELS.get(model_type, model_class) is not model_class:
+        raise ValueError(f"model type {model_type!r} is already registered with other classes")
+    MODEL_CONFIGS[model_type] = config_class
+    MODELS[model_type] = model_class
 
 
 def build_model(config: ModelConfig) -> nn.Module:

@@ -36,6 +36,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from asap.attention import OPERATORS
 from asap.attention.dual_map import SliceDualMap
+from asap.data.tokenizer import PretrainedTokenizer
 from asap.errors import ConfigError
 from asap.io import read_json
 from asap.integrations.hf.convert import architecture, conversion, converted_operators, convert
@@ -233,6 +234,27 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         raise ConfigError(f"{folder}: no tokenizer could be loaded ({err})".splitlines()[0]) from None
 
 
+def pretrained_tokenizer(path: str | os.PathLike) -> PretrainedTokenizer:
+    """The tokenizer of a local model folder as an :class:`asap.data.PretrainedTokenizer` (what a run keeps).
+
+    It is the fast tokenizer's ``tokenizers`` backend with its padding id, so it
+    encodes exactly as ``tokenizer(texts, truncation=True, max_length=n)`` does.
+    Refused, naming the folder: a tokenizer with no fast version, or no pad token.
+    """
+    tokenizer = load_tokenizer(path)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(
+            f"{path}: its tokenizer ({type(tokenizer).__name__}) has no fast version (tokenizer.json); asap keeps the "
+            "fast tokenizer's backend with a run"
+        )
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"{path}: its tokenizer has no pad token, so batches of several lengths cannot be padded")
+    try:
+        return PretrainedTokenizer(tokenizer.backend_tokenizer, pad_id=int(tokenizer.pad_token_id))
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
 __all__ = [
     "ATTENTION_FILE",
     "CONFIG_FILE",
@@ -241,5 +263,6 @@ __all__ = [
     "load_pretrained_classifier",
     "load_tokenizer",
     "local_folder",
+    "pretrained_tokenizer",
     "save_converted",
 ]
