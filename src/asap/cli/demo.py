@@ -63,10 +63,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from asap.attention.operators import AttentionOperator
     from asap.compile import compile_model, fidelity_table, plot_report, save_compiled, truncate_sinkhorn
     from asap.bench.model_timing import time_models, time_operator_scaling
-    from asap.compile.compare import attention_maps, plot_attention_maps
+    from asap.compile.compare import attention_maps, attention_operators, plot_attention_maps
     from asap.compile.report import format_table
     from asap.compile.runs import calibration_batches, load_data, load_teacher
     from asap.train import TrainConfig, train
@@ -137,8 +136,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"threads, load average {load[0] if load else 'n/a'} before timing"
     )
     # The digits model has 17 tokens, where L sorts cost about as much as n x n passes; how it scales with n:
-    layer_ops = {name: [m for m in model.modules() if isinstance(m, AttentionOperator)][-1]
-                 for name, model in models.items()}  # fmt: skip
+    layer_ops = {name: attention_operators(model)[-1] for name, model in models.items()}
     last = layer_ops["ASAP"].dual_map
     scaling = time_operator_scaling(layer_ops, num_heads=last.num_heads, head_dim=last.head_dim, lengths=args.lengths,
                                     rounds=max(5, args.repeats // 2))  # fmt: skip

@@ -24,7 +24,7 @@ needed:
 The function itself holds no state: it calls the asap operator stored on the HF
 attention module as ``module.asap_operator`` (:data:`OPERATOR_ATTR`), so that the
 compile stage, which finds :class:`~asap.attention.SinkhornOperator` s by type and
-swaps them with ``setattr(parent, attr, ...)``, sees and replaces them.
+swaps them by qualified name (:mod:`asap.attention.submodules`), sees and replaces them.
 """
 
 from __future__ import annotations
