@@ -3,13 +3,19 @@
     asap train --dataset imdb --data-dir ../shared/data --method sinkhorn --n-iters 11 --eps 1 \\
                --epochs 3 --out runs/imdb_sk11
     asap train --resume runs/imdb_sk11
+    asap train --dataset csv:reviews.csv --text-column review --label-column stars --out runs/reviews
+    asap train --model hf:models/minilm --dataset csv:reviews/ --method sinkhorn --n-iters 3 \\
+               --lr 5e-5 --max-length 128 --out runs/minilm_sk3    # fine-tune a local pretrained encoder
     torchrun --nproc_per_node=2 -m asap.cli.main train ...      # data-parallel
 
 Every option maps to a field of :class:`asap.train.TrainConfig` (``--heads`` ->
-``num_heads``, ``--out`` -> ``out_dir``); options not given keep the config's
-defaults. With ``--resume`` the run's own ``config.json`` is used: options
-that would change the result are refused, run-time ones (data dir, workers,
-device, checkpointing, stopping point) may be changed. A run stopped before
+``num_heads``, ``--out`` -> ``out_dir``, ``--model`` -> ``pretrained``); options
+not given keep the config's defaults. Your own data and ``--model`` folders are
+recorded with absolute paths, with the data options, so ``asap eval RUN`` and
+``asap compile RUN`` read the same data without repeating them. With
+``--resume`` the run's own ``config.json`` is used: options that would change
+the result are refused, run-time ones (data dir, workers, device,
+checkpointing, stopping point) may be changed. A run stopped before
 its first checkpoint resumes from step 0.
 
 Every option is checked before anything is written (a refused command leaves
@@ -32,7 +38,9 @@ from asap.cli.options import finite_float, nonnegative_int, positive_int
 from asap.errors import ConfigError
 
 #: command-line dest -> TrainConfig field, where the names differ.
-RENAMED = {"out": "out_dir", "heads": "num_heads", "no_progress": "progress"}
+RENAMED = {"out": "out_dir", "heads": "num_heads", "no_progress": "progress", "model": "pretrained"}
+#: repeatable KEY=VALUE options -> their flag (the field holds a mapping).
+KEY_VALUE_FLAGS = {"attention_options": "--attention-option", "data_options": "--data-option"}
 #: command-line dests that are not TrainConfig fields.
 NOT_FIELDS = ("command", "func", "resume", "allow_unfitted")
 
@@ -40,7 +48,7 @@ NOT_FIELDS = ("command", "func", "resume", "allow_unfitted")
 def flag_for(field_name: str) -> str:
     """The ``asap train`` option that sets TrainConfig field ``field_name`` (``num_heads`` -> ``--heads``)."""
     dest = {v: k for k, v in RENAMED.items()}.get(field_name, field_name)
-    return "--" + ("attention-option" if dest == "attention_options" else dest.replace("_", "-"))
+    return KEY_VALUE_FLAGS.get(dest, "--" + dest.replace("_", "-"))
 
 
 def _train_config(build, *args):
@@ -83,11 +91,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )  # fmt: skip
     S = argparse.SUPPRESS
     run = parser.add_argument_group("run")
-    run.add_argument("--dataset", default=S, help="data set name (see asap.data.DATASETS; default: digits)")
+    run.add_argument("--dataset", default=S,
+                     help="a built-in data set (see asap.data.DATASETS; default: digits), or your own: csv:PATH, "
+                          "jsonl:PATH (a file with a split column, or a folder of train/test files), "
+                          "imagefolder:PATH (class subfolders), hf:PATH (a datasets folder or local Parquet/CSV files)")
     run.add_argument("--data-dir", default=S, help="data directory (default: $ASAP_DATA_DIR)")
     run.add_argument("--out", default=S, help="run directory to create (default: runs/run)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR exactly")
     model = parser.add_argument_group("model")
+    model.add_argument("--model", metavar="hf:PATH", default=S,
+                       help="fine-tune the pretrained transformers encoder in the local folder PATH (BERT, MiniLM, "
+                            "RoBERTa, DistilBERT; ViT for images) with a new classification head, under --method; "
+                            "its tokenizer and size are its own (default: train the project's model from scratch)")
     model.add_argument("--preset", choices=("tiny", "small", "base"), default=S, help="model size (default: tiny)")
     model.add_argument("--dim", type=positive_int, default=S, help="width (overrides the preset)")
     model.add_argument("--depth", type=positive_int, default=S, help="number of blocks (overrides the preset)")
@@ -100,6 +115,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     model.add_argument("--allow-unfitted", action="store_true", default=S,
                        help="allow --method asap, whose dual map is then never fitted (a zero map)")
     data = parser.add_argument_group("data")
+    data.add_argument("--text-column", default=S, help="your own data: the column/key holding the text (default: text)")
+    data.add_argument("--label-column", default=S,
+                      help="your own data: the column/key holding the label, strings or integers (default: label)")
+    data.add_argument("--data-option", dest="data_options", type=_key_value, action="append", default=S,
+                      metavar="KEY=VALUE",
+                      help="any other option of your own data (repeatable; see asap.data.DataOptions), e.g. "
+                           "split_column=part, test_fraction=0.2, image_size=32, image_column=img")
     data.add_argument("--max-length", type=positive_int, default=S, help="subword tokens per text (default 256)")
     data.add_argument("--vocab-size", type=positive_int, default=S, help="tokenizer vocabulary (default 8000)")
     data.add_argument("--val-fraction", type=finite_float, default=S, help="held-out part of train (default 0.1)")
@@ -131,8 +153,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def options_to_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields given on the command line (and only those)."""
     fields = {RENAMED.get(k, k): v for k, v in vars(args).items() if k not in NOT_FIELDS}
-    if "attention_options" in fields:
-        fields["attention_options"] = dict(fields["attention_options"])
+    for name in KEY_VALUE_FLAGS:
+        if name in fields:
+            fields[name] = dict(fields[name])
     if fields.get("grad_clip") == 0:
         fields["grad_clip"] = None
     return fields
@@ -173,7 +196,7 @@ def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> s
         flag = max(action.option_strings, key=len)
         if action.nargs == 0:  # store_true / store_false
             parts.append(flag)
-        elif action.dest == "attention_options":
+        elif action.dest in KEY_VALUE_FLAGS:
             for key, option in value:
                 parts += [flag, f"{key}={option if isinstance(option, str) else json.dumps(option)}"]
         elif isinstance(value, list):

@@ -44,7 +44,8 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from asap.errors import AsapError
+from asap.errors import AsapError, ConfigError
+from asap.integrations import provide_model_type
 from asap.io import file_inside, read_json
 from asap.models import ModelConfig, build_model, model_config_from_dict
 from asap.models.config import MODEL_CONFIGS
@@ -58,6 +59,9 @@ MODEL_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 METRICS_FILE = "metrics.jsonl"
 TOKENIZER_FILE = "tokenizer.json"
+#: ``data.tokenizer_type`` of a text run: its own trained subword tokenizer, or a pretrained model's.
+SUBWORD_TOKENIZER, PRETRAINED_TOKENIZER = "subword", "pretrained"
+TOKENIZER_TYPES = (SUBWORD_TOKENIZER, PRETRAINED_TOKENIZER)
 LOCK_FILE = ".lock"
 
 #: Header entry of a weights file holding :func:`tensors_sha256` of its tensors.
@@ -447,9 +451,11 @@ class RunConfig:
     """The contents of a run's ``config.json``.
 
     ``data`` describes the inputs the model expects: ``dataset``, ``kind``
-    ("text" | "image"), ``classes``, and for text ``tokenizer`` (file name in
-    the run directory) and ``max_length``; for images ``mean``/``std`` (per
-    channel, on the 0..1 scale) used to normalise pixels.
+    ("text" | "image"), ``classes``, for your own data (``SCHEME:PATH``, an
+    absolute path) its ``data_options``, and for text ``tokenizer`` (file name
+    in the run directory), ``tokenizer_type`` ("subword", the default, or
+    "pretrained": a pretrained model's own) and ``max_length``; for images
+    ``mean``/``std`` (per channel, on the 0..1 scale) used to normalise pixels.
     """
 
     model: ModelConfig
@@ -536,9 +542,20 @@ def validate_run_config(d: Any, *, source: str) -> None:
 
 
 def _validate_model_dict(model: dict[str, Any], *, source: str) -> None:
+    try:  # a model type defined by an adapter (a pretrained transformers classifier) is registered on import
+        provide_model_type(model.get("model_type"))
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
     cls = MODEL_CONFIGS.get(model.get("model_type"))
     if cls is None:
         raise _schema_error(source, "model.model_type", f"must be one of {sorted(MODEL_CONFIGS)}, got {model.get('model_type')!r}")
+    check_dict = getattr(cls, "check_dict", None)
+    if check_dict is not None:  # a config class that checks its own dict (its fields are not all sizes)
+        try:
+            check_dict(model)
+        except (ValueError, TypeError) as err:
+            raise _schema_error(source, "model", f"is invalid ({err})") from None
+        return
     for f in dataclasses.fields(cls):
         if f.name not in model:
             raise _schema_error(source, f"model.{f.name}", "is missing")
@@ -568,10 +585,14 @@ def _validate_data_dict(data: dict[str, Any], *, source: str) -> None:
     classes = data.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise _schema_error(source, "data.classes", f"must be a non-empty list of strings, got {classes!r:.60}")
+    if "data_options" in data and not isinstance(data["data_options"], dict):
+        raise _schema_error(source, "data.data_options", f"must be a JSON object, got {data['data_options']!r:.60}")
     kind = data.get("kind")
     if kind == "text":
         if not isinstance(data.get("tokenizer"), str):
             raise _schema_error(source, "data.tokenizer", f"must be a file name, got {data.get('tokenizer')!r:.60}")
+        if data.get("tokenizer_type", SUBWORD_TOKENIZER) not in TOKENIZER_TYPES:
+            raise _schema_error(source, "data.tokenizer_type", f"must be one of {TOKENIZER_TYPES}, got {data['tokenizer_type']!r:.60}")
         if not _is_int(data.get("max_length")) or data["max_length"] < 1:
             raise _schema_error(source, "data.max_length", f"must be a positive integer, got {data.get('max_length')!r:.60}")
     elif kind == "image":

@@ -14,6 +14,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from asap.attention.module import AttentionConfig
@@ -90,6 +91,12 @@ class TrainConfig:
     :data:`asap.models.PRESETS`), overridden field by field by ``dim``,
     ``depth``, ``num_heads``, ``mlp_ratio`` when they are not None. The model
     type follows the data set kind (text -> TextClassifier, image -> ViT).
+    ``pretrained="hf:PATH"`` fine-tunes instead a pretrained transformers
+    encoder from the local folder ``PATH`` (BERT family for text, ViT for
+    images) with a fresh classification head, its attention converted to
+    ``method``; its size, dropout and tokenizer are its own, so ``preset``,
+    the size overrides, ``pooling``, ``patch_size``, ``dropout`` and
+    ``vocab_size`` must keep their defaults.
 
     Attention: ``method`` is a key of ``asap.attention.OPERATORS``; ``n_iters``
     and ``eps`` are passed to it when set (Sinkhorn needs ``n_iters``: the
@@ -104,10 +111,16 @@ class TrainConfig:
     The last incomplete batch of each epoch is dropped so that every step has
     the same size on every process.
 
-    Data: ``limit`` caps the number of examples read per split (quick runs);
-    ``val_fraction`` of the training split is held out for validation with
-    ``seed``; text is cut/padded to ``max_length`` subword tokens of a
-    ``vocab_size`` tokenizer trained on the training split only.
+    Data: ``dataset`` is a built-in name (``asap.data.DATASETS``) or your own
+    data, ``csv:PATH``, ``jsonl:PATH``, ``imagefolder:PATH`` or ``hf:PATH``,
+    read with ``text_column``, ``label_column`` and the other
+    :class:`asap.data.DataOptions` fields in ``data_options``; both paths
+    (data and ``pretrained``) are made absolute when the config is built, so
+    a run records where its data is. ``limit`` caps the number of examples
+    read per split (quick runs); ``val_fraction`` of the training split is
+    held out for validation with ``seed``; text is cut/padded to
+    ``max_length`` subword tokens of a ``vocab_size`` tokenizer trained on the
+    training split only (a pretrained model's own tokenizer otherwise).
 
     Run control: a checkpoint is written every ``checkpoint_every`` optimiser
     steps (0: only at epoch ends and on interruption); ``stop_after_steps``
@@ -127,12 +140,16 @@ class TrainConfig:
     dropout: float = 0.0
     pooling: str = "mean"
     patch_size: int | None = None
+    pretrained: str | None = None
     # attention
     method: str = "softmax"
     n_iters: int | None = None
     eps: float | None = None
     attention_options: dict[str, Any] = field(default_factory=dict)
     # data
+    text_column: str = "text"
+    label_column: str = "label"
+    data_options: dict[str, Any] = field(default_factory=dict)
     max_length: int = 256
     vocab_size: int = 8000
     val_fraction: float = 0.1
@@ -164,7 +181,11 @@ class TrainConfig:
         if not isinstance(self.attention_options, dict):
             raise OptionError("attention_options", f"expected a mapping of option names to values, got {self.attention_options!r}")
         self.attention_options = dict(self.attention_options)
+        if not isinstance(self.data_options, dict):
+            raise OptionError("data_options", f"expected a mapping of data option names to values, got {self.data_options!r}")
+        self.data_options = dict(self.data_options)
         self.validate()
+        self.dataset, self.pretrained = _absolute_dataset(self.dataset), _absolute_pretrained(self.pretrained)
 
     def validate(self) -> None:
         """Check every field (called by ``__init__``); raises :class:`OptionError` naming the first bad one.
@@ -187,6 +208,7 @@ class TrainConfig:
         _real("mlp_ratio", self.mlp_ratio, low=0.0, low_open=True, optional=True)
         _real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         _str("pooling", self.pooling, choices=("mean", "cls"))
+        self._check_pretrained()
         size = self.model_size()
         if size["dim"] % size["num_heads"] != 0:
             field_name = "dim" if self.dim is not None else "num_heads"
@@ -203,6 +225,7 @@ class TrainConfig:
             raise OptionError("attention_options", f"give {', '.join(clash)} as its own field (--n-iters/--eps), not as an attention option")
         self._check_attention_options(size)
         # data
+        self._check_data_options()
         _int("max_length", self.max_length, minimum=1)
         _int("vocab_size", self.vocab_size, minimum=1)
         _real("val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -251,6 +274,59 @@ class TrainConfig:
                 field_name = "n_iters" if "n_iters" in str(err) else "eps" if "eps" in str(err) else "attention_options"
                 raise OptionError(field_name, f"{err}") from None
 
+    def _check_pretrained(self) -> None:
+        """``pretrained`` is ``hf:PATH``; the fields that shape the project's own models keep their defaults."""
+        _str("pretrained", self.pretrained, optional=True)
+        if self.pretrained is None:
+            return
+        scheme, _, path = self.pretrained.partition(":")
+        if scheme != PRETRAINED_SCHEME or not path:
+            raise OptionError("pretrained", f"expected hf:PATH (a local transformers model folder), got {self.pretrained!r}")
+        for name in OWN_MODEL_FIELDS:
+            if getattr(self, name) != _DEFAULTS[name]:
+                raise OptionError(
+                    name, f"does not apply to a pretrained model ({self.pretrained}): its size, pooling, dropout and "
+                    f"tokenizer are its own (got {getattr(self, name)!r})"
+                )
+
+    def _check_data_options(self) -> None:
+        """The data set name, and the data options it reads (a refused one is named by its own field)."""
+        from asap.data import DATA_SOURCES, DATASETS, dataset_info, parse_dataset_spec
+
+        try:
+            dataset_info(self.dataset)
+        except ConfigError as err:
+            raise OptionError("dataset", str(err)) from None
+        _str("text_column", self.text_column)
+        _str("label_column", self.label_column)
+        bad_keys = [k for k in self.data_options if not isinstance(k, str) or not k]
+        if bad_keys:
+            raise OptionError("data_options", f"option names must be strings, got {bad_keys!r}")
+        clash = sorted({"text_column", "label_column"} & set(self.data_options))
+        if clash:
+            raise OptionError("data_options", f"give {', '.join(clash)} as its own field (--text-column/--label-column), not as a data option")
+        try:
+            options = self.dataset_options()
+        except ConfigError as err:
+            message = str(err)
+            field_name = next((n for n in ("text_column", "label_column") if n in message), "data_options")
+            raise OptionError(field_name, message) from None
+        readable = frozenset() if self.dataset in DATASETS else DATA_SOURCES[parse_dataset_spec(self.dataset).scheme].options
+        for name in options.changed():
+            if name not in readable:
+                reads = ", ".join(sorted(readable)) or "no data option (options are for your own data, SCHEME:PATH)"
+                raise OptionError(
+                    name if name in ("text_column", "label_column") else "data_options",
+                    f"data set {self.dataset!r} does not read the data option {name}; it reads {reads}",
+                )
+        dataset_info(self.dataset, options=options)
+
+    def dataset_options(self) -> Any:
+        """The :class:`asap.data.DataOptions` of ``dataset``: ``text_column``, ``label_column`` and ``data_options``."""
+        from asap.data import DataOptions
+
+        return DataOptions.from_dict({"text_column": self.text_column, "label_column": self.label_column, **self.data_options})
+
     def model_size(self) -> dict[str, Any]:
         """``dim``, ``depth``, ``num_heads``, ``mlp_ratio``: the preset's, overridden by the fields that are set."""
         from asap.models.config import PRESETS
@@ -295,3 +371,25 @@ class TrainConfig:
         """``{field: (self value, other value)}`` for every differing field not in ``ignore``."""
         mine, theirs = self.to_dict(), other.to_dict()
         return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
+
+
+#: ``pretrained`` is ``hf:PATH`` (the only scheme today: a local transformers model folder).
+PRETRAINED_SCHEME = "hf"
+#: Fields that shape the project's own models; a pretrained model fixes them itself.
+OWN_MODEL_FIELDS = ("preset", "dim", "depth", "num_heads", "mlp_ratio", "dropout", "pooling", "patch_size", "vocab_size")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in OWN_MODEL_FIELDS}
+
+
+def _absolute_dataset(name: str) -> str:
+    """``SCHEME:PATH`` with an absolute ``PATH`` (a run is read back from anywhere); built-in names unchanged."""
+    from asap.data import DATASETS, parse_dataset_spec
+
+    return name if name in DATASETS else str(parse_dataset_spec(name).absolute())
+
+
+def _absolute_pretrained(spec: str | None) -> str | None:
+    """``hf:PATH`` with an absolute ``PATH`` (``~`` expanded)."""
+    if spec is None:
+        return None
+    scheme, _, path = spec.partition(":")
+    return f"{scheme}:{Path(path).expanduser().absolute()}"

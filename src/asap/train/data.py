@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import asap.data as asap_data
 from asap.errors import AsapError, ConfigError
 from asap.io import file_inside
-from asap.train.checkpoint import TOKENIZER_FILE
+from asap.train.checkpoint import PRETRAINED_TOKENIZER, TOKENIZER_FILE
 from asap.train.config import TrainConfig
 from asap.train.distributed import DistInfo, barrier
+from asap.train.pretrained import pretrained_tokenizer
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -119,14 +121,21 @@ def to_model_dataset(data: Any, info: dict[str, Any], run_dir: str | os.PathLike
     """Wrap raw :class:`TextData`/:class:`ImageData` into a dataset of model inputs, as ``info`` prescribes.
 
     Returns ``(dataset, collate)``. The tokenizer named by ``info`` (read from a
-    run's config) must be a plain file name inside ``run_dir``.
+    run's config) must be a plain file name inside ``run_dir``: the run's own
+    subword tokenizer, or (``info["tokenizer_type"] == "pretrained"``) a
+    pretrained model's.
     """
     if info["kind"] == "text":
         path = file_inside(run_dir, info["tokenizer"], what=f"{Path(run_dir) / 'config.json'}: data.tokenizer")
-        tokenizer = asap_data.SubwordTokenizer.load(path)
-        return asap_data.TextClassificationDataset(data, tokenizer, info["max_length"]), asap_data.collate_text
-    # Mirroring changes the class of a digit; it is a fine augmentation for clothes or objects.
-    hflip = info["dataset"] != "digits"
+        if info.get("tokenizer_type") == PRETRAINED_TOKENIZER:  # its padding id is saved in its file
+            tokenizer = asap_data.PretrainedTokenizer.load(path)
+            collate = partial(asap_data.collate_text, pad_id=tokenizer.pad_id)
+        else:
+            tokenizer, collate = asap_data.SubwordTokenizer.load(path), asap_data.collate_text
+        return asap_data.TextClassificationDataset(data, tokenizer, info["max_length"]), collate
+    # Mirroring changes the class of a digit, and may change that of your own images (text, arrows, ...):
+    # only the built-in photo and clothes sets are flipped.
+    hflip = info["dataset"] in asap_data.DATASETS and info["dataset"] != "digits"
     dataset = asap_data.ImageClassificationDataset(
         data, mean=info["mean"], std=info["std"], augment=augment, seed=seed, hflip=hflip
     )
@@ -138,12 +147,14 @@ def prepare_data(config: TrainConfig, run_dir: Path, dist: DistInfo) -> Prepared
     on the remaining training part only, and build both datasets.
 
     The tokenizer is trained once (by rank 0) and cached as ``RUN_DIR/tokenizer.json``;
-    other ranks, and a resumed run, load that file.
+    other ranks, and a resumed run, load that file. A pretrained model
+    (``config.pretrained``) brings its own tokenizer, copied there the same way.
+    Your own data (``SCHEME:PATH``) records its :class:`~asap.data.DataOptions`
+    in ``info["data_options"]``, so that :func:`load_split` reads it back alike.
     """
-    spec = asap_data.DATASETS.get(config.dataset)
-    if spec is None:
-        raise ConfigError(f"unknown data set {config.dataset!r}; choose one of: {', '.join(asap_data.DATASETS)}")
-    raw = load_raw(config.dataset, split="train", data_dir=config.data_dir, limit=config.limit)
+    options = config.dataset_options()
+    spec = asap_data.dataset_info(config.dataset, options=options)
+    raw = load_raw(config.dataset, split="train", data_dir=config.data_dir, limit=config.limit, options=options)
     train_idx, val_idx = asap_data.train_val_split(len(raw), val_fraction=config.val_fraction, seed=config.seed)
     # Checked before anything is trained or written: an empty validation part used to fail after an epoch.
     if len(val_idx) == 0:
@@ -158,9 +169,18 @@ def prepare_data(config: TrainConfig, run_dir: Path, dist: DistInfo) -> Prepared
         )
     train_raw, val_raw = raw.subset(train_idx), raw.subset(val_idx)
     info: dict[str, Any] = {"dataset": config.dataset, "kind": spec.kind, "classes": list(raw.classes)}
+    if config.dataset not in asap_data.DATASETS:
+        info["data_options"] = options.to_dict()
     if spec.kind == "image" and raw.images.shape[2] != raw.images.shape[3]:
         raise ConfigError(f"{config.dataset}: only square images are supported, got {tuple(raw.images.shape[2:])}")
-    if spec.kind == "text":
+    if spec.kind == "text" and config.pretrained is not None:
+        info.update(tokenizer=TOKENIZER_FILE, max_length=config.max_length)
+        path = run_dir / TOKENIZER_FILE
+        if dist.is_main and not path.exists():  # rank 0 copies the model's tokenizer; the others wait
+            pretrained_tokenizer(config).save(path)
+        barrier(dist)
+        info["tokenizer_type"] = PRETRAINED_TOKENIZER
+    elif spec.kind == "text":
         info.update(tokenizer=TOKENIZER_FILE, max_length=config.max_length)
         path = run_dir / TOKENIZER_FILE
         if dist.is_main:  # rank 0 trains (or finds) the tokenizer; the others wait and load it
@@ -181,19 +201,23 @@ def prepare_data(config: TrainConfig, run_dir: Path, dist: DistInfo) -> Prepared
 def load_split(
     info: dict[str, Any], run_dir: str | os.PathLike, *, split: str, data_dir: str | None, limit: int | None = None
 ) -> tuple[Dataset, Callable]:
-    """A split (e.g. "test") of a trained run's data set, encoded as at training time: ``(dataset, collate)``."""
-    raw = load_raw(info["dataset"], split=split, data_dir=data_dir, limit=limit)
+    """A split (e.g. "test") of a trained run's data set, encoded as at training time: ``(dataset, collate)``.
+
+    Your own data is read with the data options the run recorded (``info["data_options"]``).
+    """
+    options = asap_data.DataOptions.from_dict(info["data_options"]) if "data_options" in info else None
+    raw = load_raw(info["dataset"], split=split, data_dir=data_dir, limit=limit, options=options)
     return to_model_dataset(raw, info, run_dir)
 
 
-def load_raw(name: str, *, split: str, data_dir: str | None, limit: int | None):
+def load_raw(name: str, *, split: str, data_dir: str | None, limit: int | None, options: Any = None):
     """:func:`asap.data.load_dataset`, its refusals of missing or malformed files as one-line errors.
 
     The data loaders raise ``FileNotFoundError``/``ValueError`` with a message naming the file
     (and the line); those are bad input, not bugs, so they become :class:`ConfigError`.
     """
     try:
-        return asap_data.load_dataset(name, split=split, data_dir=data_dir, limit=limit)
+        return asap_data.load_dataset(name, split=split, data_dir=data_dir, limit=limit, options=options)
     except AsapError:
         raise
     except (OSError, ValueError, KeyError) as err:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from asap.attention import AsapOperator, AttentionOperator
 from asap.errors import ConfigError
 from asap.models import attention_layers, swap_attention
 from asap.train.checkpoint import RunConfig, atomic_write_json, load_model
@@ -66,14 +67,36 @@ def eval_record(
     }  # fmt: skip
 
 
+def attention_operators(model: nn.Module) -> list[nn.Module]:
+    """The attention operator of every layer, in forward order: the project's layers', else the operators
+    modules hold directly (a converted transformers model keeps one per self-attention)."""
+    layers = attention_layers(model)
+    if layers:
+        return [layer.operator for layer in layers]
+    return [m for m in model.modules() if isinstance(m, AttentionOperator)]
+
+
 def unfitted_asap_layers(model: nn.Module) -> list[int]:
     """Indices of the attention layers whose operator is ASAP with a dual map never fitted."""
     out = []
-    for i, layer in enumerate(attention_layers(model)):
-        fitted = getattr(getattr(layer.operator, "dual_map", None), "fitted", None)
-        if layer.method == "asap" and fitted is not None and not bool(fitted):
+    for i, operator in enumerate(attention_operators(model)):
+        fitted = getattr(getattr(operator, "dual_map", None), "fitted", None)
+        if isinstance(operator, AsapOperator) and fitted is not None and not bool(fitted):
             out.append(i)
     return out
+
+
+def set_attention(model: nn.Module, method: str, **options: Any) -> None:
+    """Run every attention layer of ``model`` with ``method`` (``asap eval --method-override``), keeping the weights.
+
+    A model that knows how to change its own attention (a pretrained transformers classifier,
+    ``model.set_attention``) does so; the project's models swap their layers' operators.
+    """
+    own = getattr(model, "set_attention", None)
+    if callable(own):
+        own(method, **options)
+    else:
+        swap_attention(model, method, **options)
 
 
 def _load_for_eval(run_dir: Path, *, device: torch.device) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
@@ -81,7 +104,7 @@ def _load_for_eval(run_dir: Path, *, device: torch.device) -> tuple[nn.Module, R
     from asap.compile.runs import load_run_model  # compile builds on train, not the other way round
 
     model, run_config = load_run_model(run_dir, device=device)
-    compiled = [i for i, layer in enumerate(attention_layers(model)) if layer.method == "asap"]
+    compiled = [i for i, op in enumerate(attention_operators(model)) if isinstance(op, AsapOperator)]
     if compiled:
         return model, run_config, {"method": "asap", "compiled_layers": compiled}
     return model, run_config, run_config.model.attention.to_dict()
@@ -120,7 +143,7 @@ def evaluate_run(
     model, run_config, attention = _load_for_eval(run_dir, device=dev)
     if method is not None:
         try:
-            swap_attention(model, method, **(method_options or {}))
+            set_attention(model, method, **(method_options or {}))
         except (TypeError, ValueError) as err:  # an unknown method or an option it does not take
             raise ConfigError(f"--method-override {method}: {err}") from None
         attention = {"method": method, "options": dict(method_options or {})}

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from asap.errors import AsapError, ConfigError
-from asap.models import ModelConfig, TextClassifierConfig, ViTConfig, build_model
+from asap.models import ModelConfig, TextClassifierConfig, ViTConfig
 from asap.train.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -62,6 +62,7 @@ from asap.train.checkpoint import (
 )
 from asap.train.config import TrainConfig
 from asap.train.lock import RunLock
+from asap.train.pretrained import initial_model, pretrained_model_config
 from asap.train.data import EpochBatchSampler, batch_inputs, load_split, make_loader, prepare_data
 from asap.train.distributed import (
     DistInfo,
@@ -132,9 +133,13 @@ def train(
 def model_config_for(config: TrainConfig, data_info: dict[str, Any]) -> ModelConfig:
     """The model a training config asks for, shaped by the data (vocabulary, classes, image size).
 
+    A pretrained model (``config.pretrained``) gives its own config, checked against the data
+    (:func:`asap.train.pretrained.pretrained_model_config`).
     Raises :class:`ConfigError` when the options do not fit the data (a patch
     size that does not divide the image).
     """
+    if config.pretrained is not None:
+        return pretrained_model_config(config, data_info)
     size = config.model_size()
     common = dict(num_classes=len(data_info["classes"]), dropout=config.dropout, attention=config.attention_config(), **size)
     if data_info["kind"] == "text":
@@ -257,7 +262,7 @@ class Trainer:
         self.data = prepare_data(config, self.run_dir, dist)
         model_config = model_config_for(config, self.data.info)
         torch.manual_seed(config.seed)  # identical initial weights on every process
-        self.model = build_model(model_config).to(dist.device)
+        self.model = initial_model(config, model_config).to(dist.device)
         self.run_config = RunConfig(
             model=model_config, train=config, data=self.data.info,
             environment=describe_environment(dist.device, dist.world_size),
