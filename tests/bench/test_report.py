@@ -112,8 +112,8 @@ def test_operator_figures_come_from_the_json(results_dir):
 
 def test_absent_sections_are_announced_and_the_paper_is_quoted(results_dir):
     text = generate_report(results_dir).read_text()
-    # training cost, compile, accuracy, frozen layer, fidelity, ASAP paths, Triton GPU, teachers
-    assert text.count("**Not available yet**") == 8
+    # training cost, compile, accuracy, frozen layer, fidelity, ASAP paths, Triton GPU, teachers, reliability
+    assert text.count("**Not available yet**") == 9
     assert f"ASAP {PAPER_CLAIMS['speedup_over_teacher']}x faster" in text
     assert "9.5x at n=512" in text  # our operator speed-up beside the paper's claim
     assert "not measured yet (no training-cost JSON)" in text
@@ -125,7 +125,8 @@ def test_training_cost_and_unknown_schemas_are_rendered(results_dir):
     write(results_dir / "compile" / "run1" / "fidelity.json", {"layers": {"0": {"kl_asap": 0.0123}}, "n_iters": 21})
     (results_dir / "bench" / "command.txt").write_text("training_cost.json: asap bench training-cost --device cpu\n")
     text = generate_report(results_dir).read_text()
-    assert text.count("**Not available yet**") == 6  # accuracy, frozen layer, fidelity, ASAP paths, Triton GPU, teachers
+    # accuracy, frozen layer, fidelity, ASAP paths, Triton GPU, teachers, reliability
+    assert text.count("**Not available yet**") == 7
     assert "asap bench training-cost --device cpu" in text
     assert "| esp | 300.0 ms | 300.0 MiB | 7.50x | 12.25x |" in text
     assert "esp takes 7.50x the time and 12.25x the memory of sinkhorn_k3" in text
