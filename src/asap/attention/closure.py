@@ -68,7 +68,7 @@ def shared_exp_closure(
     bias = (f / eps).reshape(problems, n, 1)
     key_bias = None
     if valid is not None:
-        neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
+        neg_inf = torch.full((), float("-inf"), dtype=dtype, device=q.device)
         tokens = valid[:, None, :].expand(b, h, n).reshape(problems, n)
         bias = torch.where(tokens.unsqueeze(-1), bias, neg_inf)
         key_bias = torch.where(tokens, torch.zeros((), dtype=dtype, device=q.device), neg_inf).unsqueeze(-2)

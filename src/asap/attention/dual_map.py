@@ -241,7 +241,7 @@ class SliceDualMap(nn.Module):
         y = _project_per_head(self.directions.to(dtype), k)  # (b, h, L, n)
         zero = torch.zeros((), dtype=dtype, device=q.device)
         if valid is not None:  # padding sorts last: the valid prefixes are then matched rank to rank
-            rows, inf = valid[:, None, None, :], torch.tensor(float("inf"), dtype=dtype, device=q.device)
+            rows, inf = valid[:, None, None, :], torch.full((), float("inf"), dtype=dtype, device=q.device)
             perm, ys = argsort_and_sort_last(torch.where(rows, x, inf), torch.where(rows, y, inf))
             ranks = torch.arange(n, device=q.device) < valid.sum(dim=-1)[:, None, None, None]
             ys = torch.where(ranks, ys, zero)  # no inf left

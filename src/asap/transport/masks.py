@@ -105,7 +105,7 @@ def support(
     # clamp(min=1): an all-padding sequence keeps finite (and later discarded) marginals.
     n_valid = rows.sum(dim=-1, keepdim=True).clamp(min=1).to(dtype)
     m_valid = cols.sum(dim=-1, keepdim=True).clamp(min=1).to(dtype)
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
+    neg_inf = torch.full((), float("-inf"), dtype=dtype, device=device)
     if not biases:
         return Support(rows, cols, -n_valid.log(), -m_valid.log(), None, None)
     zero = torch.zeros((), dtype=dtype, device=device)
@@ -130,8 +130,7 @@ def padding_support(valid: Tensor, *, dtype: torch.dtype) -> Support:
     tokens = valid.unsqueeze(1)  # (b, 1, n)
     n_valid = tokens.sum(dim=-1, keepdim=True).clamp(min=1).to(dtype)
     opened = tokens | ~tokens.any(dim=-1, keepdim=True)
-    bias = torch.where(
-        opened, torch.zeros((), dtype=dtype, device=valid.device), torch.tensor(float("-inf"), dtype=dtype, device=valid.device)
-    )
+    zero = torch.zeros((), dtype=dtype, device=valid.device)
+    bias = torch.where(opened, zero, torch.full((), float("-inf"), dtype=dtype, device=valid.device))
     log_a = -n_valid.log()
     return Support(tokens, tokens, log_a, log_a, bias.unsqueeze(-2), bias.unsqueeze(-1))

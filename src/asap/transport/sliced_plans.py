@@ -72,7 +72,7 @@ def _masked_softmax(logits: Tensor, valid: Tensor | None) -> Tensor:
     """
     if valid is None:
         return logits.softmax(dim=-1)
-    masked = torch.where(valid, logits, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+    masked = torch.where(valid, logits, torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device))
     peak = masked.amax(dim=-1, keepdim=True).detach()
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros((), dtype=peak.dtype, device=peak.device))
     weights = torch.exp(masked - peak)
@@ -112,7 +112,7 @@ def sort_slices(x: Tensor, *, valid: Tensor | None = None) -> tuple[Tensor, Tens
     sentinel ever enters arithmetic.
     """
     if valid is not None:
-        x = torch.where(valid.unsqueeze(-2), x, torch.tensor(float("inf"), dtype=x.dtype, device=x.device))
+        x = torch.where(valid.unsqueeze(-2), x, torch.full((), float("inf"), dtype=x.dtype, device=x.device))
     order = torch.sort(x, dim=-1, stable=True).indices
     positions = torch.arange(x.shape[-1], device=x.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(-1, order, positions)
