@@ -180,6 +180,9 @@ def test_a_model_without_sinkhorn_attention_is_refused():
         compile_module(model, loader(8), forward=call)
     with pytest.raises(ArtifactError, match="no ASAP operator to save"):
         save_compiled_module(model, "unused")
+    model.layers[0].normaliser = AsapOperator(num_heads=HEADS, head_dim=DIM // HEADS)  # built, never fitted
+    with pytest.raises(ArtifactError, match="layers.0.normaliser: its dual map was never fitted"):
+        save_compiled_module(model, "unused")
 
 
 class Boom(Exception):

@@ -241,7 +241,7 @@ def save_compiled_module(
 
     Raises:
         ArtifactError: no ASAP operator in ``model`` (not compiled), or one whose
-            dual map cannot be rebuilt from its options (not a ``SliceDualMap``).
+            dual map cannot be rebuilt from its options (not a ``SliceDualMap``) or was never fitted.
     """
     found = find_modules(model, AsapOperator)
     if not found:
@@ -256,6 +256,8 @@ def save_compiled_module(
                 f"{item.name}: its dual map is a {type(operator.dual_map).__name__}, which its options cannot rebuild; "
                 "only SliceDualMap maps can be saved"
             )
+        if not bool(operator.dual_map.fitted):  # a host sync, at save time only
+            raise ArtifactError(f"{item.name}: its dual map was never fitted (compile the model first)")
         operators.append({
             "name": item.name,
             "aliases": list(item.aliases[1:]),
