@@ -8,6 +8,7 @@ from torch import nn
 
 from asap.attention.module import MultiheadAttention
 from asap.attention.operators import build_operator
+from asap.attention.submodules import find_modules, replace_module
 from asap.models.config import MODEL_CONFIGS, ModelConfig, TextClassifierConfig, ViTConfig
 from asap.models.text import TextClassifier
 from asap.models.vision import VisionTransformer
@@ -47,7 +48,7 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 def attention_layers(model: nn.Module) -> list[MultiheadAttention]:
     """Every :class:`MultiheadAttention` of ``model``, in forward order."""
-    return [m for m in model.modules() if isinstance(m, MultiheadAttention)]
+    return [found.module for found in find_modules(model, MultiheadAttention)]
 
 
 def swap_attention(model: nn.Module, method: str, **options: Any) -> nn.Module:
@@ -63,5 +64,5 @@ def swap_attention(model: nn.Module, method: str, **options: Any) -> nn.Module:
     for layer in layers:
         operator = build_operator(method, num_heads=layer.num_heads, head_dim=layer.head_dim, **options)
         reference = next(layer.parameters())
-        layer.operator = operator.to(device=reference.device)
+        replace_module(layer, "operator", operator.to(device=reference.device))
     return model
