@@ -26,7 +26,7 @@ from asap.attention import asap_attention, build_operator, sinkhorn_attention, s
 from asap.attention.closure import shared_exp_closure
 from asap.bench.measure import benchmark, load_average, machine_info
 from asap.bench.operators import padding_for
-from asap.train.checkpoint import atomic_write_json
+from asap.io import atomic_write_json
 
 SHAPES = [(8, 8, 16, 64), (8, 8, 64, 64), (8, 8, 128, 64), (8, 8, 256, 64), (8, 8, 512, 64), (8, 8, 1024, 64),
           (32, 4, 17, 16), (128, 4, 17, 16), (32, 4, 50, 16), (32, 4, 128, 16), (32, 4, 512, 16), (16, 12, 128, 32),

@@ -37,7 +37,6 @@ its peak memory beyond the inputs (``torch.cuda.max_memory_allocated`` after
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -136,6 +135,7 @@ def run(args: argparse.Namespace, device) -> int:
     from asap.attention.reference import asap_attention_reference
     from asap.bench.measure import benchmark, load_average, machine_info, speedups
     from asap.bench.operators import random_asap_operator
+    from asap.io import atomic_write_json
     from asap.transport.masks import key_padding_to_attn_mask
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 settings compare IEEE fp32 against IEEE fp32
@@ -157,9 +157,7 @@ def run(args: argparse.Namespace, device) -> int:
 
     def write() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        tmp.replace(args.out)  # a partial run still leaves valid JSON with the settings done so far
+        atomic_write_json(args.out, out, indent=1)  # a partial run still leaves valid JSON with the settings done so far
 
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)

@@ -731,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--limit: must be >= 1, got {args.limit}")
 
     from asap.bench.measure import machine_info
-    from asap.train.checkpoint import atomic_write_json
+    from asap.io import atomic_write_json
 
     torch.manual_seed(0)
     cases = all_cases(surfaces)

@@ -1,6 +1,14 @@
-"""File IO at the bottom of the house: safe names inside a folder.
+"""File IO at the bottom of the house: atomic writes, strict JSON, safe names inside a folder.
 
-Every file name read from a config or a manifest (a tokenizer, a weights file)
+Writing. Every file the library writes (configs, weights, manifests, results,
+tokenizers) goes through :func:`atomic_write_bytes`: a temporary file in the
+same directory, flushed to disk, then ``os.replace``-d over the target, so an
+interrupted write leaves the previous good file untouched and a concurrent
+reader never sees half a file. JSON is strict (:func:`dumps_strict`: no bare
+``NaN``/``Infinity``; a non-finite number is written as null). A failed write
+is a one-line :class:`WriteError` naming the file.
+
+Reading. Every file name read from a config or a manifest (a tokenizer, a weights file)
 is untrusted: a run folder or an artifact may come from someone else. Such a
 name must be a plain file name that stays inside its folder; anything else
 (``..``, an absolute path, a separator, a symlink pointing out) is refused
@@ -10,7 +18,9 @@ before any file is opened.
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +28,86 @@ from asap.errors import AsapError, UnsafePathError
 
 #: Configs, manifests and records are a few KiB; a file this large is not one (and is not read into memory).
 MAX_JSON_BYTES = 16 * 2**20
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class WriteError(AsapError, OSError):
+    """A file that could not be written (disk full, read-only, ...); the message names the file."""
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_error(path, err) from err
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, err) from err
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _write_error(path: Path, err: OSError) -> WriteError:
+    """``err`` (often a bare "[Errno 28] No space left on device") as a one-line error naming ``path``."""
+    if isinstance(err, WriteError):
+        return err
+    error = WriteError(f"{path}: cannot write ({err.strerror or err})")
+    error.errno = err.errno
+    return error
+
+
+def strict_json_value(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, tuples as lists: valid strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json_value(v) for v in obj]
+    return obj
+
+
+def dumps_strict(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that never writes a bare ``NaN``/``Infinity`` (those become null)."""
+    return json.dumps(strict_json_value(obj), allow_nan=False, **kwargs)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> None:
+    """Write ``obj`` as strict JSON (non-finite numbers as null) with a final newline, atomically."""
+    atomic_write_text(path, dumps_strict(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def append_json_line(path: str | os.PathLike, obj: Any) -> None:
+    """Append ``obj`` as one strict-JSON line (``metrics.jsonl``); the file is named if the write fails."""
+    path = Path(path)
+    try:
+        with open(path, "a") as f:
+            f.write(dumps_strict(obj) + "\n")
+    except OSError as err:
+        raise _write_error(path, err) from err
+
+
+# --------------------------------------------------------------------------- safe reading
 
 
 def file_inside(folder: str | os.PathLike, name: object, *, what: str) -> Path:

@@ -54,7 +54,7 @@ import torch
 from asap.argtypes import int_list, name_list, nonnegative_int
 from asap.bench.measure import benchmark, machine_info
 from asap.bench.operators import command_line, record_command
-from asap.train.checkpoint import atomic_write_json
+from asap.io import atomic_write_json
 
 SCHEMA = "asap.bench.accuracy/1"
 TRAINED_METHODS = ("softmax", "sinkhorn", "esp")

@@ -48,7 +48,7 @@ from asap.attention.operators import AttentionOperator, SinkhornOperator, call_m
 from asap.bench.measure import benchmark, load_average, machine_info
 from asap.bench.operators import command_line, record_command
 from asap.compile.direct import fit_dual_map
-from asap.train.checkpoint import atomic_write_json
+from asap.io import atomic_write_json
 
 SCHEMA = "asap.bench.fidelity/1"
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import shlex
 import sys
@@ -57,6 +56,7 @@ from asap.attention.reference import (
     softmax_attention_reference,
 )
 from asap.bench.measure import benchmark, load_average, machine_info, speedups
+from asap.io import atomic_write_json
 from asap.transport.masks import key_padding_to_attn_mask
 
 SCHEMA = "asap.bench.operators/1"
@@ -485,7 +485,7 @@ def save_result(result: Mapping[str, Any], path: str | Path) -> Path:
     """Write the JSON and record its command in ``command.txt`` beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_json(path, result, indent=1)
     record_command(path, result.get("command") or "")
     return path
 

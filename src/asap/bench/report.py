@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from asap.io import atomic_write_text
+
 OPERATORS_SCHEMA = "asap.bench.operators/1"
 TRAINING_COST_SCHEMA = "training_cost"  # the "benchmark" field of asap.bench.training_cost's JSON
 
@@ -1140,7 +1142,7 @@ def generate_report(results_dir: str | Path = "results", *, out: str | Path | No
             continue
         lines += section.render(docs, results_dir).lines
     lines += ["## Against the paper", ""] + render_paper(loaded, results_dir).lines
-    out.write_text("\n".join(lines).rstrip() + "\n")
+    atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
     return out
 
 

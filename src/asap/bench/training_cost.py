@@ -31,7 +31,6 @@ Run ``python -m asap.bench.training_cost --out results/training_cost.json``
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ from torch import Tensor, nn
 
 from asap.attention.esp import DEFAULT_MEMORY_BUDGET, EspOperator
 from asap.attention.operators import AttentionOperator, SinkhornOperator, SoftmaxOperator
+from asap.io import atomic_write_json
 from asap.models.blocks import Block
 
 
@@ -246,7 +246,7 @@ def run_training_cost(
     }
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+        atomic_write_json(out, report)
     return report
 
 

@@ -56,7 +56,7 @@ def run_compile(args: argparse.Namespace) -> int:
     from asap.compile.runs import accuracies, calibration_batches, check_output_dir, load_data, load_teacher
     from asap.compile.calibrate import check_holdout_fraction
     from asap.compile.swap import CompileOptions
-    from asap.train.checkpoint import atomic_write_json
+    from asap.io import atomic_write_json
 
     options = compile_options(args)
     try:  # the fit options' ranges (--ridge >= 0, --holdout in [0, 1), odd --truncated-iters, ...), before any work

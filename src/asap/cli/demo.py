@@ -69,7 +69,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from asap.compile.report import format_table
     from asap.compile.runs import calibration_batches, load_data, load_teacher
     from asap.train import TrainConfig, train
-    from asap.train.checkpoint import atomic_write_bytes, atomic_write_json
+    from asap.io import atomic_write_bytes, atomic_write_json
     from asap.train.evaluate import evaluate
 
     if args.patch_size > DIGITS_IMAGE_SIZE or DIGITS_IMAGE_SIZE % args.patch_size:

@@ -47,12 +47,11 @@ from asap.attention.dual_map import EXTRA_FEATURES, SLICE_TYPES, SliceDualMap
 from asap.attention.operators import AsapOperator, SinkhornOperator
 from asap.attention.submodules import find_modules, get_module, replace_module
 from asap.errors import ConfigError, UnsafePathError
-from asap.io import file_inside, read_json
+from asap.io import atomic_write_json, file_inside, read_json
 from asap.models import build_model, model_config_from_dict
 from asap.train.checkpoint import (
     CheckpointError,
     _validate_model_dict,
-    atomic_write_json,
     check_finite,
     check_shapes,
     check_state_dict,

@@ -43,7 +43,7 @@ from asap.compile.options import add_compile_options
 from asap.compile.report import layer_summary, plot_report
 from asap.compile.runs import TeacherRun, calibration_batches, load_data, load_teacher, predict
 from asap.compile.swap import compile_model, sinkhorn_layers, truncate_sinkhorn
-from asap.train.checkpoint import atomic_write_bytes, atomic_write_json
+from asap.io import atomic_write_bytes, atomic_write_json
 
 EXPERIMENTS = ("frozen", "downstream", "slices", "slice_type", "refine", "calibration", "mode", "features")
 

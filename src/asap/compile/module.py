@@ -97,8 +97,8 @@ from asap.compile.artifact import (
 from asap.compile.calibrate import Selection, model_device, select_layers, sinkhorn_layers
 from asap.compile.maps import DEFAULT_EXTRA_FEATURES
 from asap.compile.swap import CompileOptions, compile_selected
-from asap.io import read_json
-from asap.train.checkpoint import atomic_write_json, save_tensors
+from asap.io import atomic_write_json, read_json
+from asap.train.checkpoint import save_tensors
 
 FORMAT = "asap-compiled-module"
 FORMAT_VERSION = 1

@@ -11,14 +11,14 @@ classifier reads.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from asap.io import atomic_write_text
 
 PAD_TOKEN, UNK_TOKEN, CLS_TOKEN = "[PAD]", "[UNK]", "[CLS]"
 #: Fixed so that collation (:func:`collate_text`) can pad without a tokenizer at hand.
@@ -256,21 +256,10 @@ def _read_tokenizer(path: pathlib.Path) -> Tokenizer:
 
 
 def _write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it and ``os.replace``: a crash or a
-    concurrent reader never sees half a file."""
+    """:func:`asap.io.atomic_write_text` into ``path``'s folder, created if needed."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as tmp:
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    atomic_write_text(path, text)
 
 
 def pad_ids(rows: Sequence[torch.Tensor], *, pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,10 +11,9 @@ A run directory holds
                              counters) as JSON in the safetensors metadata header
     metrics.jsonl, tokenizer.json, eval_<split>.json
 
-Every write goes to a temporary file in the same directory, is flushed to disk
-and then ``os.replace``-d over the target: an interrupted write leaves the
-previous good file untouched. ``torch.load`` (pickle) is never used. JSON is
-strict (no bare ``NaN``/``Infinity``: a non-finite number is written as null).
+Every write is atomic and every JSON strict (:mod:`asap.io`: a temporary file
+in the same directory, flushed, then ``os.replace``-d over the target; no bare
+``NaN``/``Infinity``). ``torch.load`` (pickle) is never used.
 
 Integrity: every weights file written by a run records in its own header the
 sha256 of its tensors (:func:`tensors_sha256`: names, dtypes, shapes and bytes),
@@ -32,7 +31,6 @@ import math
 import os
 import platform
 import random
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -46,7 +44,7 @@ from torch import Tensor, nn
 
 from asap.errors import AsapError, ConfigError
 from asap.integrations import provide_model_type
-from asap.io import file_inside, read_json
+from asap.io import atomic_write_bytes, atomic_write_json, dumps_strict, file_inside, read_json
 from asap.models import ModelConfig, build_model, model_config_from_dict
 from asap.models.config import MODEL_CONFIGS
 from asap.train.config import TrainConfig
@@ -68,81 +66,8 @@ LOCK_FILE = ".lock"
 HASH_KEY = "weights_sha256"
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 class CheckpointError(AsapError, RuntimeError):
     """A checkpoint or run directory that cannot be used; the message names the file and the problem."""
-
-
-class WriteError(AsapError, OSError):
-    """A file that could not be written (disk full, read-only, ...); the message names the file."""
-
-
-# --------------------------------------------------------------------------- atomic files
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise _write_error(path, err) from err
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise _write_error(path, err) from err
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_error(path: Path, err: OSError) -> WriteError:
-    """``err`` (often a bare "[Errno 28] No space left on device") as a one-line error naming ``path``."""
-    if isinstance(err, WriteError):
-        return err
-    error = WriteError(f"{path}: cannot write ({err.strerror or err})")
-    error.errno = err.errno
-    return error
-
-
-def strict_json_value(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, tuples as lists: valid strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict_json_value(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json_value(v) for v in obj]
-    return obj
-
-
-def dumps_strict(obj: Any, **kwargs: Any) -> str:
-    """``json.dumps`` that never writes a bare ``NaN``/``Infinity`` (those become null)."""
-    return json.dumps(strict_json_value(obj), allow_nan=False, **kwargs)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as strict JSON (non-finite numbers as null), atomically."""
-    atomic_write_bytes(path, (dumps_strict(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def append_json_line(path: str | os.PathLike, obj: Any) -> None:
-    """Append ``obj`` as one strict-JSON line (``metrics.jsonl``); the file is named if the write fails."""
-    path = Path(path)
-    try:
-        with open(path, "a") as f:
-            f.write(dumps_strict(obj) + "\n")
-    except OSError as err:
-        raise _write_error(path, err) from err
 
 
 # --------------------------------------------------------------------------- safetensors

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 from asap.attention import AsapOperator, AttentionOperator
 from asap.errors import ConfigError
 from asap.models import attention_layers, swap_attention
-from asap.train.checkpoint import RunConfig, atomic_write_json, load_model
+from asap.io import atomic_write_json
+from asap.train.checkpoint import RunConfig, load_model
 from asap.train.data import batch_inputs, load_split, make_loader, shard_batches
 from asap.train.distributed import DistInfo, all_reduce_sum, resolve_device
 

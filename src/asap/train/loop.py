@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from asap.errors import AsapError, ConfigError
+from asap.io import append_json_line, atomic_write_bytes, atomic_write_json, dumps_strict
 from asap.models import ModelConfig, TextClassifierConfig, ViTConfig
 from asap.train.checkpoint import (
     CHECKPOINT_FILE,
@@ -47,12 +48,8 @@ from asap.train.checkpoint import (
     TOKENIZER_FILE,
     CheckpointError,
     RunConfig,
-    append_json_line,
-    atomic_write_bytes,
-    atomic_write_json,
     capture_rng_state,
     describe_environment,
-    dumps_strict,
     load_checkpoint,
     read_run_config,
     restore_rng_state,

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from asap.io import atomic_write_text
 from asap.models import build_model
 from asap.train.checkpoint import CONFIG_FILE, METRICS_FILE, MODEL_FILE, TOKENIZER_FILE, read_run_config
 from asap.train.loop import read_metrics
@@ -122,7 +123,7 @@ def write_readme(results_dir: str | Path) -> Path:
     if not runs:
         raise FileNotFoundError(f"no run folders (with {CONFIG_FILE}) in {results_dir}")
     path = results_dir / "README.md"
-    path.write_text(render_readme([summarise_run(p) for p in runs]))
+    atomic_write_text(path, render_readme([summarise_run(p) for p in runs]))
     return path
 
 

@@ -38,7 +38,7 @@ from asap.attention import OPERATORS
 from asap.attention.dual_map import SliceDualMap
 from asap.data.tokenizer import PretrainedTokenizer
 from asap.errors import ConfigError
-from asap.io import read_json
+from asap.io import atomic_write_json, read_json
 from asap.integrations.hf.convert import architecture, conversion, converted_operators, convert
 
 FORMAT = "asap-hf-converted"
@@ -112,7 +112,7 @@ def save_converted(model: PreTrainedModel, path: str | os.PathLike) -> Path:
     model.config.save_pretrained(folder)
     # save_model drops duplicate names of tied tensors (e.g. an MLM decoder tied to the embeddings).
     save_model(model, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "asap_format": FORMAT})
-    (folder / ATTENTION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(folder / ATTENTION_FILE, record)
     return folder
 
 
