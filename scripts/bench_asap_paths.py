@@ -24,8 +24,9 @@ import torch
 
 from asap.attention import asap_attention, build_operator, sinkhorn_attention, softmax_attention
 from asap.attention.closure import shared_exp_closure
-from asap.bench.measure import benchmark, load_average, machine_info
+from asap.bench.measure import benchmark
 from asap.bench.operators import padding_for
+from asap.env import load_average, machine_info
 from asap.io import atomic_write_json
 
 SHAPES = [(8, 8, 16, 64), (8, 8, 64, 64), (8, 8, 128, 64), (8, 8, 256, 64), (8, 8, 512, 64), (8, 8, 1024, 64),

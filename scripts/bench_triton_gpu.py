@@ -133,7 +133,8 @@ def run(args: argparse.Namespace, device) -> int:
     from asap.attention import triton_kernels as tk
     from asap.attention.functional import asap_attention, sinkhorn_attention
     from asap.attention.reference import asap_attention_reference
-    from asap.bench.measure import benchmark, load_average, machine_info, speedups
+    from asap.bench.measure import benchmark, speedups
+    from asap.env import load_average, machine_info
     from asap.bench.operators import random_asap_operator
     from asap.io import atomic_write_json
     from asap.transport.masks import key_padding_to_attn_mask

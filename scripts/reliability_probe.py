@@ -730,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit: must be >= 1, got {args.limit}")
 
-    from asap.bench.measure import machine_info
+    from asap.env import machine_info
     from asap.io import atomic_write_json
 
     torch.manual_seed(0)

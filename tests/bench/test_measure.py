@@ -16,7 +16,6 @@ from asap.bench.measure import (
     benchmark,
     choose_repeats,
     is_out_of_memory,
-    machine_info,
     peak_memory,
     speedups,
 )
@@ -168,12 +167,3 @@ def test_speedups_are_ratios_of_medians_of_the_same_run():
     assert ratios["fast"] == pytest.approx(4.0)
     assert ratios["failed"] is None
     assert all(value is None for value in speedups(run, reference="absent").values())
-
-
-def test_machine_info_describes_the_machine_and_serialises():
-    info = machine_info("cpu")
-    for key in ("cpu_model", "cpu_count", "torch_threads", "torch", "git_revision", "date_utc", "load_average", "gpu"):
-        assert key in info
-    assert info["torch"] == torch.__version__
-    assert info["cpu_count"] >= 1
-    json.dumps(info)

@@ -1,6 +1,7 @@
 """Benchmarks and the results report.
 
-* :mod:`asap.bench.measure`: interleaved timing (median, IQR), peak memory, machine description;
+* :mod:`asap.bench.measure`: interleaved timing (median, IQR), peak memory (the machine description,
+  :func:`machine_info`, is :mod:`asap.env`'s);
 * :mod:`asap.bench.operators`: time and memory of every attention operator over a grid of shapes
   (``python -m asap.bench.operators``, ``asap bench operators``);
 * :mod:`asap.bench.training_cost`: time and memory per training step, ESP vs Sinkhorn vs softmax;
@@ -11,6 +12,7 @@
 * :mod:`asap.bench.report`: ``results/README.md`` and plots from the result JSON (``asap report``).
 """
 
-from asap.bench.measure import BenchmarkRun, MemoryReading, Timing, benchmark, machine_info, peak_memory, speedups
+from asap.bench.measure import BenchmarkRun, MemoryReading, Timing, benchmark, peak_memory, speedups
+from asap.env import machine_info
 
 __all__ = ["BenchmarkRun", "MemoryReading", "Timing", "benchmark", "machine_info", "peak_memory", "speedups"]

@@ -52,8 +52,9 @@ from typing import Any
 import torch
 
 from asap.argtypes import int_list, name_list, nonnegative_int
-from asap.bench.measure import benchmark, machine_info
+from asap.bench.measure import benchmark
 from asap.bench.operators import command_line, record_command
+from asap.env import machine_info
 from asap.io import atomic_write_json
 
 SCHEMA = "asap.bench.accuracy/1"

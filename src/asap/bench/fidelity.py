@@ -45,9 +45,10 @@ from asap.argtypes import int_list, nonnegative_int
 from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES
 from asap.attention.functional import asap_attention, sinkhorn_attention
 from asap.attention.operators import AttentionOperator, SinkhornOperator, call_mask
-from asap.bench.measure import benchmark, load_average, machine_info
+from asap.bench.measure import benchmark
 from asap.bench.operators import command_line, record_command
 from asap.compile.direct import fit_dual_map
+from asap.env import load_average, machine_info
 from asap.io import atomic_write_json
 
 SCHEMA = "asap.bench.fidelity/1"

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from asap.argtypes import int_list, nonnegative_int
 from asap.attention.operators import call_mask
-from asap.bench.measure import benchmark, machine_info, speedups
+from asap.bench.measure import benchmark, speedups
 from asap.bench.operators import command_line, record_command
+from asap.env import machine_info
 from asap.io import atomic_write_json
 
 SCHEMA = "asap.bench.frozen_layer/1"

@@ -36,17 +36,12 @@ remaining rounds, and the others go on.
 
 from __future__ import annotations
 
-import datetime as _dt
 import gc
 import math
-import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -331,58 +326,3 @@ def speedups(run: BenchmarkRun, *, reference: str) -> dict[str, float | None]:
         ok = ref_s is not None and result.timing is not None and result.timing.median_s > 0
         out[name] = ref_s / result.timing.median_s if ok else None
     return out
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git(*args: str) -> str | None:
-    """Output of a read-only git command run in this package's checkout (``None`` outside a checkout)."""
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages (``None`` where the OS does not provide them)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Where and when a measurement ran: CPU, cores, threads, GPU, versions, git revision, date, load."""
-    device = torch.device(device)
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    info: dict[str, Any] = {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "gpu": None,
-        "cuda": torch.version.cuda,
-        "git_revision": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
-        "load_average": load_average(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = {"name": props.name, "memory_bytes": props.total_memory, "count": torch.cuda.device_count()}
-    return info

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from asap.attention.operators import AttentionOperator
-from asap.bench.measure import load_average
 from asap.compile.calibrate import model_inputs
 from asap.compile.compare import attention_operators
+from asap.env import load_average
 
 
 class OperatorTimer:

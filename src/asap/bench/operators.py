@@ -55,7 +55,8 @@ from asap.attention.reference import (
     sinkhorn_attention_reference,
     softmax_attention_reference,
 )
-from asap.bench.measure import benchmark, load_average, machine_info, speedups
+from asap.bench.measure import benchmark, speedups
+from asap.env import load_average, machine_info
 from asap.io import atomic_write_json
 from asap.transport.masks import key_padding_to_attn_mask
 

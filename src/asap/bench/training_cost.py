@@ -31,9 +31,7 @@ Run ``python -m asap.bench.training_cost --out results/training_cost.json``
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ from torch import Tensor, nn
 
 from asap.attention.esp import DEFAULT_MEMORY_BUDGET, EspOperator
 from asap.attention.operators import AttentionOperator, SinkhornOperator, SoftmaxOperator
+from asap.env import machine_info
 from asap.io import atomic_write_json
 from asap.models.blocks import Block
 
@@ -148,30 +147,6 @@ def _train_step(encoder: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor,
     return seconds, memory
 
 
-def _machine(device: torch.device) -> dict[str, Any]:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "cpu_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _git_revision() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run_training_cost(
     *,
     shapes: tuple[Shape, ...] = DEFAULT_SHAPES,
@@ -193,6 +168,7 @@ def run_training_cost(
         raise ValueError(f"repeats and depth must be >= 1, got repeats={repeats}, depth={depth}")
     methods = default_methods() if methods is None else methods
     device = torch.device(device)
+    machine = machine_info(device)  # before the runs: the load average at the start
     references = [m.label for m in methods if m.kind == "sinkhorn"]
     results: dict[str, Any] = {}
     for shape in shapes:
@@ -240,8 +216,8 @@ def run_training_cost(
                    "step": "forward + backward + AdamW", "loss": "mse to a random target"},
         "memory_measure": "cuda.max_memory_allocated over the step minus memory before it" if device.type == "cuda"
         else "bytes of autograd saved tensors in the forward pass (once per storage); excludes checkpoint recompute",
-        "machine": _machine(device),
-        "git_revision": _git_revision(),
+        "machine": machine,
+        "git_revision": machine["git_revision"] or "unknown",
         "results": results,
     }
     if out is not None:

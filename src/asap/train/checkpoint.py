@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -390,7 +389,7 @@ class RunConfig:
     versions: dict[str, str] = dataclasses.field(
         default_factory=lambda: {"asap": _version("asap-attention"), "torch": torch.__version__}
     )
-    #: where the run was trained (see :func:`describe_environment`); informative only.
+    #: where the run was trained (:func:`asap.env.machine_info` and ``world_size``); informative only.
     environment: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -533,29 +532,6 @@ def _validate_data_dict(data: dict[str, Any], *, source: str) -> None:
             raise _schema_error(source, "data.std", f"must be positive, got {data['std']!r:.60}")
     else:
         raise _schema_error(source, "data.kind", f"must be 'text' or 'image', got {kind!r:.60}")
-
-
-def describe_environment(device: torch.device, world_size: int) -> dict[str, Any]:
-    """The hardware a run uses, for reports: device, processes, CPU model and cores, torch threads."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    env: dict[str, Any] = {
-        "device": str(device),
-        "world_size": world_size,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
 
 
 def write_run_config(run_dir: str | os.PathLike, config: RunConfig) -> None:

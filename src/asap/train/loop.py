@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from asap.env import machine_info
 from asap.errors import AsapError, ConfigError
 from asap.io import append_json_line, atomic_write_bytes, atomic_write_json, dumps_strict
 from asap.models import ModelConfig, TextClassifierConfig, ViTConfig
@@ -49,7 +50,6 @@ from asap.train.checkpoint import (
     CheckpointError,
     RunConfig,
     capture_rng_state,
-    describe_environment,
     load_checkpoint,
     read_run_config,
     restore_rng_state,
@@ -262,7 +262,7 @@ class Trainer:
         self.model = initial_model(config, model_config).to(dist.device)
         self.run_config = RunConfig(
             model=model_config, train=config, data=self.data.info,
-            environment=describe_environment(dist.device, dist.world_size),
+            environment={**machine_info(dist.device), "world_size": dist.world_size},
         )  # fmt: skip
 
         self.steps_per_epoch = len(self.data.train) // config.batch_size  # >= 1: prepare_data checked

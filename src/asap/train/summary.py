@@ -81,7 +81,10 @@ def summarise_run(run_dir: str | Path) -> dict[str, Any]:
 def _hardware(env: dict[str, Any]) -> str:
     if not env:
         return "unknown"
-    where = env.get("gpu") or f"{env.get('cpu', '?')}, {env.get('torch_threads', '?')} torch thread(s) of {env.get('cpu_count', '?')} cores"
+    gpu = env.get("gpu")  # a name in runs recorded before asap.env.machine_info, {"name": ...} since
+    cpu = env.get("cpu_model", env.get("cpu", "?"))  # "cpu" in runs recorded before asap.env.machine_info
+    gpu_name = gpu.get("name") if isinstance(gpu, dict) else gpu
+    where = gpu_name or f"{cpu}, {env.get('torch_threads', '?')} torch thread(s) of {env.get('cpu_count', '?')} cores"
     return f"{env.get('device', '?')} x{env.get('world_size', 1)}: {where}"
 
 
