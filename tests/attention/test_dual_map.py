@@ -92,7 +92,7 @@ def test_registry_and_old_class_names():
     plain = build_dual_map(num_heads=1, head_dim=4, num_slices=2, slice_type="axis", seed=0)
     assert "extra_coef" not in plain.state_dict()
     with pytest.raises(ValueError, match="unknown dual map kind"):
-        build_dual_map(num_heads=1, head_dim=4, num_slices=2, slice_type="axis", seed=0, kind="mlp")
+        build_dual_map(num_heads=1, head_dim=4, num_slices=2, slice_type="axis", seed=0, kind="spline")
     with pytest.raises(ValueError, match="coefficients of shape"):
         plain.set_coefficients(torch.zeros(1, 3))
 

@@ -28,7 +28,7 @@ def test_json_round_trip(options):
     (SinkhornOptions, {"n_iters": 0}, "n_iters"), (SinkhornOptions, {"eps": float("inf")}, "eps"),
     (SinkhornOptions, {"grad_mode": "fast"}, "grad_mode"), (AsapOptions, {"num_slices": True}, "num_slices"),
     (AsapOptions, {"slice_type": "grid"}, "slice_type"), (AsapOptions, {"extra_features": ("k_norm",)}, "extra feature"),
-    (AsapOptions, {"map_kind": "mlp"}, "map_kind"), (AsapOptions, {"backend": "cuda"}, "backend"),
+    (AsapOptions, {"map_kind": "spline"}, "map_kind"), (AsapOptions, {"backend": "cuda"}, "backend"),
     (AsapOptions, {"extra_steps": -1}, "extra_steps"), (SoftmaxOptions, {"scale": -1.0}, "scale"),
 ])  # fmt: skip
 def test_bad_options_are_refused_by_name(cls, bad, name):

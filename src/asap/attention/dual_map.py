@@ -38,11 +38,30 @@ The directions and coefficients are *buffers*, not parameters: they are fitted
 by ``asap compile`` (ridge least squares, then optionally KL refinement), not
 by gradient descent of the host model, and they save and load with the model's
 state dict.
+
+**The family** (:data:`DUAL_MAPS`, by the ``map_kind`` an operator's options
+name). Every kind is a :class:`DualMap`: the same slices and extras give the
+same per-token inputs ``x (b, h, F, n)``, ``F = L + E`` (:meth:`DualMap.features`),
+and a kind is a function of them, per head::
+
+    f_hat_i = center( m_h(x(i)) ),       m_h: R^F -> R,
+
+``"linear"`` (:class:`SliceDualMap`, the default, above), ``"relu"`` (per-slice
+triangle-wave ReLU networks plus the linear term) and ``"mlp"`` (a small MLP
+with a linear skip), the latter two in :mod:`asap.attention.nonlinear_maps`.
+The interface every kind offers: ``features`` (the inputs, fit-ready for the
+linear term), ``predict(x, valid=...)`` (``f_hat`` from them, centred),
+``set_coefficients(coef (h, F))`` (the linear term; a richer kind's nonlinear
+part is zero after it, so it then *is* that linear map: the fit's starting
+point), ``forward(q, k, ...)``, the buffers ``directions``, ``seed`` and
+``fitted``, and ``map_options`` (the kind's structural options, validated by
+:meth:`DualMap.check_options`; the linear map has none).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -87,9 +106,15 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def slice_potentials(q: Tensor, k: Tensor, directions: Tensor, *, scale: float, attn_mask: Tensor | None) -> Tensor:
     """Query-side 1-D potentials ``phi (b, h, L, n)`` in fp32 (fp64 for fp64 inputs)."""
+    rows, cols = valid_rows_cols(attn_mask, q.shape[-2], k.shape[-2])
+    return _slice_potentials(q, k, directions, scale=scale, rows=rows, cols=cols)
+
+
+def _slice_potentials(q: Tensor, k: Tensor, directions: Tensor, *, scale: float, rows: Tensor | None,
+                      cols: Tensor | None) -> Tensor:  # fmt: skip
+    """:func:`slice_potentials` from valid queries ``rows (..., n)`` and keys ``cols (..., m)`` (None: all valid)."""
     dtype = _work_dtype(q.dtype)
     x, y = project(q.to(dtype), k.to(dtype), directions.to(dtype), scale=scale)
-    rows, cols = valid_rows_cols(attn_mask, q.shape[-2], k.shape[-2])
     if rows is not None:
         rows = rows.expand(*q.shape[:-1])
         cols = cols.expand(*k.shape[:-1])
@@ -116,10 +141,16 @@ def _valid_key_mean(k: Tensor, cols: Tensor | None) -> Tensor:
 
 def extra_query_features(q: Tensor, k: Tensor, *, names: tuple[str, ...], scale: float, attn_mask: Tensor | None) -> Tensor:
     """Per-token features ``(b, h, E, n)`` (fp32, or fp64 for fp64 inputs), centred over valid queries, 0 at padding."""
+    rows, cols = valid_rows_cols(attn_mask, q.shape[-2], k.shape[-2])
+    return _extra_query_features(q, k, names=names, scale=scale, rows=rows, cols=cols)
+
+
+def _extra_query_features(q: Tensor, k: Tensor, *, names: tuple[str, ...], scale: float, rows: Tensor | None,
+                          cols: Tensor | None) -> Tensor:  # fmt: skip
+    """:func:`extra_query_features` from valid queries ``rows (..., n)`` and keys ``cols (..., m)``."""
     names = _check_extra_features(names)
     dtype = _work_dtype(q.dtype)
     q, k = q.to(dtype), k.to(dtype)
-    rows, cols = valid_rows_cols(attn_mask, q.shape[-2], k.shape[-2])
     k_mean = _valid_key_mean(k, cols)
     computed = {
         "qk_mean": lambda: scale * torch.einsum("bhnd,bhd->bhn", q, k_mean),
@@ -130,7 +161,123 @@ def extra_query_features(q: Tensor, k: Tensor, *, names: tuple[str, ...], scale:
     return center_over(feats, valid=valid)
 
 
-class SliceDualMap(nn.Module):
+class DualMap(nn.Module):
+    """Base of the dual-map families: slice directions, extras, and a per-head map ``x (b, h, F, n) -> f_hat``.
+
+    What every kind shares (module docstring): the ``L`` slice directions
+    ``directions (h, L, d)`` drawn from ``seed``, the ``E`` extra features, the
+    inputs ``x = features(q, k) (b, h, L + E, n)`` (each column centred over
+    valid queries, 0 at padding) and the flag ``fitted``. A kind adds its own
+    buffers, :meth:`predict`, :meth:`set_coefficients` and its structural
+    options :data:`OPTIONS` (``name -> (default, smallest, largest)``, integers),
+    taken as keyword arguments by its constructor and refused when unknown or
+    out of range by :meth:`check_options`.
+
+    Contract (checked by the tests of each kind): buffers only (fitted at
+    compile time, saved and loaded with the state dict), every reduction in
+    fp32 (fp64 for fp64 inputs), no host synchronisation in :meth:`forward`,
+    fp32 output equal to an fp64 reference to fp32 rounding.
+    """
+
+    kind: ClassVar[str] = ""
+    OPTIONS: ClassVar[dict[str, tuple[int, int, int]]] = {}
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any] | None = None) -> dict[str, int]:
+        """The kind's options with defaults filled in; unknown names and bad values refused (one-line ``ValueError``)."""
+        options = {} if options is None else options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"dual map {cls.kind!r}: map options must be a mapping of names to values, got {options!r:.60}")
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            raise ValueError(f"dual map {cls.kind!r} does not take option(s) {unknown}; its options are {sorted(cls.OPTIONS)}")
+        checked = {}
+        for name, (default, low, high) in cls.OPTIONS.items():
+            value = options.get(name, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"dual map {cls.kind!r}: {name} must be an integer in [{low}, {high}], got {value!r:.40}")
+            checked[name] = value
+        return checked
+
+    @property
+    def map_options(self) -> dict[str, int]:
+        """The kind's structural options (what rebuilds it besides the slices; ``{}`` for the linear map)."""
+        return {name: getattr(self, name) for name in self.OPTIONS}
+
+    def _init_slices(self, *, num_heads: int, head_dim: int, num_slices: int, slice_type: SliceType, seed: int,
+                     extra_features: tuple[str, ...]) -> None:  # fmt: skip
+        """Shapes, ``directions`` and ``seed`` (the buffers every kind has), as :class:`SliceDualMap` sets them."""
+        self.num_heads, self.head_dim, self.num_slices = num_heads, head_dim, num_slices
+        self.slice_type = slice_type
+        self.extra_features = _check_extra_features(extra_features)
+        directions = make_directions(
+            num_heads=num_heads, head_dim=head_dim, num_slices=num_slices, slice_type=slice_type, seed=seed
+        )
+        self.register_buffer("directions", directions)
+        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
+
+    @property
+    def num_features(self) -> int:
+        """Columns of the inputs ``x``: ``L + E``."""
+        return self.num_slices + len(self.extra_features)
+
+    def _check_shape(self, q: Tensor) -> None:
+        if q.shape[1] != self.num_heads or q.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"dual map fitted for {self.num_heads} heads of size {self.head_dim}, got q of shape {tuple(q.shape)}"
+            )
+
+    def features(self, q: Tensor, k: Tensor, *, scale: float, attn_mask: Tensor | None = None) -> Tensor:
+        """The design matrix ``(b, h, L + E, n)``: slice potentials, then extras (each centred over valid queries)."""
+        rows, cols = valid_rows_cols(attn_mask, q.shape[-2], k.shape[-2])
+        return self._features(q, k, scale=scale, rows=rows, cols=cols)
+
+    def _features(self, q: Tensor, k: Tensor, *, scale: float, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+        """:meth:`features` from valid queries ``rows (b, 1 or h, n)`` and keys ``cols (b, 1 or h, m)`` (None: all)."""
+        phi = _slice_potentials(q, k, self.directions, scale=scale, rows=rows, cols=cols)
+        if not self.extra_features:
+            return phi
+        extra = _extra_query_features(q, k, names=self.extra_features, scale=scale, rows=rows, cols=cols)
+        return torch.cat([phi, extra.to(phi.dtype)], dim=2)
+
+    def predict(self, x: Tensor, *, valid: Tensor | None = None) -> Tensor:
+        """``f_hat (b, h, n)`` from the inputs ``x (b, h, L + E, n)``, centred over ``valid (b, 1 or h, n)`` queries."""
+        raise NotImplementedError
+
+    def set_coefficients(self, coef: Tensor) -> None:
+        """Write the linear term ``(h, L + E)`` (a richer kind's nonlinear part becomes zero) and mark the map fitted."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        scale: float,
+        attn_mask: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        center: bool = True,
+    ) -> Tensor:
+        """Predicted query dual ``f_hat (b, h, n)`` in fp32 (fp64 for fp64 inputs): ``predict(features(q, k))``.
+
+        ``padding_mask (b, n)`` (True = real token) is the vector form of the
+        self-attention padding mask (``O(b n)`` memory, no ``(b, 1, n, n)``
+        mask). This generic path always centres (``center`` is accepted for the
+        operator's call and ignored: a constant per ``(b, h)`` is irrelevant to
+        the closure anyway).
+        """
+        self._check_shape(q)
+        if padding_mask is not None:
+            if attn_mask is not None or q.shape[-2] != k.shape[-2]:
+                raise ValueError("dual map: padding_mask is for self-attention (n = m)")
+            rows = cols = padding_mask[:, None, :]
+        else:
+            rows, cols = valid_rows_cols(attn_mask, q.shape[-2], k.shape[-2])
+        x = self._features(q, k, scale=scale, rows=rows, cols=cols)
+        return self.predict(x, valid=rows)
+
+
+class SliceDualMap(DualMap):
     """Linear map from slice potentials (plus optional extras) to the Sinkhorn query dual, one per head.
 
     Buffers: ``directions (h, L, d)``, ``coef (h, L)``, ``seed``, ``fitted``
@@ -165,11 +312,6 @@ class SliceDualMap(nn.Module):
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("fitted", torch.tensor(False))
 
-    @property
-    def num_features(self) -> int:
-        """Columns of the design matrix: ``L + E``."""
-        return self.num_slices + len(self.extra_features)
-
     def extra_repr(self) -> str:
         extra = f", extra_features={self.extra_features}" if self.extra_features else ""
         return f"heads={self.num_heads}, slices={self.num_slices}, slice_type={self.slice_type!r}{extra}"
@@ -190,19 +332,10 @@ class SliceDualMap(nn.Module):
             self.extra_coef.copy_(coef[:, self.num_slices :])
         self.fitted.fill_(True)
 
-    def _check_shape(self, q: Tensor) -> None:
-        if q.shape[1] != self.num_heads or q.shape[-1] != self.head_dim:
-            raise ValueError(
-                f"dual map fitted for {self.num_heads} heads of size {self.head_dim}, got q of shape {tuple(q.shape)}"
-            )
-
-    def features(self, q: Tensor, k: Tensor, *, scale: float, attn_mask: Tensor | None = None) -> Tensor:
-        """The design matrix ``(b, h, L + E, n)``: slice potentials, then extras (each centred over valid queries)."""
-        phi = slice_potentials(q, k, self.directions, scale=scale, attn_mask=attn_mask)
-        if not self.extra_features:
-            return phi
-        extra = extra_query_features(q, k, names=self.extra_features, scale=scale, attn_mask=attn_mask)
-        return torch.cat([phi, extra.to(phi.dtype)], dim=2)
+    def predict(self, x: Tensor, *, valid: Tensor | None = None) -> Tensor:
+        """``f_hat = center(sum_c coef_{h,c} x_{b,h,c,n})`` over ``valid (b, 1 or h, n)`` queries: ``(b, h, n)``."""
+        f_hat = torch.einsum("bhln,hl->bhn", x, self.coefficients().to(x.dtype))
+        return _center(f_hat, None if valid is None else valid.expand(*f_hat.shape), True)
 
     def forward(
         self,
@@ -323,16 +456,25 @@ class ExtendedSliceDualMap(SliceDualMap):
         )  # fmt: skip
 
 
-#: The dual-map families, by the ``kind`` an operator's options name. Each takes
-#: ``num_heads, head_dim, num_slices, slice_type, seed, extra_features`` and
-#: offers ``features`` (the fit-ready design matrix), ``set_coefficients`` and ``forward``.
-DUAL_MAPS: dict[str, type[SliceDualMap]] = {"linear": SliceDualMap}
+#: The dual-map families, by the ``kind`` an operator's options name. Each is a :class:`DualMap`: it takes
+#: ``num_heads, head_dim, num_slices, slice_type, seed, extra_features`` and its own :data:`DualMap.OPTIONS`,
+#: and offers ``features`` (the fit-ready inputs), ``predict``, ``set_coefficients`` and ``forward``.
+#: ``"relu"`` and ``"mlp"`` (:mod:`asap.attention.nonlinear_maps`) register themselves in ``asap.attention``'s
+#: ``__init__``, which every import of an ``asap.attention`` module runs first.
+DUAL_MAPS: dict[str, type[DualMap]] = {"linear": SliceDualMap}
 
 
-def register_dual_map(cls: type[SliceDualMap]) -> type[SliceDualMap]:
+def register_dual_map(cls: type[DualMap]) -> type[DualMap]:
     """Add a dual-map family under ``cls.kind``."""
     DUAL_MAPS[cls.kind] = cls
     return cls
+
+
+def dual_map_class(kind: str) -> type[DualMap]:
+    """The family registered as ``kind``; an unknown kind is a one-line ``ValueError``."""
+    if kind not in DUAL_MAPS:
+        raise ValueError(f"unknown dual map kind {kind!r}; choose one of {sorted(DUAL_MAPS)}")
+    return DUAL_MAPS[kind]
 
 
 def build_dual_map(
@@ -344,23 +486,23 @@ def build_dual_map(
     seed: int,
     extra_features: tuple[str, ...] = (),
     kind: str = "linear",
-) -> SliceDualMap:
-    """An unfitted dual map of family ``kind`` (``ExtendedSliceDualMap`` for a linear map with extras)."""
-    if kind not in DUAL_MAPS:
-        raise ValueError(f"unknown dual map kind {kind!r}; choose one of {sorted(DUAL_MAPS)}")
-    cls = DUAL_MAPS[kind]
+    map_options: Mapping[str, Any] | None = None,
+) -> DualMap:
+    """An unfitted dual map of family ``kind`` with its ``map_options`` (``ExtendedSliceDualMap`` for a linear map with extras)."""
+    cls = dual_map_class(kind)
+    options = cls.check_options(map_options)
     if cls is SliceDualMap and extra_features:
         cls = ExtendedSliceDualMap
     return cls(
         num_heads=num_heads, head_dim=head_dim, num_slices=num_slices, slice_type=slice_type, seed=seed,
-        extra_features=tuple(extra_features),
+        extra_features=tuple(extra_features), **options,
     )  # fmt: skip
 
 
-def num_features(dual_map: SliceDualMap) -> int:
+def num_features(dual_map: DualMap) -> int:
     return dual_map.num_features
 
 
-def set_coefficients(dual_map: SliceDualMap, coef: Tensor) -> None:
+def set_coefficients(dual_map: DualMap, coef: Tensor) -> None:
     """Write fitted coefficients ``(h, L + E)`` into the map's buffers and mark it fitted."""
     dual_map.set_coefficients(coef)

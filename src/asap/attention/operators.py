@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from asap.attention.checks import check_int, check_positive
-from asap.attention.dual_map import SliceDualMap, build_dual_map
+from asap.attention.dual_map import DualMap, build_dual_map
 from asap.attention.functional import asap_attention, sinkhorn_attention, softmax_attention
 from asap.attention.options import AsapOptions, SinkhornOptions, SoftmaxOptions
 from asap.transport.ctransform import DEFAULT_TILE_BYTES
@@ -88,11 +88,13 @@ class AsapOperator(AttentionOperator):
     """The compiled operator: a fitted dual map plus the two-sided c-transform.
 
     Options: ``eps`` and ``scale`` (the teacher's), the dual map (``num_slices``,
-    ``slice_type``, ``seed``, ``extra_features``, ``map_kind``; see
-    :mod:`asap.attention.dual_map`), ``extra_steps`` (Sinkhorn half-steps after
-    the closure, a warm start) and ``backend`` (see
-    :func:`~asap.attention.functional.asap_attention`). A given ``dual_map``
-    module replaces the one these options would build.
+    ``slice_type``, ``seed``, ``extra_features``, ``map_kind`` with its
+    ``map_options``, e.g. ``map_kind="relu", map_options={"depth": 3}``; see
+    :mod:`asap.attention.dual_map`; an option the kind does not take is
+    refused), ``extra_steps`` (Sinkhorn half-steps after the closure, a warm
+    start) and ``backend`` (see :func:`~asap.attention.functional.asap_attention`).
+    A given ``dual_map`` module replaces the one these options would build (a
+    :class:`~asap.attention.dual_map.DualMap` then supplies the map options).
     """
 
     method = "asap"
@@ -109,6 +111,7 @@ class AsapOperator(AttentionOperator):
         seed: int = 0,
         extra_features: tuple[str, ...] | list[str] = (),
         map_kind: str = "linear",
+        map_options: Mapping[str, Any] | None = None,
         extra_steps: int = 0,
         backend: str = "auto",
         tile_bytes: int = DEFAULT_TILE_BYTES,
@@ -116,15 +119,17 @@ class AsapOperator(AttentionOperator):
         dual_map: nn.Module | None = None,
     ):
         super().__init__(scale=scale)
-        if isinstance(dual_map, SliceDualMap):  # the given map's own shape is what the options record
+        if isinstance(dual_map, DualMap):  # the given map's own shape is what the options record
             num_slices, slice_type, extra_features = dual_map.num_slices, dual_map.slice_type, dual_map.extra_features
             seed, map_kind = int(dual_map.seed), dual_map.kind  # construction only: not a forward-time sync
+            map_options = dual_map.map_options
         opts = AsapOptions(eps=eps, num_slices=num_slices, slice_type=slice_type, seed=seed,
                            extra_features=tuple(extra_features), map_kind=map_kind, extra_steps=extra_steps,
-                           backend=backend, tile_bytes=tile_bytes, scale=scale)  # fmt: skip
+                           backend=backend, tile_bytes=tile_bytes, scale=scale,
+                           map_options=dict(map_options or {}))  # fmt: skip
         self.eps, self.tile_bytes, self.extra_steps, self.backend = opts.eps, opts.tile_bytes, opts.extra_steps, opts.backend
         self._map_options = {key: getattr(opts, key) for key in ("num_slices", "slice_type", "seed", "extra_features",
-                                                                "map_kind")}  # fmt: skip
+                                                                "map_kind", "map_options")}  # fmt: skip
         self.dual_map = dual_map or build_dual_map(
             num_heads=check_int("asap: num_heads", num_heads, minimum=1),
             head_dim=check_int("asap: head_dim", head_dim, minimum=1),
@@ -133,6 +138,7 @@ class AsapOperator(AttentionOperator):
             seed=opts.seed,
             extra_features=opts.extra_features,
             kind=opts.map_kind,
+            map_options=opts.map_options,
         )
         self._checked_fitted = False
 
@@ -153,7 +159,7 @@ class AsapOperator(AttentionOperator):
             if not bool(getattr(self.dual_map, "fitted", True)):
                 warnings.warn("ASAP operator used before its dual map was fitted (run `asap compile`)", stacklevel=2)
         scale = self.resolved_scale(q)
-        if not isinstance(self.dual_map, SliceDualMap):  # a user's map: the documented (q, k, scale, attn_mask) call
+        if not isinstance(self.dual_map, DualMap):  # a user's map: the documented (q, k, scale, attn_mask) call
             mask = attn_mask if padding_mask is None else key_padding_to_attn_mask(padding_mask)
             f_hat = self.dual_map(q, k, scale=scale, attn_mask=mask)
         elif padding_mask is not None:

@@ -10,15 +10,17 @@ features; the fitted coefficients are in the state dict)::
     opts = AsapOptions(eps=1.0, num_slices=16, extra_features=("qk_mean", "q_norm"))
     AsapOptions.from_dict(opts.to_dict()) == opts        # True
     AsapOptions(num_slices=0)                            # ValueError naming num_slices
+    AsapOptions(map_kind="relu", map_options={"depth": 3})   # the ReLU dual map of depth 3
+    AsapOptions(map_options={"depth": 3})                # ValueError: the linear map takes no option
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from asap.attention.checks import check_int, check_positive
-from asap.attention.dual_map import DUAL_MAPS, SLICE_TYPES, _check_extra_features
+from asap.attention.dual_map import DUAL_MAPS, SLICE_TYPES, _check_extra_features, dual_map_class
 from asap.transport.ctransform import DEFAULT_TILE_BYTES
 
 #: Sinkhorn's gradient modes (see :func:`asap.attention.functional.sinkhorn_attention`).
@@ -78,7 +80,15 @@ class SinkhornOptions(OperatorOptions):
 
 @dataclass(frozen=True)
 class AsapOptions(OperatorOptions):
-    """The compiled operator: ``eps``/``scale`` (the teacher's), the dual map, warm-start steps and backend."""
+    """The compiled operator: ``eps``/``scale`` (the teacher's), the dual map, warm-start steps and backend.
+
+    The dual map is ``map_kind`` (a family of :data:`~asap.attention.dual_map.DUAL_MAPS`:
+    ``"linear"``, ``"relu"``, ``"mlp"``) with ``map_options``, the kind's own
+    structural options (``relu``: ``depth``, ``num_stacks``; ``mlp``:
+    ``hidden``; ``linear``: none), stored with every default filled in; an
+    option the kind does not take is refused. ``to_dict`` leaves out an empty
+    ``map_options`` (a linear operator's record is what it always was).
+    """
 
     method: ClassVar[str] = "asap"
     eps: float = 1.0
@@ -91,6 +101,7 @@ class AsapOptions(OperatorOptions):
     backend: str = "auto"
     tile_bytes: int = DEFAULT_TILE_BYTES
     scale: float | None = None
+    map_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eps", check_positive("eps", self.eps))
@@ -101,8 +112,19 @@ class AsapOptions(OperatorOptions):
         object.__setattr__(self, "extra_features", _check_extra_features(tuple(self.extra_features)))
         if self.map_kind not in DUAL_MAPS:
             raise ValueError(f"asap: map_kind must be one of {sorted(DUAL_MAPS)}, got {self.map_kind!r}")
+        object.__setattr__(self, "map_options", dual_map_class(self.map_kind).check_options(self.map_options))
         object.__setattr__(self, "extra_steps", check_int("asap: extra_steps", self.extra_steps, minimum=0))
         if self.backend not in ASAP_BACKENDS:
             raise ValueError(f"asap: backend must be one of {ASAP_BACKENDS}, got {self.backend!r}")
         object.__setattr__(self, "tile_bytes", check_int("asap: tile_bytes", self.tile_bytes, minimum=1))
         object.__setattr__(self, "scale", _scale("asap", self.scale))
+
+    def __hash__(self) -> int:  # the options dict is not hashable; its sorted items are
+        values = tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in asdict(self).values())
+        return hash(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if not out["map_options"]:
+            del out["map_options"]
+        return out
