@@ -16,7 +16,6 @@ Writes a JSON (machine, threads, load average, command) and prints one line per 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from asap.attention.closure import shared_exp_closure
 from asap.bench.measure import benchmark
 from asap.bench.operators import padding_for
 from asap.env import load_average, machine_info
-from asap.io import atomic_write_json
+from asap.io import atomic_write_json, command_line
 
 SHAPES = [(8, 8, 16, 64), (8, 8, 64, 64), (8, 8, 128, 64), (8, 8, 256, 64), (8, 8, 512, 64), (8, 8, 1024, 64),
           (32, 4, 17, 16), (128, 4, 17, 16), (32, 4, 50, 16), (32, 4, 128, 16), (32, 4, 512, 16), (16, 12, 128, 32),
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             calls = row["softmax_calls"]
             print(f"b{b} h{h} n{n} d{d} {'padded' if padded else 'full  '} "
                   + " ".join(f"{k}={v:.2f}" for k, v in calls.items() if k != "softmax"), flush=True)
-    command = "python scripts/bench_asap_paths.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line("python scripts/bench_asap_paths.py", argv if argv is not None else sys.argv[1:])
     doc = {"schema": "asap.scripts.asap_paths/1", "command": command,
            "machine": machine_info("cpu"), "load_average_before": load_before, "load_average_after": load_average(),
            "rows": rows}

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace, device) -> int:
     from asap.bench.measure import benchmark, speedups
     from asap.env import load_average, machine_info
     from asap.bench.operators import random_asap_operator
-    from asap.io import atomic_write_json
+    from asap.io import atomic_write_json, command_line
     from asap.transport.masks import key_padding_to_attn_mask
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 settings compare IEEE fp32 against IEEE fp32
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace, device) -> int:
     teacher = f"sinkhorn_k{max(args.sinkhorn_iters)}"
     out: dict[str, Any] = {
         "schema": "asap.scripts.bench_triton_gpu/1",
-        "command": [sys.executable, *sys.argv],
+        "command": command_line("python scripts/bench_triton_gpu.py", sys.argv[1:]),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine_info(device),
         "triton": triton.__version__,

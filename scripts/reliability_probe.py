@@ -50,7 +50,6 @@ import io
 import json
 import math
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -731,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--limit: must be >= 1, got {args.limit}")
 
     from asap.env import machine_info
-    from asap.io import atomic_write_json
+    from asap.io import atomic_write_json, command_line
 
     torch.manual_seed(0)
     cases = all_cases(surfaces)
@@ -750,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{record.surface}] {record.outcome:8s} {record.input} :: {record.message[:110]}{flag}", flush=True)
         finally:
             _SANDBOX.clear()
-    command = "python scripts/reliability_probe.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line("python scripts/reliability_probe.py", argv if argv is not None else sys.argv[1:])
     doc = {"schema": SCHEMA, "command": command, "machine": machine_info("cpu"), "outcomes": list(OUTCOMES),
            **summarise(records), "cases": [r.as_dict() for r in records]}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""asap.io: atomic writes and strict JSON (moved here from tests/train/test_checkpoint.py with the writers)."""
+"""asap.io: atomic writes and strict JSON (moved here from tests/train/test_checkpoint.py with the writers), commands."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ import os
 
 import pytest
 
-from asap.io import WriteError, append_json_line, atomic_write_bytes, atomic_write_json
+from asap.io import (
+    WriteError,
+    append_command,
+    append_json_line,
+    atomic_write_bytes,
+    atomic_write_json,
+    command_line,
+    record_command,
+    write_result,
+)
 
 
 def test_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -44,3 +53,24 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
         atomic_write_json(tmp_path / "x.json", {})
     assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
+
+
+def test_command_line_quotes_and_does_not_repeat_the_program():
+    assert command_line("asap bench accuracy", ["bench", "accuracy", "--suite", "digits"]) == (
+        "asap bench accuracy --suite digits"
+    )
+    assert command_line("python -m asap.bench.operators", ["--out", "a b.json"]) == (
+        "python -m asap.bench.operators --out 'a b.json'"
+    )
+
+
+def test_each_result_has_one_command_line_beside_it(tmp_path):
+    write_result(tmp_path / "b.json", {"x": 1}, command="asap bench b")
+    write_result(tmp_path / "a.json", {"x": 2}, command="asap bench a --old")
+    record_command(tmp_path / "a.json", "asap bench a --new")
+    assert (tmp_path / "command.txt").read_text() == "a.json: asap bench a --new\nb.json: asap bench b\n"
+    assert json.loads((tmp_path / "b.json").read_text()) == {"x": 1}
+    (tmp_path / "run").mkdir()
+    append_command(tmp_path / "run", "asap train")
+    append_command(tmp_path / "run", "asap train --resume")
+    assert (tmp_path / "run" / "command.txt").read_text() == "asap train\nasap train --resume\n"

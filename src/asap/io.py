@@ -8,6 +8,12 @@ reader never sees half a file. JSON is strict (:func:`dumps_strict`: no bare
 ``NaN``/``Infinity``; a non-finite number is written as null). A failed write
 is a one-line :class:`WriteError` naming the file.
 
+Recording. Every result records the command that produced it, one way:
+:func:`command_line` spells it (shell-quoted, pasteable), :func:`write_result`
+writes a result JSON and :func:`record_command` puts its ``file.json: command``
+line in ``command.txt`` beside it (what ``asap report`` reads); a training run's
+folder keeps every command that built it (:func:`append_command`).
+
 Reading. Every file name read from a config or a manifest (a tokenizer, a weights file)
 is untrusted: a run folder or an artifact may come from someone else. Such a
 name must be a plain file name that stays inside its folder; anything else
@@ -20,7 +26,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +113,61 @@ def append_json_line(path: str | os.PathLike, obj: Any) -> None:
             f.write(dumps_strict(obj) + "\n")
     except OSError as err:
         raise _write_error(path, err) from err
+
+
+# --------------------------------------------------------------------------- the command behind a result
+
+#: The file beside results (or in a run folder) that names the commands that produced them.
+COMMAND_FILE = "command.txt"
+
+
+def command_line(program: str, argv: Sequence[str]) -> str:
+    """The shell command ``program ARGV...``, each argument quoted so that the line pastes back into a shell.
+
+    ``program`` is written as is (``"asap bench accuracy"``, ``"python -m asap.bench.operators"``). ``argv``
+    may start with the program's own words after the first (``sys.argv[1:]`` of ``asap bench accuracy ...``
+    is ``["bench", "accuracy", ...]``); they are not repeated.
+    """
+    words = program.split()[1:]
+    argv = list(argv)
+    if words and argv[: len(words)] == words:
+        argv = argv[len(words) :]
+    return " ".join([program, shlex.join(argv)]).rstrip()
+
+
+def record_command(result: str | os.PathLike, command: str) -> Path:
+    """Record ``command`` as the one that produced the file ``result``, in ``command.txt`` beside it.
+
+    The file holds one ``name: command`` line per result of its folder, sorted; the line of ``result``
+    replaces any earlier one. Written atomically; returns the path of ``command.txt``.
+    """
+    result = Path(result)
+    commands = result.parent / COMMAND_FILE
+    lines = commands.read_text().splitlines() if commands.exists() else []
+    lines = [line for line in lines if not line.startswith(f"{result.name}: ")]
+    lines.append(f"{result.name}: {command}")
+    atomic_write_text(commands, "\n".join(sorted(lines)) + "\n")
+    return commands
+
+
+def write_result(path: str | os.PathLike, doc: Mapping[str, Any], *, command: str, indent: int = 2) -> Path:
+    """Write the result ``doc`` as strict JSON to ``path`` (its folder created) and :func:`record_command` it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, doc, indent=indent)
+    record_command(path, command)
+    return path
+
+
+def append_command(folder: str | os.PathLike, command: str) -> Path:
+    """Append ``command`` to ``folder/command.txt``: a run folder keeps every command that built it, in order."""
+    path = Path(folder) / COMMAND_FILE
+    try:
+        with open(path, "a") as f:
+            f.write(command + "\n")
+    except OSError as err:
+        raise _write_error(path, err) from err
+    return path
 
 
 # --------------------------------------------------------------------------- safe reading

@@ -82,7 +82,7 @@ def test_experiment_driver_writes_results_and_commands(tiny_run, tmp_path):
     assert [r["value"] for r in slices["results"]] == [2, 3]
     assert [r["options"]["num_slices"] for r in slices["results"]] == [2, 3]
     command = (out / "downstream" / "command.txt").read_text()
-    assert command.startswith("python -m asap.compile.experiments ") and "--slice-grid 2,3" in command
+    assert command.startswith("result.json: python -m asap.compile.experiments ") and "--slice-grid 2,3" in command
     assert (out / "downstream" / "fidelity.png").is_file()
 
 

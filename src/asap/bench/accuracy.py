@@ -53,9 +53,8 @@ import torch
 
 from asap.argtypes import int_list, name_list, nonnegative_int
 from asap.bench.measure import benchmark
-from asap.bench.operators import command_line, record_command
 from asap.env import machine_info
-from asap.io import atomic_write_json
+from asap.io import command_line, write_result
 
 SCHEMA = "asap.bench.accuracy/1"
 TRAINED_METHODS = ("softmax", "sinkhorn", "esp")
@@ -302,8 +301,7 @@ def run_accuracy(cfg: AccuracyConfig, *, out: Path, command: str, log=print) -> 
             values = [doc["per_seed"][str(s)][method]["accuracy"] for s in doc["seeds"] if method in doc["per_seed"][str(s)]]
             doc["summary"][method] = summarize(values)
         doc["machine"] = {**machine_info(cfg.device), "torch_threads": torch_threads}
-        atomic_write_json(out, doc)
-        record_command(out, command)
+        write_result(out, doc, command=command)
     return doc
 
 
@@ -347,7 +345,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
         return 2
     out = args.out or Path("results") / "accuracy" / f"{args.suite}.json"
     argv = sys.argv[1:] if argv is None else argv
-    command = command_line("accuracy", argv)
+    command = command_line("asap bench accuracy", argv)
     try:
         run_accuracy(cfg, out=out, command=command)
     except (ValueError, FileNotFoundError) as err:  # a changed budget; a data set not in the data directory

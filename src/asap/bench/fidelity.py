@@ -46,10 +46,9 @@ from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES
 from asap.attention.functional import asap_attention, sinkhorn_attention
 from asap.attention.operators import AttentionOperator, SinkhornOperator, call_mask
 from asap.bench.measure import benchmark
-from asap.bench.operators import command_line, record_command
 from asap.compile.direct import fit_dual_map
 from asap.env import load_average, machine_info
-from asap.io import atomic_write_json
+from asap.io import atomic_write_json, command_line, record_command
 
 SCHEMA = "asap.bench.fidelity/1"
 
@@ -369,7 +368,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     for name in ("calibration", "held_out", "batch_size", "max_length", "teacher_iters"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    command = command_line("fidelity", argv)
+    command = command_line("asap bench fidelity", argv)
     stem = Path(args.hf).name if args.hf else Path(args.run_dir).resolve().name
     out = args.out or Path("results") / "fidelity" / f"{stem}.json"
     try:

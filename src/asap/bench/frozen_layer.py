@@ -36,9 +36,8 @@ from torch import Tensor, nn
 from asap.argtypes import int_list, nonnegative_int
 from asap.attention.operators import call_mask
 from asap.bench.measure import benchmark, speedups
-from asap.bench.operators import command_line, record_command
 from asap.env import machine_info
-from asap.io import atomic_write_json
+from asap.io import command_line, write_result
 
 SCHEMA = "asap.bench.frozen_layer/1"
 
@@ -222,16 +221,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = command_line("frozen-layer", argv)
+    command = command_line("asap bench frozen-layer", argv)
     out = args.out or Path("results") / "frozen_layer" / f"{Path(args.run_dir).resolve().name}.json"
     try:
         doc = run_frozen_layer(args, command)
     except (ValueError, FileNotFoundError) as err:
         print(f"asap bench frozen-layer: {err}", file=sys.stderr)
         return 2
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, doc)
-    record_command(out, command)
+    write_result(out, doc, command=command)
     print(f"wrote {out}")
     return 0
 

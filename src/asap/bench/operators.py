@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import shlex
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -57,7 +56,7 @@ from asap.attention.reference import (
 )
 from asap.bench.measure import benchmark, speedups
 from asap.env import load_average, machine_info
-from asap.io import atomic_write_json
+from asap.io import command_line, write_result
 from asap.transport.masks import key_padding_to_attn_mask
 
 SCHEMA = "asap.bench.operators/1"
@@ -464,33 +463,6 @@ def _run(config: OperatorBenchConfig, device: torch.device, *, command: str | No
     }
 
 
-def command_line(subcommand: str, argv: Sequence[str]) -> str:
-    """The ``asap bench SUBCOMMAND ...`` command a result records, from ``argv`` with or without its prefix."""
-    if list(argv[:2]) == ["bench", subcommand]:
-        argv = argv[2:]
-    return f"asap bench {subcommand} " + shlex.join(argv)
-
-
-def record_command(json_path: str | Path, command: str) -> Path:
-    """Record ``command`` for ``json_path`` in ``command.txt`` beside it: one ``file.json: command`` line per file."""
-    json_path = Path(json_path)
-    commands = json_path.parent / "command.txt"
-    lines = commands.read_text().splitlines() if commands.exists() else []
-    lines = [line for line in lines if not line.startswith(f"{json_path.name}: ")]
-    lines.append(f"{json_path.name}: {command}")
-    commands.write_text("\n".join(sorted(lines)) + "\n")
-    return commands
-
-
-def save_result(result: Mapping[str, Any], path: str | Path) -> Path:
-    """Write the JSON and record its command in ``command.txt`` beside it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, result, indent=1)
-    record_command(path, result.get("command") or "")
-    return path
-
-
 # ---------------------------------------------------------------------------------------------- command line
 
 
@@ -582,7 +554,7 @@ def command_for(config: OperatorBenchConfig, out: Path) -> str:
         args.append("--no-memory")
     if config.threads is not None:
         args += ["--threads", str(config.threads)]
-    return "python -m asap.bench.operators " + shlex.join(args)
+    return command_line("python -m asap.bench.operators", args)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -590,7 +562,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     out = args.out or Path("results") / "bench" / f"operators_{torch.device(config.device).type}.json"
     result = run_operator_bench(config, command=command_for(config, out))
-    print(f"wrote {save_result(result, out)}")
+    print(f"wrote {write_result(out, result, command=result['command'], indent=1)}")
     return 0
 
 

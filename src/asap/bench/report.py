@@ -915,8 +915,8 @@ def render_generic(docs: list[Doc], results_dir: Path, *, max_rows: int = 60) ->
 def _recorded_command(doc: Doc) -> str | None:
     """The command that produced ``doc``: its line in ``command.txt`` beside it, else its ``command`` field.
 
-    ``command.txt`` holds either ``file.json: command`` lines (``asap bench``) or,
-    for a directory holding one result (``asap.compile.experiments``), the bare command.
+    ``command.txt`` holds ``file.json: command`` lines (:func:`asap.io.record_command`) or, as
+    the experiment driver wrote it before, for a directory holding one result, the bare command.
     Its line wins over the JSON's own field because it names the command to rerun
     (a wrapper script, the repository's paths) where the field records the process's argv.
     """

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 from pathlib import Path
 
 from asap.bench import accuracy, fidelity, frozen_layer, operators
 from asap.errors import ConfigError
+from asap.io import command_line, record_command
 
 DEFAULT_TRAINING_COST_OUT = Path("results") / "bench" / "training_cost.json"
 
@@ -43,7 +43,7 @@ def _run_training_cost(args: argparse.Namespace) -> int:
     training_cost.main(argv)
     out = Path(next(a.split("=", 1)[1] if "=" in a else argv[i + 1]
                     for i, a in enumerate(argv) if a == "--out" or a.startswith("--out=")))
-    operators.record_command(out, "python -m asap.bench.training_cost " + shlex.join(argv))
+    record_command(out, command_line("python -m asap.bench.training_cost", argv))
     return 0
 
 

@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from asap.cli.options import finite_float, nonnegative_int, positive_int
 from asap.errors import ConfigError
+from asap.io import command_line
 
 #: command-line dest -> TrainConfig field, where the names differ.
 RENAMED = {"out": "out_dir", "heads": "num_heads", "no_progress": "progress", "model": "pretrained"}
@@ -185,9 +185,9 @@ def config_from_args(args: argparse.Namespace):
     return _train_config(TrainConfig.from_dict, stored)
 
 
-def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     """The ``asap train`` command line equivalent to ``args`` (the options given, long spellings)."""
-    parts = ["asap", "train"]
+    parts: list[str] = []
     given = vars(args)
     for action in parser._actions:
         value = given.get(action.dest)
@@ -203,7 +203,7 @@ def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser) -> s
             parts += [flag, *map(str, value)]
         else:
             parts += [flag, str(value)]
-    return shlex.join(parts)
+    return command_line("asap train", parts)
 
 
 def run_train(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
@@ -211,7 +211,7 @@ def run_train(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> i
 
     config = config_from_args(args)
     # The command line is recorded in RUN_DIR/command.txt by train(), once every check has passed.
-    result = train(config, resume=args.resume is not None, command=command_line(args, parser),
+    result = train(config, resume=args.resume is not None, command=train_command(args, parser),
                    allow_unfitted=getattr(args, "allow_unfitted", False))  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0 and result["test"] is not None:
         print(json.dumps({"run_dir": result["run_dir"], "test_accuracy": result["test"]["accuracy"],

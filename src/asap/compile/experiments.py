@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from asap.compile.options import add_compile_options
 from asap.compile.report import layer_summary, plot_report
 from asap.compile.runs import TeacherRun, calibration_batches, load_data, load_teacher, predict
 from asap.compile.swap import compile_model, sinkhorn_layers, truncate_sinkhorn
-from asap.io import atomic_write_bytes, atomic_write_json
+from asap.io import atomic_write_bytes, command_line, write_result
 
 EXPERIMENTS = ("frozen", "downstream", "slices", "slice_type", "refine", "calibration", "mode", "features")
 
@@ -126,8 +125,7 @@ class Bench:
 def _write(out: Path, name: str, result: dict[str, Any], command: str, *, plot: dict | None = None) -> None:
     directory = out / name
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(directory / "result.json", result)
-    atomic_write_bytes(directory / "command.txt", (command + "\n").encode())
+    write_result(directory / "result.json", result, command=command)
     if plot is not None:
         plot_report(plot, directory / "fidelity.png")
 
@@ -310,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown experiment(s) {unknown}; choose from {EXPERIMENTS}")
     if args.layers is not None:
         raise SystemExit("--layers is set per experiment here (frozen: --frozen-layers; downstream: all)")
-    command = "python -m asap.compile.experiments " + " ".join(shlex.quote(a) for a in argv)
+    command = command_line("python -m asap.compile.experiments", argv)
     run_experiments(args, command)
     summarize(args.out)
     return 0

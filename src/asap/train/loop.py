@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from asap.env import machine_info
 from asap.errors import AsapError, ConfigError
-from asap.io import append_json_line, atomic_write_bytes, atomic_write_json, dumps_strict
+from asap.io import append_command, append_json_line, atomic_write_bytes, atomic_write_json, dumps_strict
 from asap.models import ModelConfig, TextClassifierConfig, ViTConfig
 from asap.train.checkpoint import (
     CHECKPOINT_FILE,
@@ -296,8 +296,7 @@ class Trainer:
             raise ConfigError(f"--stop-after-steps {stop}: the run is already at step {self.global_step}")
         if dist.is_main:
             if command is not None:  # keep the command lines that built this run (only once accepted)
-                with open(self.run_dir / "command.txt", "a") as f:
-                    f.write(command + "\n")
+                append_command(self.run_dir, command)
             if not resume or self.fresh_start:
                 self._config_written_now = True
                 write_run_config(self.run_dir, self.run_config)
