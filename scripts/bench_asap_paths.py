@@ -26,7 +26,7 @@ from asap.attention.closure import shared_exp_closure
 from asap.bench.measure import benchmark
 from asap.bench.operators import padding_for
 from asap.env import load_average, machine_info
-from asap.io import atomic_write_json, command_line
+from asap.io import atomic_write_json, command_line, method_key
 
 SHAPES = [(8, 8, 16, 64), (8, 8, 64, 64), (8, 8, 128, 64), (8, 8, 256, 64), (8, 8, 512, 64), (8, 8, 1024, 64),
           (32, 4, 17, 16), (128, 4, 17, 16), (32, 4, 50, 16), (32, 4, 128, 16), (32, 4, 512, 16), (16, 12, 128, 32),
@@ -47,8 +47,8 @@ def run_shape(b: int, h: int, n: int, d: int, *, padded: bool, budget: float) ->
         "closure_flash": lambda: asap_attention(q, k, v, f, padding_mask=valid, backend="flash"),
         "dual_map": lambda: op.dual_map(q, k, scale=scale, padding_mask=valid, center=False),
         "asap_auto": lambda: op(q, k, v, padding_mask=valid),
-        "sinkhorn_k3": lambda: sinkhorn_attention(q, k, v, n_iters=3, padding_mask=valid),
-        "sinkhorn_k11": lambda: sinkhorn_attention(q, k, v, n_iters=11, padding_mask=valid),
+        method_key("sinkhorn", n_iters=3): lambda: sinkhorn_attention(q, k, v, n_iters=3, padding_mask=valid),
+        method_key("sinkhorn", n_iters=11): lambda: sinkhorn_attention(q, k, v, n_iters=11, padding_mask=valid),
     }
     for chunk in CHUNKS:
         fns[f"closure_shared_{chunk >> 10}k"] = (

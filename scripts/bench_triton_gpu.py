@@ -136,13 +136,13 @@ def run(args: argparse.Namespace, device) -> int:
     from asap.bench.measure import benchmark, speedups
     from asap.env import load_average, machine_info
     from asap.bench.operators import random_asap_operator
-    from asap.io import atomic_write_json, command_line
+    from asap.io import atomic_write_json, command_line, method_key
     from asap.transport.masks import key_padding_to_attn_mask
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 settings compare IEEE fp32 against IEEE fp32
     b, h, d, eps = args.batch, args.heads, args.head_dim, args.eps
     scale = d**-0.5
-    teacher = f"sinkhorn_k{max(args.sinkhorn_iters)}"
+    teacher = method_key("sinkhorn", n_iters=max(args.sinkhorn_iters))
     out: dict[str, Any] = {
         "schema": "asap.scripts.bench_triton_gpu/1",
         "command": command_line("python scripts/bench_triton_gpu.py", sys.argv[1:]),
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace, device) -> int:
                                 q, k, v, op.dual_map(q, k, scale=scale, attn_mask=mask), eps=eps,
                                 query_valid=valid, key_valid=valid)
                     for iters in args.sinkhorn_iters:
-                        fns[f"sinkhorn_k{iters}"] = (
+                        fns[method_key("sinkhorn", n_iters=iters)] = (
                             lambda iters=iters: sinkhorn_attention(q, k, v, n_iters=iters, eps=eps, attn_mask=mask))
                     run = benchmark(fns, device=device, warmup=args.warmup, repeats=args.repeats,
                                     min_repeats=args.min_repeats, budget_s=args.budget_s)

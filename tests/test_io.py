@@ -15,6 +15,9 @@ from asap.io import (
     atomic_write_bytes,
     atomic_write_json,
     command_line,
+    method_key,
+    method_of,
+    parse_method_key,
     record_command,
     write_result,
 )
@@ -74,3 +77,13 @@ def test_each_result_has_one_command_line_beside_it(tmp_path):
     append_command(tmp_path / "run", "asap train")
     append_command(tmp_path / "run", "asap train --resume")
     assert (tmp_path / "run" / "command.txt").read_text() == "asap train\nasap train --resume\n"
+
+
+def test_one_method_key_scheme_and_its_inverse_reads_the_older_spelling():
+    assert method_key("sinkhorn", n_iters=3) == "sinkhorn_k3"
+    assert method_key("asap", num_slices=16, extra_steps=2) == "asap_l16_j2"
+    assert method_key("softmax") == "softmax"
+    assert parse_method_key("sinkhorn_k3") == parse_method_key("sinkhorn_K3") == ("sinkhorn", {"n_iters": 3})
+    assert method_of("sinkhorn_K11") == "sinkhorn" and method_of("num_samples") is None
+    with pytest.raises(TypeError, match="unknown size"):
+        method_key("sinkhorn", iters=3)

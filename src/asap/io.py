@@ -12,7 +12,8 @@ Recording. Every result records the command that produced it, one way:
 :func:`command_line` spells it (shell-quoted, pasteable), :func:`write_result`
 writes a result JSON and :func:`record_command` puts its ``file.json: command``
 line in ``command.txt`` beside it (what ``asap report`` reads); a training run's
-folder keeps every command that built it (:func:`append_command`).
+folder keeps every command that built it (:func:`append_command`). Methods are
+named in result JSON by one scheme, :func:`method_key` (``sinkhorn_k3``).
 
 Reading. Every file name read from a config or a manifest (a tokenizer, a weights file)
 is untrusted: a run folder or an artifact may come from someone else. Such a
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -168,6 +170,48 @@ def append_command(folder: str | os.PathLike, command: str) -> Path:
     except OSError as err:
         raise _write_error(path, err) from err
     return path
+
+
+# --------------------------------------------------------------------------- method keys
+
+#: The letter of each size option in a method key, in the order they are written.
+_KEY_LETTERS = {"num_slices": "l", "extra_steps": "j", "n_iters": "k"}
+
+
+def method_key(method: str, **sizes: int) -> str:
+    """The key naming an attention method (and its sizes) in result JSON, one scheme for every writer.
+
+    ``method_key("sinkhorn", n_iters=3)`` is ``"sinkhorn_k3"``, ``method_key("asap", num_slices=16)``
+    ``"asap_l16"``, ``method_key("asap", num_slices=16, extra_steps=2)`` ``"asap_l16_j2"``; without sizes,
+    the method itself (``"softmax"``, ``"asap"``). Results written before this scheme spelled Sinkhorn
+    ``sinkhorn_K3``; ``asap report`` reads both.
+    """
+    unknown = sorted(set(sizes) - set(_KEY_LETTERS))
+    if unknown:
+        raise TypeError(f"method_key: unknown size option(s) {unknown}; known: {sorted(_KEY_LETTERS)}")
+    return "_".join([method, *(f"{_KEY_LETTERS[name]}{int(sizes[name])}" for name in _KEY_LETTERS if name in sizes)])
+
+
+_KEY_PATTERN = re.compile(r"([a-z]+)((?:_[ljkLJK][0-9]+)*)")
+
+
+def parse_method_key(key: object) -> tuple[str, dict[str, int]] | None:
+    """The inverse of :func:`method_key`, for readers: ``("sinkhorn", {"n_iters": 3})`` from ``"sinkhorn_k3"``.
+
+    Also reads the older spelling ``"sinkhorn_K3"``. ``None`` for anything that is not a method key.
+    """
+    match = _KEY_PATTERN.fullmatch(key) if isinstance(key, str) else None
+    if match is None:
+        return None
+    names = {letter: name for name, letter in _KEY_LETTERS.items()}
+    sizes = {names[part[0].lower()]: int(part[1:]) for part in match.group(2).split("_")[1:]}
+    return match.group(1), sizes
+
+
+def method_of(key: object) -> str | None:
+    """The method a result key names (``"sinkhorn"`` for ``"sinkhorn_k3"`` or ``"sinkhorn_K3"``), else ``None``."""
+    parsed = parse_method_key(key)
+    return None if parsed is None else parsed[0]
 
 
 # --------------------------------------------------------------------------- safe reading

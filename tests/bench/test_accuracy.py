@@ -32,7 +32,7 @@ def table(tmp_path_factory):
 def test_every_method_and_seed_is_scored_and_summarised(table):
     _, out, doc = table
     assert json.loads(out.read_text()) == doc and doc["schema"] == SCHEMA
-    assert doc["methods"] == ["softmax", "sinkhorn_K11", "esp", "sinkhorn_K3", "asap"]
+    assert doc["methods"] == ["softmax", "sinkhorn_k11", "esp", "sinkhorn_k3", "asap"]
     assert doc["seeds"] == [0, 1] and doc["esp_options"] == {"tau_sort": 0.01}
     for method in doc["methods"]:
         values = [doc["per_seed"][str(s)][method]["accuracy"] for s in (0, 1)]
@@ -48,11 +48,11 @@ def test_derived_models_come_from_the_teacher_and_rescoring_agrees(table):
     _, _, doc = table
     for seed in ("0", "1"):
         record = doc["per_seed"][seed]
-        teacher = record["sinkhorn_K11"]
+        teacher = record["sinkhorn_k11"]
         # The trainer's test score and the benchmark's own evaluation of the same model and split agree.
         assert teacher["accuracy_rescored"] == pytest.approx(teacher["accuracy"])
-        for derived in ("sinkhorn_K3", "asap"):
-            assert record[derived]["from"] == "sinkhorn_K11"
+        for derived in ("sinkhorn_k3", "asap"):
+            assert record[derived]["from"] == "sinkhorn_k11"
             assert 0.0 <= record[derived]["agreement_with_teacher"] <= 1.0
         assert record["asap"]["calibration_examples"] > 0
 
@@ -86,7 +86,7 @@ def test_the_report_tabulates_and_plots_the_table(table):
     readme = generate_report(out.parent.parent).read_text()
     assert "### digits: `accuracy/digits.json`" in readme
     mean = doc["summary"]["asap"]["mean"]
-    assert f"| `asap` | compiled from sinkhorn_K11 | {100 * mean:.2f} ±" in readme
+    assert f"| `asap` | compiled from sinkhorn_k11 | {100 * mean:.2f} ±" in readme
     assert (out.parent / "accuracy_vs_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

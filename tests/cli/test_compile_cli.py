@@ -36,12 +36,12 @@ def test_compile_cli_end_to_end(tiny_run, tmp_path, capsys):
                  "--slices", "4", "--eval-limit", "60", "--quiet"])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
-    assert "r2_held_out" in printed and "sinkhorn_K3" in printed
+    assert "r2_held_out" in printed and "sinkhorn_k3" in printed
     for name in ("model.safetensors", "manifest.json", "fidelity.json", "fidelity.png"):
         assert (out / name).is_file(), name
     report = json.loads((out / "fidelity.json").read_text())
     assert report["calibration"]["examples"] == 96 and report["calibration"]["held_out_batches"] == 1
-    assert set(report["accuracy"]) >= {"teacher", "asap", "sinkhorn_K3"} and report["accuracy"]["num_samples"] == 60
+    assert set(report["accuracy"]) >= {"teacher", "asap", "sinkhorn_k3"} and report["accuracy"]["num_samples"] == 60
     model, manifest = load_compiled(out)
     assert len(manifest["compiled_layers"]) == 2 and manifest["run_config"]["data"]["dataset"] == "digits"
     teacher, _ = load_model(tiny_run)
@@ -77,7 +77,7 @@ def test_experiment_driver_writes_results_and_commands(tiny_run, tmp_path):
     assert [r["options"]["layers"] for r in frozen["results"]] == [[1]]
     downstream = json.loads((out / "downstream" / "result.json").read_text())
     assert downstream["options"]["layers"] is None and len(downstream["layers"]) == 2
-    assert set(downstream["accuracy"]) == {"teacher", "sinkhorn_K3", "asap"}
+    assert set(downstream["accuracy"]) == {"teacher", "sinkhorn_k3", "asap"}
     slices = json.loads((out / "ablation_slices" / "result.json").read_text())
     assert [r["value"] for r in slices["results"]] == [2, 3]
     assert [r["options"]["num_slices"] for r in slices["results"]] == [2, 3]

@@ -11,7 +11,7 @@ data set; options override them). ``--esp-seeds N`` trains the costly ESP
 baseline for the first N seeds only, when the budget does not allow all. Then, *without retraining*, the Sinkhorn
 teacher is
 
-* run with its iterations truncated to each of ``--truncated-iters`` (``sinkhorn_K3``: the
+* run with its iterations truncated to each of ``--truncated-iters`` (``sinkhorn_k3``: the
   same-cost baseline by number of passes), and
 * compiled to ASAP (every layer, the defaults of ``asap compile``) from
   ``--calibration`` training examples,
@@ -54,7 +54,7 @@ import torch
 from asap.argtypes import int_list, name_list, nonnegative_int
 from asap.bench.measure import benchmark
 from asap.env import machine_info
-from asap.io import command_line, write_result
+from asap.io import command_line, method_key, write_result
 
 SCHEMA = "asap.bench.accuracy/1"
 TRAINED_METHODS = ("softmax", "sinkhorn", "esp")
@@ -142,7 +142,7 @@ class AccuracyConfig:
         """Models derived from the Sinkhorn teacher without retraining (none when it is not trained)."""
         if "sinkhorn" not in self.methods:
             return ()
-        return (*(f"sinkhorn_K{k}" for k in self.truncated_iters), "asap")
+        return (*(method_key("sinkhorn", n_iters=k) for k in self.truncated_iters), "asap")
 
     def train_config(self, method: str, seed: int):
         from asap.train import TrainConfig
@@ -160,7 +160,7 @@ class AccuracyConfig:
 
 
 def method_label(method: str, teacher_iters: int) -> str:
-    return f"sinkhorn_K{teacher_iters}" if method == "sinkhorn" else method
+    return method_key("sinkhorn", n_iters=teacher_iters) if method == "sinkhorn" else method
 
 
 def ensure_trained(config) -> tuple[Path, float]:
@@ -240,7 +240,7 @@ def evaluate_seed(cfg: AccuracyConfig, seed: int, *, log=print) -> tuple[dict[st
             log(f"[seed {seed}] {label}: {100 * acc:.2f} % (agrees with the teacher on {100 * agree:.2f} %)")
 
         for k in cfg.truncated_iters:
-            derived(f"sinkhorn_K{k}", truncate_sinkhorn(teacher.model, n_iters=k), {"from": teacher_label})
+            derived(method_key("sinkhorn", n_iters=k), truncate_sinkhorn(teacher.model, n_iters=k), {"from": teacher_label})
         calibration = cfg.calibration or SUITES[cfg.suite].calibration
         batches = calibration_batches(teacher, num_samples=calibration, batch_size=32, seed=seed, data_dir=cfg.data_dir)
         start = time.perf_counter()

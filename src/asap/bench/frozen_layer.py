@@ -37,7 +37,7 @@ from asap.argtypes import int_list, nonnegative_int
 from asap.attention.operators import call_mask
 from asap.bench.measure import benchmark, speedups
 from asap.env import machine_info
-from asap.io import command_line, write_result
+from asap.io import command_line, method_key, write_result
 
 SCHEMA = "asap.bench.frozen_layer/1"
 
@@ -161,13 +161,13 @@ def run_frozen_layer(args: argparse.Namespace, command: str, *, log=print) -> di
         if not error < args.tolerance:
             raise RuntimeError(f"layer {index}: ASAP differs from its fp64 reference by {error:.3g}; not timing it")
         teacher_op = layer.operator
+        reference_key = method_key("sinkhorn", n_iters=args.teacher_iters)
+        truncated_key = method_key("sinkhorn", n_iters=args.truncated_iters)
         operators = {
             "asap": asap_op,
-            f"sinkhorn_K{teacher_op.n_iters}": teacher_op,
-            f"sinkhorn_K{args.teacher_iters}": SinkhornOperator(n_iters=args.teacher_iters, eps=teacher_op.eps,
-                                                                scale=teacher_op.scale),
-            f"sinkhorn_K{args.truncated_iters}": SinkhornOperator(n_iters=args.truncated_iters, eps=teacher_op.eps,
-                                                                  scale=teacher_op.scale),
+            method_key("sinkhorn", n_iters=teacher_op.n_iters): teacher_op,
+            reference_key: SinkhornOperator(n_iters=args.teacher_iters, eps=teacher_op.eps, scale=teacher_op.scale),
+            truncated_key: SinkhornOperator(n_iters=args.truncated_iters, eps=teacher_op.eps, scale=teacher_op.scale),
             "softmax": SoftmaxOperator(scale=teacher_op.scale),
         }  # fmt: skip
         timing = time_layer(operators, q, k, v, mask, budget_s=args.budget, padding=padding)
@@ -176,9 +176,8 @@ def run_frozen_layer(args: argparse.Namespace, command: str, *, log=print) -> di
             "layer": index, "name": layer.name, "teacher_iters": teacher_op.n_iters, "eps": teacher_op.eps,
             "shape": {"q": list(q.shape), "k": list(k.shape)}, "padded": mask is not None,
             "accuracy": {"teacher": accuracy(teacher_pred), "asap": accuracy(asap_pred),
-                         f"sinkhorn_K{args.truncated_iters}": accuracy(truncated_pred)},
-            "agreement_with_teacher": {"asap": agreement(asap_pred),
-                                       f"sinkhorn_K{args.truncated_iters}": agreement(truncated_pred)},
+                         truncated_key: accuracy(truncated_pred)},
+            "agreement_with_teacher": {"asap": agreement(asap_pred), truncated_key: agreement(truncated_pred)},
             "r2_held_out": _mean(fit.get("r2_held_out")), "row_tv_asap": _mean(fit.get("row_tv_asap")),
             "row_tv_truncated": _mean(fit.get("row_tv_truncated")),
             "asap_max_abs_error_vs_fp64": error, "compile_seconds": compile_seconds, **timing,
@@ -186,9 +185,9 @@ def run_frozen_layer(args: argparse.Namespace, command: str, *, log=print) -> di
         results.append(record)
         ratio = timing["speedup_of_asap_over"]
         log(f"layer {index}: teacher {100 * record['accuracy']['teacher']:.2f} asap {100 * record['accuracy']['asap']:.2f} "
-            f"K{args.truncated_iters} {100 * record['accuracy'][f'sinkhorn_K{args.truncated_iters}']:.2f} | "
+            f"K{args.truncated_iters} {100 * record['accuracy'][truncated_key]:.2f} | "
             + ", ".join(f"{name} {ms:.2f} ms" for name, ms in timing["median_ms"].items())
-            + f" | ASAP {ratio[f'sinkhorn_K{args.teacher_iters}']:.2f}x over K={args.teacher_iters}")  # fmt: skip
+            + f" | ASAP {ratio[reference_key]:.2f}x over K={args.teacher_iters}")  # fmt: skip
     return {
         "schema": SCHEMA, "run_dir": str(args.run_dir), "teacher_sha256": teacher.source_sha256,
         "dataset": teacher.data_info["dataset"], "eval_split": args.eval_split, "eval_examples": len(labels),

@@ -56,7 +56,7 @@ from asap.attention.reference import (
 )
 from asap.bench.measure import benchmark, speedups
 from asap.env import load_average, machine_info
-from asap.io import command_line, write_result
+from asap.io import command_line, method_key, write_result
 from asap.transport.masks import key_padding_to_attn_mask
 
 SCHEMA = "asap.bench.operators/1"
@@ -190,7 +190,7 @@ class BenchMethod:
 
 
 def teacher_name(iters: int) -> str:
-    return f"sinkhorn_k{iters}"
+    return method_key("sinkhorn", n_iters=iters)
 
 
 def random_asap_operator(
@@ -274,7 +274,7 @@ def build_methods(config: OperatorBenchConfig, device: torch.device) -> tuple[di
 
         extras = "+".join(config.extra_features) or "no extras"
         methods.append(BenchMethod(
-            name=f"asap_l{config.num_slices}", family="asap", label=f"ASAP L={config.num_slices}", trainable=False,
+            name=method_key("asap", num_slices=config.num_slices), family="asap", label=f"ASAP L={config.num_slices}", trainable=False,
             description=(f"AsapOperator: {config.num_slices} random slices and {extras}, linear map with RANDOM "
                          f"coefficients (timing only; the cost does not depend on their values), backend 'auto', "
                          f"eps={config.eps}"),

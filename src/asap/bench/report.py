@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asap.io import atomic_write_text
+from asap.io import atomic_write_text, method_key, method_of, parse_method_key
 
 OPERATORS_SCHEMA = "asap.bench.operators/1"
 TRAINING_COST_SCHEMA = "training_cost"  # the "benchmark" field of asap.bench.training_cost's JSON
@@ -91,6 +91,8 @@ class Section:
     render: Renderer
     absent: str
     schemas: tuple[str, ...] | None = None  # keep only files of these schemas (None: any)
+    #: its writers name methods by :func:`asap.io.method_key`: older files' ``sinkhorn_K3`` is read as ``sinkhorn_k3``
+    method_keys: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -117,6 +119,22 @@ def fmt_bytes(nbytes: float | None) -> str:
 
 def fmt_ratio(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def _sinkhorn(n_iters: int | None) -> str | None:
+    """The result key of Sinkhorn with ``n_iters`` half-steps (:func:`asap.io.method_key`)."""
+    return None if n_iters is None else method_key("sinkhorn", n_iters=n_iters)
+
+
+def _current_method_keys(value: Any) -> Any:
+    """``value`` (parsed JSON) with every method key, as a key or a string value, in :func:`asap.io.method_key`'s
+    spelling: results written before it say ``sinkhorn_K3`` where new ones say ``sinkhorn_k3``."""
+    if isinstance(value, dict):
+        return {_current_method_keys(k): _current_method_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_current_method_keys(v) for v in value]
+    parsed = parse_method_key(value)
+    return method_key(parsed[0], **parsed[1]) if parsed else value
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
@@ -390,7 +408,7 @@ def render_training_cost(docs: list[Doc], results_dir: Path) -> Rendered:
 
 
 def _truncated_key(accuracy: dict[str, Any]) -> str | None:
-    return next((k for k in accuracy if k.startswith("sinkhorn_K")), None)
+    return next((k for k in accuracy if method_of(k) == "sinkhorn"), None)
 
 
 def _mean_ms(record: dict[str, Any], name: str) -> float | None:
@@ -509,10 +527,10 @@ FROZEN_LAYER_SCHEMA = "asap.bench.frozen_layer/1"
 
 
 def _method_kind(doc: Doc, method: str) -> str:
-    teacher = f"sinkhorn_K{doc.data.get('teacher_iters')}"
+    teacher = _sinkhorn(doc.data.get("teacher_iters"))
     if method == "asap":
         return f"compiled from {teacher}"
-    if method.startswith("sinkhorn_K") and method != teacher:
+    if method_of(method) == "sinkhorn" and method != teacher:
         return f"{teacher} truncated at inference"
     return "trained" + (" (teacher)" if method == teacher else "")
 
@@ -528,7 +546,7 @@ def _accuracy_rows(doc: Doc) -> list[list[Any]]:
     data = doc.data
     inference = data.get("inference") or {}
     ms = inference.get("median_ms", {})
-    soft, teacher = ms.get("softmax"), ms.get(f"sinkhorn_K{data.get('teacher_iters')}")
+    soft, teacher = ms.get("softmax"), ms.get(_sinkhorn(data.get("teacher_iters")))
     rows = []
     for method in data.get("methods", []):
         seeds = [data["per_seed"][str(s)].get(method, {}) for s in data.get("seeds", [])]
@@ -616,11 +634,11 @@ def render_frozen_layer(docs: list[Doc], results_dir: Path) -> Rendered:
     out = Rendered()
     for doc in docs:
         data = doc.data
-        ref, trunc = f"sinkhorn_K{data['reference_iters']}", f"sinkhorn_K{data['truncated_iters']}"
+        ref, trunc = _sinkhorn(data["reference_iters"]), _sinkhorn(data["truncated_iters"])
         rows = []
         for r in data["layers"]:
             acc, agree, ms = r["accuracy"], r["agreement_with_teacher"], r["median_ms"]
-            teacher = f"sinkhorn_K{r['teacher_iters']}"
+            teacher = _sinkhorn(r["teacher_iters"])
             shape = r["shape"]["q"]
             rows.append([r["layer"], f"{shape[0]}x{shape[1]}x{shape[2]}" + (" (padded)" if r.get("padded") else ""),
                          _pct(acc["teacher"]), _pct(acc["asap"]), _pct(acc.get(trunc)), _pct(agree["asap"]),
@@ -960,7 +978,7 @@ def _our_accuracies(all_docs: dict[str, list[Doc]]) -> dict[str, dict[str, Any]]
     found: dict[str, dict[str, Any]] = {}
     for doc in all_docs.get("accuracy", []):  # first choice: the mean over seeds at one budget
         entry = found.setdefault(_dataset_key(doc.data["dataset"]), {"name": doc.data["dataset"]})
-        teacher = f"sinkhorn_K{doc.data.get('teacher_iters')}"
+        teacher = _sinkhorn(doc.data.get("teacher_iters"))
         for method, summary in doc.data.get("summary", {}).items():
             key = "sinkhorn" if method == teacher else method
             if key in ("sinkhorn", "esp", "softmax"):
@@ -1007,9 +1025,9 @@ def render_paper(all_docs: dict[str, list[Doc]], results_dir: Path) -> Rendered:
                              f"operator speed-up over the teacher {ms_teacher / ms_asap:.2f}x (below 1: slower), "
                              f"accuracy {100 * (acc['asap'] - acc['teacher']):+.2f} points.")
     for doc in all_docs.get("frozen_layer", []):
-        ref = f"sinkhorn_K{doc.data['reference_iters']}"
+        ref = _sinkhorn(doc.data["reference_iters"])
         for r in doc.data.get("layers", []):
-            teacher = f"sinkhorn_K{r['teacher_iters']}"
+            teacher = _sinkhorn(r["teacher_iters"])
             ratios = r.get("speedup_of_asap_over", {})
             if ratios.get(ref) is None:
                 continue
@@ -1072,12 +1090,12 @@ SECTIONS: tuple[Section, ...] = (
             schemas=(TRAINING_COST_SCHEMA,)),
     Section("compile", "Compiled layers (frozen-layer benchmark, downstream replacement, ablations)",
             ("compile/**/*.json",), render_compile,
-            "`python -m asap.compile.experiments RUN_DIR --out results/compile/<dataset>`"),
+            "`python -m asap.compile.experiments RUN_DIR --out results/compile/<dataset>`", method_keys=True),
     Section("accuracy", "Accuracy table: every method at the same budget, over seeds", ("accuracy/*.json",),
-            render_accuracy, "`asap bench accuracy --suite <data set>`", schemas=(ACCURACY_SCHEMA,)),
+            render_accuracy, "`asap bench accuracy --suite <data set>`", schemas=(ACCURACY_SCHEMA,), method_keys=True),
     Section("frozen_layer", "Frozen-layer benchmark: speed and accuracy in one layer of a trained teacher",
             ("frozen_layer/*.json",), render_frozen_layer, "`asap bench frozen-layer RUN_DIR`",
-            schemas=(FROZEN_LAYER_SCHEMA,)),
+            schemas=(FROZEN_LAYER_SCHEMA,), method_keys=True),
     Section("fidelity", "Fidelity plane: ASAP with warm-start steps against truncated Sinkhorn, per layer",
             ("fidelity/*.json",), render_fidelity, "`asap bench fidelity`", schemas=(FIDELITY_SCHEMA,)),
     Section("asap_paths", "ASAP's CPU paths: closure backends, dual map, whole operator",
@@ -1108,7 +1126,8 @@ def load_docs(results_dir: Path, section: Section) -> tuple[list[Doc], list[str]
             except (OSError, json.JSONDecodeError) as err:
                 notes.append(f"`{rel}` could not be read ({err}); skipped.")
                 continue
-            doc = Doc(rel, path, data if isinstance(data, dict) else {"value": data})
+            doc = Doc(rel, path, (_current_method_keys(data) if section.method_keys else data)
+                      if isinstance(data, dict) else {"value": data})
             if section.schemas is not None and doc.schema not in section.schemas:
                 notes.append(f"`{rel}` has schema `{doc.schema}`, not {section.schemas}; skipped.")
                 continue

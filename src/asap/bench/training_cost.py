@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from asap.attention.esp import DEFAULT_MEMORY_BUDGET, EspOperator
 from asap.attention.operators import AttentionOperator, SinkhornOperator, SoftmaxOperator
 from asap.env import machine_info
-from asap.io import atomic_write_json
+from asap.io import atomic_write_json, method_key
 from asap.models.blocks import Block
 
 
@@ -92,8 +92,8 @@ def default_methods(
     esp = {"soft": True, "tau_sort": 1e-3}
     methods = (
         MethodSpec("softmax", "softmax"),
-        MethodSpec("sinkhorn_k3", "sinkhorn", {"n_iters": 3}),
-        MethodSpec("sinkhorn_k11", "sinkhorn", {"n_iters": 11}),
+        MethodSpec(method_key("sinkhorn", n_iters=3), "sinkhorn", {"n_iters": 3}),
+        MethodSpec(method_key("sinkhorn", n_iters=11), "sinkhorn", {"n_iters": 11}),
         MethodSpec("esp", "esp", {**esp, "memory_budget_bytes": memory_budget_bytes}),
     )
     return methods + ((MethodSpec("esp_untiled", "esp", {**esp, "memory_budget_bytes": None}),) if esp_untiled else ())

@@ -42,7 +42,7 @@ from asap.compile.options import add_compile_options
 from asap.compile.report import layer_summary, plot_report
 from asap.compile.runs import TeacherRun, calibration_batches, load_data, load_teacher, predict
 from asap.compile.swap import compile_model, sinkhorn_layers, truncate_sinkhorn
-from asap.io import atomic_write_bytes, command_line, write_result
+from asap.io import atomic_write_bytes, command_line, method_key, method_of, write_result
 
 EXPERIMENTS = ("frozen", "downstream", "slices", "slice_type", "refine", "calibration", "mode", "features")
 
@@ -96,7 +96,7 @@ class Bench:
         seconds = time.perf_counter() - start
         truncated = self.truncated_predictions(options.get("layers"), options["truncated_iters"])
         asap = self.predict(compiled)[0]
-        key = f"sinkhorn_K{options['truncated_iters']}"
+        key = method_key("sinkhorn", n_iters=options["truncated_iters"])
         accuracy = {"teacher": self.teacher_accuracy, key: self.accuracy(truncated), "asap": self.accuracy(asap)}
         agreement = {"asap": self.agreement(asap), key: self.agreement(truncated)}
         report["accuracy"] = {**accuracy, "agreement": agreement}
@@ -143,7 +143,7 @@ def _frozen_plot(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _brief(record: dict[str, Any]) -> str:
     acc = record["accuracy"]
-    trunc = next(v for k, v in acc.items() if k.startswith("sinkhorn_K"))
+    trunc = next(v for k, v in acc.items() if method_of(k) == "sinkhorn")
     return (f"teacher {100 * acc['teacher']:.2f}  asap {100 * acc['asap']:.2f}  truncated {100 * trunc:.2f}  "
             f"R2 {record['mean_r2_held_out']:.4f}  "
             f"TV {record['mean_row_tv_asap']:.4g} vs {record['mean_row_tv_truncated']:.4g}")  # fmt: skip
@@ -224,7 +224,7 @@ def run_experiments(args: argparse.Namespace, command: str) -> None:
 
 def _row(label: str, value: Any, record: dict[str, Any], examples: int) -> str:
     acc = record["accuracy"]
-    trunc_key = next(k for k in acc if k.startswith("sinkhorn_K"))
+    trunc_key = next(k for k in acc if method_of(k) == "sinkhorn")  # sinkhorn_k3, or sinkhorn_K3 in older results
     cells = [label, str(value), str(examples), f"{100 * acc['teacher']:.2f}", f"{100 * acc['asap']:.2f}",
              f"{100 * acc[trunc_key]:.2f}",
              f"{record['asap_minus_teacher_points']:+.2f}",

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from asap.compile.artifact import MANIFEST_FILE, ArtifactError, artifact_file, load_compiled, sha256_file
 from asap.compile.swap import truncate_sinkhorn
 from asap.errors import ConfigError
-from asap.io import file_inside
+from asap.io import file_inside, method_key
 from asap.train.checkpoint import CONFIG_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, CheckpointError, RunConfig, load_model
 from asap.train.data import batch_inputs, load_split
 
@@ -118,7 +118,7 @@ def accuracies(
     asap_pred, _ = predict(compiled, data, batch_size=batch_size)
     accuracy = lambda pred: float((pred == labels).double().mean())  # noqa: E731
     agreement = lambda pred: float((pred == teacher_pred).double().mean())  # noqa: E731
-    key = f"sinkhorn_K{truncated_iters}"
+    key = method_key("sinkhorn", n_iters=truncated_iters)
     return {
         "teacher": accuracy(teacher_pred),
         key: accuracy(truncated_pred),
