@@ -24,6 +24,9 @@ $PY -m asap.bench.fidelity --hf minilm --data-dir "$DATA" --slices 16,64 --out r
 $PY -m asap.bench.frozen_layer results/teachers/digits_sinkhorn_k11 --out results/frozen_layer/digits_sinkhorn_k11.json
 $PY -m asap.bench.frozen_layer results/teachers/fmnist_sinkhorn_k11 --data-dir "$DATA" \
     --out results/frozen_layer/fmnist_sinkhorn_k11.json
+# ... and on the sharp digits teacher (patch size 1, scripts/train_sharp_teachers.sh).
+$PY -m asap.bench.frozen_layer results/teachers/digits_p1_sinkhorn_k11 \
+    --out results/frozen_layer/digits_p1_sinkhorn_k11.json
 # The demo (its own folder; its table is quoted in results/demo.txt).
 $PY -m asap.cli.main demo --out runs/demo --quiet
 mkdir -p results/demo && cp runs/demo/demo.txt runs/demo/demo.json results/demo/
