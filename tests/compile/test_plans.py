@@ -98,3 +98,28 @@ def test_teachers_without_a_closure_target_are_refused(n_iters):
     scores, supp = scores_and_support(q, k, scale=1.0, attn_mask=None)
     with pytest.raises(ValueError, match="odd number of half-steps K >= 3"):
         closure_target(scores, supp, n_iters=n_iters, eps=1.0)
+
+
+@pytest.mark.parametrize("extra_steps", [0, 1, 2, 3])
+@pytest.mark.parametrize("lengths", [None, (7, 4)])
+def test_asap_log_attention_with_extra_steps_is_the_operators_attention(extra_steps, lengths):
+    """The analysis plan of ASAP + j half-steps (what target_tv scores) is the production operator's attention."""
+    from asap.attention.functional import asap_attention
+
+    q, k, _ = rand_qkv(b=2, h=2, n=7, d=4)
+    mask = None if lengths is None else padding_mask(list(lengths), 7)
+    f_hat = torch.randn(2, 2, 7, dtype=torch.float64)
+    scores, supp = scores_and_support(q, k, scale=0.5, attn_mask=mask)
+    ours = asap_log_attention(scores, f_hat, eps=0.7, supp=supp, extra_steps=extra_steps).exp()
+    eye = torch.eye(7, dtype=torch.float64).expand(2, 2, 7, 7)
+    theirs = asap_attention(q, k, eye, f_hat, eps=0.7, scale=0.5, attn_mask=mask, extra_steps=extra_steps)
+    rows = torch.ones(2, 2, 7, dtype=torch.bool) if mask is None else supp.rows.expand(2, 2, 7)
+    torch.testing.assert_close(ours[rows], theirs[rows], rtol=0, atol=1e-12)
+    # from the K-step teacher's closure target, j more half-steps (j even: ending with a row step) are the K+j teacher
+    target = closure_target(scores, supp, n_iters=3, eps=0.7)
+    warm = asap_log_attention(scores, target, eps=0.7, supp=supp, extra_steps=extra_steps)
+    if extra_steps % 2 == 0:
+        teacher = sinkhorn_log_attention(scores, supp, n_iters=3 + extra_steps, eps=0.7)
+        torch.testing.assert_close(warm.exp()[rows], teacher.exp()[rows], rtol=0, atol=1e-12)
+        assert float(row_total_variation(teacher, warm, rows=supp.rows).max()) < 1e-12
+    assert torch.isfinite(row_kl(warm, warm, rows=supp.rows)).all()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from asap.transport.ctransform import c_transform_cols, reduction_dtype
+from asap.transport.ctransform import c_transform_cols, col_step, reduction_dtype, row_step, scaled_logits
 from asap.transport.masks import Support, support
 from asap.transport.sinkhorn import sinkhorn
 
@@ -73,10 +73,32 @@ def sinkhorn_log_attention(scores: Tensor, supp: Support, *, n_iters: int, eps: 
     return _row_log_softmax(scores, g, eps=eps, supp=supp)
 
 
-def asap_log_attention(scores: Tensor, f_hat: Tensor, *, eps: float, supp: Support) -> Tensor:
-    """``log A (b, h, n, m)`` of the closure of ``f_hat``: ``g = ccol(f_hat)``, ``A = softmax((S + g) / eps)``."""
-    g = c_transform_cols(scores, supp.zero_rows(f_hat), eps=eps, supp=supp)
-    return _row_log_softmax(scores, g, eps=eps, supp=supp)
+def asap_log_attention(scores: Tensor, f_hat: Tensor, *, eps: float, supp: Support, extra_steps: int = 0) -> Tensor:
+    """``log A (b, h, n, m)`` of ASAP from ``f_hat``: the closure, then ``extra_steps`` more half-steps.
+
+    ``extra_steps = 0``: ``g = ccol(f_hat)``, ``A = softmax((S + g) / eps)``. With
+    ``j > 0`` the half-steps of :func:`asap.attention.functional.asap_attention`
+    (docs/method.md sec. 4.5, "ASAP as a warm start"): after ``g = ccol(f_hat)``,
+    alternately ``f = crow(g)``, ``g = ccol(f)``; even ``j`` ends with the row
+    softmax, odd ``j`` with one more column step and ``A = P / a`` (exact columns).
+    """
+    if extra_steps == 0:
+        g = c_transform_cols(scores, supp.zero_rows(f_hat), eps=eps, supp=supp)
+        return _row_log_softmax(scores, g, eps=eps, supp=supp)
+    row_logits, col_logits = scaled_logits(scores, eps=eps, supp=supp)
+    f = supp.zero_rows(f_hat)
+    g = col_step(col_logits, f, eps=eps, supp=supp)
+    for step in range(extra_steps):
+        if step % 2 == 0:
+            f = row_step(row_logits, g, eps=eps, supp=supp)
+        else:
+            g = col_step(col_logits, f, eps=eps, supp=supp)
+    if extra_steps % 2 == 0:
+        return _row_log_softmax(scores, g, eps=eps, supp=supp)
+    g = col_step(col_logits, f, eps=eps, supp=supp)
+    # log P - log a (log_plan's values), with padding rows left open like the other log-attentions here
+    log_attn = (scores + f.unsqueeze(-1) + g.unsqueeze(-2)) / eps - supp.log_a.unsqueeze(-1)
+    return log_attn if supp.row_bias is None else log_attn + supp.row_bias
 
 
 def _mean_over_rows(x: Tensor, rows: Tensor | None) -> Tensor:
