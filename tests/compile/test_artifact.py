@@ -12,9 +12,15 @@ from asap.compile import ArtifactError, compile_model, load_compiled, save_compi
 from asap.compile.artifact import MANIFEST_FILE, WEIGHTS_FILE, sha256_file
 
 
-@pytest.fixture
-def artifact(tmp_path, teacher, batches):
-    compiled, report = compile_model(teacher, batches, num_slices=5, layers=[0])
+KINDS = {"linear": {}, "relu": {"relu": {"depth": 2}}, "mlp": {"mlp": {"hidden": 4}}}
+
+
+@pytest.fixture(params=list(KINDS))
+def artifact(request, tmp_path, teacher, batches):
+    """A compiled artifact of each dual-map kind (the linear one as always)."""
+    kind = request.param
+    compiled, report = compile_model(teacher, batches, num_slices=5, layers=[0], map_kind=kind, map_options=KINDS[kind],
+                                     map_steps=10)  # fmt: skip
     out = save_compiled(tmp_path / "compiled", compiled, report=report, run_config={"data": {"dataset": "toy"}},
                         source_sha256="ab" * 32)  # fmt: skip
     return out, compiled
@@ -36,6 +42,9 @@ def test_round_trip_keeps_outputs_and_describes_the_layers(artifact, batches):
     assert layer["name"] == "blocks.0.attn.operator"
     assert layer["teacher"] == {"n_iters": 5, "eps": 1.0}
     assert layer["slices"] == {"type": "random", "num": 5, "seed": 0}
+    kind = type(compiled.blocks[0].attn.operator.dual_map).kind
+    assert layer["map"]["kind"] == kind and layer["map"]["options"] == compiled.blocks[0].attn.operator.dual_map.map_options
+    assert layer["extra_steps"] == 0 and type(loaded.blocks[0].attn.operator.dual_map).kind == kind
     assert manifest["source"]["checkpoint_sha256"] == "ab" * 32
     assert manifest["weights"]["sha256"] == sha256_file(out / WEIGHTS_FILE)
     assert manifest["options"]["layers"] == [0] and manifest["run_config"]["data"]["dataset"] == "toy"

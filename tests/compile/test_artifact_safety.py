@@ -76,6 +76,14 @@ MALFORMED = [
     ("layer-slices-num-null", lambda m: _layer(m)["slices"].update(num=None), "compiled_layers[0].slices.num"),
     ("layer-extra-unknown", lambda m: _layer(m).update(extra_features=["bogus"]), "compiled_layers[0].extra_features"),
     ("layer-teacher-list", lambda m: _layer(m).update(teacher=[1]), "compiled_layers[0].teacher"),
+    ("layer-map-kind", lambda m: _layer(m).update(map={"kind": "spline", "options": {}}), "compiled_layers[0].map"),
+    ("layer-map-string", lambda m: _layer(m).update(map="relu"), "compiled_layers[0].map"),
+    ("layer-map-options", lambda m: _layer(m).update(map={"kind": "linear", "options": {"depth": 3}}),
+     "compiled_layers[0].map.options"),
+    ("layer-map-options-range", lambda m: _layer(m).update(map={"kind": "mlp", "options": {"hidden": 10**9}}),
+     "compiled_layers[0].map.options"),
+    ("layer-extra-steps", lambda m: _layer(m).update(extra_steps=-1), "compiled_layers[0].extra_steps"),
+    ("layer-extra-steps-bool", lambda m: _layer(m).update(extra_steps=True), "compiled_layers[0].extra_steps"),
 ]
 
 

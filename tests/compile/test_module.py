@@ -330,6 +330,8 @@ def _op(m):
         (lambda m: _op(m).update(method="sinkhorn"), r"operators\[0\].method"),
         (lambda m: _op(m)["options"].update(n_iters=3), r"operators\[0\].options are invalid .*n_iters"),
         (lambda m: _op(m)["options"].update(num_slices=0), r"operators\[0\].options are invalid .*num_slices"),
+        (lambda m: _op(m)["options"].update(map_options={"depth": 3}), r"operators\[0\].options are invalid .*'linear' does not take"),
+        (lambda m: _op(m)["options"].update(map_kind="spline"), r"operators\[0\].options are invalid .*map_kind"),
         (lambda m: _op(m).update(num_heads=0), r"operators\[0\].num_heads"),
         (lambda m: _op(m).update(head_dim=2**40), r"operators\[0\].head_dim"),
         (lambda m: _op(m).update(dtype="int8"), r"operators\[0\].dtype"),

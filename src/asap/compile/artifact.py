@@ -11,8 +11,11 @@ The manifest holds: the format name and version; the sha256 of the teacher's
 weights (the source) and of ``model.safetensors``; the model config (the
 teacher's, Sinkhorn everywhere) and the run config (data description) the
 model needs; for every compiled layer its module name, teacher ``K`` and
-``eps``, ``scale``, heads, head size, slices (type, L, seed), extra features; the fit options,
-the calibration size and the fidelity figures.
+``eps``, ``scale``, heads, head size, slices (type, L, seed), extra features,
+the dual map (``map``: ``kind`` and its ``options``; absent in artifacts older
+than the map family: linear) and the warm-start ``extra_steps`` (absent: 0);
+the fit options, the calibration size and the fidelity figures (with
+``target_tv``, each layer's choice and the candidates it measured).
 
 Loading trusts nothing in the folder (an artifact may come from someone else)
 and checks, in this order, before anything large is read or allocated:
@@ -43,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from asap.attention.dual_map import EXTRA_FEATURES, SLICE_TYPES, SliceDualMap
+from asap.attention.dual_map import DUAL_MAPS, EXTRA_FEATURES, SLICE_TYPES, DualMap
 from asap.attention.operators import AsapOperator, SinkhornOperator
 from asap.attention.submodules import find_modules, get_module, replace_module
 from asap.errors import ConfigError, UnsafePathError
@@ -70,6 +73,8 @@ WEIGHTS_FILE = "model.safetensors"
 #: manifest cannot describe an absurd one (the header comparison catches the rest before allocation).
 MAX_LAYER_SIZES = {"num_heads": 4096, "head_dim": 2**16, "slices.num": 2**16}
 MAX_COMPILED_LAYERS = 4096
+#: Warm-start half-steps a manifest may ask of a compiled layer.
+MAX_EXTRA_STEPS = 1024
 
 
 class ArtifactError(CheckpointError):
@@ -101,8 +106,8 @@ def compiled_layers(model: nn.Module) -> list[dict[str, Any]]:
             raise ArtifactError(f"{name}: an ASAP operator shared under several names {list(found.aliases)} cannot be "
                                 "saved in this format (asap.compile.save_compiled_module can)")  # fmt: skip
         dual_map = module.dual_map
-        if not isinstance(dual_map, SliceDualMap):
-            raise ArtifactError(f"{name}: only SliceDualMap dual maps can be saved, got {type(dual_map).__name__}")
+        if not isinstance(dual_map, DualMap):
+            raise ArtifactError(f"{name}: only the registered dual-map kinds can be saved, got {type(dual_map).__name__}")
         layers.append({
             "name": name,
             "eps": module.eps,
@@ -111,6 +116,8 @@ def compiled_layers(model: nn.Module) -> list[dict[str, Any]]:
             "head_dim": dual_map.head_dim,
             "slices": {"type": dual_map.slice_type, "num": dual_map.num_slices, "seed": int(dual_map.seed)},
             "extra_features": list(getattr(dual_map, "extra_features", ())),
+            "map": {"kind": dual_map.kind, "options": dual_map.map_options},
+            "extra_steps": module.extra_steps,
         })  # fmt: skip
     return layers
 
@@ -215,7 +222,9 @@ def validate_manifest(manifest: Any, *, source: str) -> None:
     layers, each with a distinct ``name``, finite positive ``eps``, a
     finite positive or null ``scale``, integer ``num_heads``/``head_dim``/``slices.num`` within
     :data:`MAX_LAYER_SIZES`, a known ``slices.type``, an integer ``slices.seed``
-    in ``[0, 2**63)``, distinct known ``extra_features``). Whether the sizes fit
+    in ``[0, 2**63)``, distinct known ``extra_features``, an optional ``map``
+    whose kind is registered and whose options that kind accepts, an optional
+    integer ``extra_steps`` in ``[0, MAX_EXTRA_STEPS]``). Whether the sizes fit
     the weights is checked later, against the safetensors header.
     """
 
@@ -275,6 +284,16 @@ def validate_manifest(manifest: Any, *, source: str) -> None:
         if (not isinstance(extra, list) or not all(isinstance(f, str) and f in EXTRA_FEATURES for f in extra)
                 or len(set(extra)) != len(extra)):  # fmt: skip
             raise bad(f"{where}.extra_features", f"must be distinct names from {list(EXTRA_FEATURES)}, got {extra!r:.80}")
+        map_entry = layer.get("map", {"kind": "linear", "options": {}})
+        if not isinstance(map_entry, dict) or map_entry.get("kind") not in DUAL_MAPS:
+            raise bad(f"{where}.map", f"must be {{'kind': one of {sorted(DUAL_MAPS)}, 'options': {{...}}}}, got {map_entry!r:.80}")
+        try:
+            DUAL_MAPS[map_entry["kind"]].check_options(map_entry.get("options", {}))
+        except ValueError as err:
+            raise bad(f"{where}.map.options", f"are invalid ({err})") from None
+        steps = layer.get("extra_steps", 0)
+        if not _is_int(steps) or not 0 <= steps <= MAX_EXTRA_STEPS:
+            raise bad(f"{where}.extra_steps", f"must be an integer in [0, {MAX_EXTRA_STEPS}], got {steps!r:.60}")
         if layer.get("teacher") is not None and not isinstance(layer["teacher"], dict):
             raise bad(f"{where}.teacher", f"must be a JSON object or null, got {layer['teacher']!r:.60}")
 
@@ -343,7 +362,7 @@ def read_checked_tensors(
 
 def check_fitted(model: nn.Module, *, source: str) -> None:
     """Refuse a loaded model holding a dual map that was saved unfitted (:class:`ArtifactError` naming ``source``)."""
-    unfitted = [found.name for found in find_modules(model, SliceDualMap) if not bool(found.module.fitted)]
+    unfitted = [found.name for found in find_modules(model, DualMap) if not bool(found.module.fitted)]
     if unfitted:
         raise ArtifactError(f"{source}: dual maps {unfitted} were saved unfitted")
 
@@ -373,11 +392,13 @@ def _install_asap_operators(model: nn.Module, layers: list[dict[str, Any]], *, s
                     f"{source}: compiled_layers[{i}].{key} is {layer[key]}, but {name!r} has {expected} in the config's model"
                 )
         slices = layer["slices"]
+        map_entry = layer.get("map", {"kind": "linear", "options": {}})
         try:  # the operator builds its own (unfitted) dual map from the recorded options: no tensor is read
             operator = AsapOperator(
                 num_heads=layer["num_heads"], head_dim=layer["head_dim"], eps=layer["eps"], scale=layer["scale"],
                 num_slices=slices["num"], slice_type=slices["type"], seed=slices["seed"],
-                extra_features=tuple(layer.get("extra_features", ())),
+                extra_features=tuple(layer.get("extra_features", ())), map_kind=map_entry["kind"],
+                map_options=map_entry.get("options", {}), extra_steps=layer.get("extra_steps", 0),
             )  # fmt: skip
         except (ValueError, TypeError) as err:
             raise ManifestError(f"{source}: invalid description of compiled layer {name!r} ({err})") from None

@@ -17,6 +17,14 @@ the attention-level fidelity figures need. Its memory is at most
 ``2 * reservoir_size * h * (n + m) * d`` floats per layer (e.g. 64 IMDb
 sequences of 256 tokens, 4 heads of 32: 2 x 8 MB).
 
+A nonlinear dual map (``"relu"``, ``"mlp"``) is not fitted from normal
+equations: with ``keep_features=True`` the layer also keeps, for every
+calibration batch, its per-token inputs and target ``(x (b, h, F, n),
+t (b, h, n), valid (b, 1 or h, n))`` on the CPU (:attr:`LayerCalibration.stores`,
+split fit / held out): ``(F + 1) h n`` floats per sequence, ``F = L + E``
+(e.g. 512 sequences of 128 tokens, 12 heads, F = 18: 57 MB), a fraction of
+the ``2 h n d`` of its ``q, k``.
+
 Every call of a selected operator is observed (an operator shared by two
 layers, or called twice by a recurrent model, is fitted on all of its calls).
 The first input of a pass runs to the end; when every selected operator was
@@ -168,13 +176,17 @@ class LayerCalibration:
 
     def __init__(
         self, layer: SinkhornLayer, *, num_slices: int, slice_type: str, seed: int, reservoir_size: int,
-        extra_features: tuple[str, ...] = (),
+        extra_features: tuple[str, ...] = (), keep_features: bool = False,
     ):  # fmt: skip
         self.layer = layer
+        self.keep_features = keep_features
+        #: With ``keep_features``: per split, the ``(x, target, valid)`` chunks of every calibration batch (CPU).
+        self.stores: dict[str, list[tuple[Tensor, Tensor, Tensor | None]]] = {"fit": [], "held_out": []}
         self.n_iters, self.eps = layer.operator.n_iters, layer.operator.eps
         self.num_slices, self.slice_type, self.seed = num_slices, slice_type, seed
         self.extra_features = tuple(extra_features)
         self.dual_map = None
+        self.device: torch.device | None = None  # where the layer was called (the fitted map goes there)
         self.num_heads = self.head_dim = None
         self.scale: float | None = None
         self.fit: NormalEquations | None = None
@@ -185,6 +197,7 @@ class LayerCalibration:
 
     def _start(self, q: Tensor) -> None:
         self.num_heads, self.head_dim = q.shape[1], q.shape[-1]
+        self.device = q.device
         self.scale = self.layer.operator.resolved_scale(q)
         self.dual_map = build_dual_map(
             num_heads=self.num_heads, head_dim=self.head_dim, num_slices=self.num_slices,
@@ -214,6 +227,9 @@ class LayerCalibration:
         split = "held_out" if held_out else "fit"
         (self.held_out if held_out else self.fit).add(phi, target, valid=supp.rows)
         (self.held_out_reservoir if held_out else self.fit_reservoir).add(q, k, mask)
+        if self.keep_features:
+            rows = None if supp.rows is None else supp.rows.expand(q.shape[0], *supp.rows.shape[1:]).cpu()
+            self.stores[split].append((phi.detach().cpu(), target.detach().cpu(), rows))
         self.sequences[split] += q.shape[0]
 
     def check_seen(self) -> None:

@@ -69,14 +69,14 @@ then left as it was.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from asap.attention.dual_map import SliceDualMap
+from asap.attention.dual_map import DualMap
 from asap.attention.module import operator_config
 from asap.attention.operators import AsapOperator, AttentionOperator, build_operator
 from asap.attention.options import AsapOptions
@@ -125,6 +125,11 @@ def compile_module(
     holdout_fraction: float = 0.25,
     reservoir_size: int = 64,
     truncated_iters: int = 3,
+    map_kind: str = "linear",
+    map_options: Mapping[str, Mapping[str, int]] | None = None,
+    map_steps: int = 300,
+    map_lr: float = 1e-2,
+    target_tv: float | None = None,
     stop_early: bool = True,
     progress: Any = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -159,7 +164,10 @@ def compile_module(
             is ``len(data)`` or None).
         other options: :class:`~asap.compile.swap.CompileOptions` (features,
             ridge, KL refinement, calibration mode, held-out fraction: the last
-            batches when ``len(data)`` is known, else every ``1/fraction``-th).
+            batches when ``len(data)`` is known, else every ``1/fraction``-th;
+            the dual map ``map_kind`` with ``map_options = {kind: {option: value}}``
+            and its fit's ``map_steps``, ``map_lr``; ``target_tv`` to choose the
+            map and warm-start steps of each layer by measurement).
 
     Returns:
         ``(model, report)``: ``model`` itself, its selected Sinkhorn operators
@@ -179,7 +187,8 @@ def compile_module(
     options = CompileOptions(
         num_slices=num_slices, slice_type=slice_type, extra_features=tuple(extra_features), seed=seed, ridge=ridge,
         refine=refine, refine_iters=refine_iters, mode=mode, holdout_fraction=holdout_fraction,
-        reservoir_size=reservoir_size, truncated_iters=truncated_iters,
+        reservoir_size=reservoir_size, truncated_iters=truncated_iters, map_kind=map_kind,
+        map_options=dict(map_options or {}), map_steps=map_steps, map_lr=map_lr, target_tv=target_tv,
     )  # fmt: skip
     selected = select_layers(model, select)
     total = len(sinkhorn_layers(model))
@@ -241,7 +250,7 @@ def save_compiled_module(
 
     Raises:
         ArtifactError: no ASAP operator in ``model`` (not compiled), or one whose
-            dual map cannot be rebuilt from its options (not a ``SliceDualMap``) or was never fitted.
+            dual map cannot be rebuilt from its options (not a registered ``DualMap`` kind) or was never fitted.
     """
     found = find_modules(model, AsapOperator)
     if not found:
@@ -251,10 +260,10 @@ def save_compiled_module(
     operators = []
     for item in found:
         operator = item.module
-        if not isinstance(operator.dual_map, SliceDualMap):
+        if not isinstance(operator.dual_map, DualMap):
             raise ArtifactError(
                 f"{item.name}: its dual map is a {type(operator.dual_map).__name__}, which its options cannot rebuild; "
-                "only SliceDualMap maps can be saved"
+                "only the registered dual-map kinds (asap.attention.dual_map.DUAL_MAPS) can be saved"
             )
         if not bool(operator.dual_map.fitted):  # a host sync, at save time only
             raise ArtifactError(f"{item.name}: its dual map was never fitted (compile the model first)")

@@ -4,7 +4,8 @@ Figures, on the *held-out* calibration batches (the fit batches when there are
 none, which the report then says):
 
 * ``r2_fit`` / ``r2_held_out``: explained variance of the dual fit, from the
-  normal equations (all calibration tokens, no activation kept).
+  normal equations (all calibration tokens, no activation kept); for a
+  nonlinear map, from the kept per-token data (:mod:`asap.compile.map_fit`).
 * ``kl_*`` / ``row_tv_*``: mean over valid query rows of the KL divergence
   ``KL(A_teacher || A)`` and of the total variation ``1/2 |A_teacher - A|_1``,
   for ASAP and for Sinkhorn truncated to ``truncated_iters`` half-steps, on the
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from asap.attention.operators import SinkhornOperator
-from asap.compile.fit import explained_variance
+from asap.compile.fit import KLProblem, explained_variance, kl_problems
 from asap.compile.plans import (
     asap_log_attention,
     column_error,
@@ -55,48 +57,107 @@ def _to_list(x: Tensor) -> list[float]:
     return [float(v) for v in x.double().cpu()]
 
 
+#: A fitted dual map as a function of its inputs: ``(x (b, h, F, n), valid (b, 1 or h, n) | None) -> f_hat (b, h, n)``.
+Predict = Callable[[Tensor, Tensor | None], Tensor]
+
+
+def linear_predict(coef: Tensor) -> Predict:
+    """The linear map ``f_hat = sum_c coef_{h,c} x_c`` (uncentred: the closure ignores a constant per row)."""
+    return lambda phi, valid: torch.einsum("bhln,hl->bhn", phi, coef.to(phi.dtype))
+
+
+def fidelity_chunks(calib: "LayerCalibration") -> tuple[list[tuple], bool]:
+    """The reservoir chunks the figures are measured on: the held-out ones (``True``), else the fit ones (``False``)."""
+    held = bool(calib.held_out_reservoir.chunks)
+    return (calib.held_out_reservoir.chunks if held else calib.fit_reservoir.chunks), held
+
+
+def prepare_problems(calib: "LayerCalibration", chunks: Sequence[tuple]) -> list[KLProblem]:
+    """Scores, map inputs, the teacher's log-attention and the support of each reservoir chunk ``(q, k, mask)``."""
+    return kl_problems(list(chunks), calib.features, scale=calib.scale, n_iters=calib.n_iters, eps=calib.eps)
+
+
+@torch.no_grad()
+def asap_fidelity(problems: Sequence[KLProblem], predict: Predict, *, eps: float, extra_steps: int = 0) -> dict[str, Tensor]:
+    """ASAP's figures per head ``(h,)`` against the teacher, averaged over chunks weighted by their sequences.
+
+    ``kl_asap`` and ``row_tv_asap`` (mean over valid query rows of ``KL(A_teacher || A)``
+    and of ``1/2 sum_j |A_teacher,ij - A_ij|``) and ``col_err_asap`` (L1 column
+    error), for the map ``predict`` followed by the closure and ``extra_steps``
+    half-steps. The one row-TV computation of the compile stage: the report's
+    figures and ``target_tv``'s choice of a configuration both come from here.
+    """
+    sums: dict[str, Tensor] = {}
+    weight = 0
+    for p in problems:
+        f_hat = predict(p.phi, p.supp.rows)
+        asap = asap_log_attention(p.scores, f_hat, eps=eps, supp=p.supp, extra_steps=extra_steps)
+        figures = {
+            "kl_asap": row_kl(p.teacher_log_attn, asap, rows=p.supp.rows),
+            "row_tv_asap": row_total_variation(p.teacher_log_attn, asap, rows=p.supp.rows),
+            "col_err_asap": column_error(asap, p.supp).mean(0),
+        }
+        b = p.scores.shape[0]
+        for key, value in figures.items():
+            sums[key] = sums.get(key, 0) + value * b
+        weight += b
+    return {key: value / weight for key, value in sums.items()}
+
+
 @torch.no_grad()
 def layer_fidelity(
-    calib: "LayerCalibration", coef: Tensor, *, truncated_iters: int = 3, asap_operator: nn.Module | None = None
+    calib: "LayerCalibration",
+    coef: Tensor,
+    *,
+    truncated_iters: int = 3,
+    asap_operator: nn.Module | None = None,
+    predict: Predict | None = None,
+    r2: tuple[list[float], list[float] | None] | None = None,
+    extra_steps: int = 0,
 ) -> dict[str, Any]:
     """Per-head fidelity figures of one fitted layer (see the module docstring).
 
     ``asap_operator`` is the fitted operator that replaces the layer (built by
     the caller, :func:`asap.compile.swap.asap_operator_for`, so that this module
     does not import the pipeline that imports it); with it, ``time_ms`` times
-    the three operators, without it ``time_ms`` is omitted.
+    the three operators, without it ``time_ms`` is omitted. The map is the
+    linear one of ``coef (h, F)`` unless ``predict`` is given (a nonlinear map,
+    whose ``r2 = (fit, held_out)`` the caller then supplies); ``extra_steps`` is
+    the operator's warm-start half-steps.
     """
-    held = bool(calib.held_out_reservoir.chunks)
-    chunks = calib.held_out_reservoir.chunks if held else calib.fit_reservoir.chunks
+    chunks, held = fidelity_chunks(calib)
+    problems = prepare_problems(calib, chunks)
+    predict = linear_predict(coef) if predict is None else predict
     sums: dict[str, Tensor] = {}
     weight = 0
-    for q, k, mask in chunks:
-        scores, supp = scores_and_support(q, k, scale=calib.scale, attn_mask=mask)
-        phi = calib.features(q, k, mask)
-        f_hat = torch.einsum("bhln,hl->bhn", phi, coef.to(phi.dtype))
-        teacher = sinkhorn_log_attention(scores, supp, n_iters=calib.n_iters, eps=calib.eps)
-        asap = asap_log_attention(scores, f_hat, eps=calib.eps, supp=supp)
-        truncated = sinkhorn_log_attention(scores, supp, n_iters=truncated_iters, eps=calib.eps)
+    for p in problems:
+        truncated = sinkhorn_log_attention(p.scores, p.supp, n_iters=truncated_iters, eps=calib.eps)
         figures = {
-            "kl_asap": row_kl(teacher, asap, rows=supp.rows),
-            "kl_truncated": row_kl(teacher, truncated, rows=supp.rows),
-            "row_tv_asap": row_total_variation(teacher, asap, rows=supp.rows),
-            "row_tv_truncated": row_total_variation(teacher, truncated, rows=supp.rows),
-            "col_err_teacher": column_error(teacher, supp).mean(0),
-            "col_err_asap": column_error(asap, supp).mean(0),
-            "col_err_truncated": column_error(truncated, supp).mean(0),
+            "kl_truncated": row_kl(p.teacher_log_attn, truncated, rows=p.supp.rows),
+            "row_tv_truncated": row_total_variation(p.teacher_log_attn, truncated, rows=p.supp.rows),
+            "col_err_teacher": column_error(p.teacher_log_attn, p.supp).mean(0),
+            "col_err_truncated": column_error(truncated, p.supp).mean(0),
         }
-        b = q.shape[0]
+        b = p.scores.shape[0]
         for key, value in figures.items():
             sums[key] = sums.get(key, 0) + value * b
         weight += b
+    sums = {key: value / weight for key, value in sums.items()}
+    sums.update(asap_fidelity(problems, predict, eps=calib.eps, extra_steps=extra_steps))
+    if r2 is None:
+        r2_fit = _to_list(explained_variance(calib.fit, coef))
+        r2_held = _to_list(explained_variance(calib.held_out, coef)) if calib.held_out.count.sum() > 0 else None
+    else:
+        r2_fit, r2_held = r2
     out: dict[str, Any] = {
-        "r2_fit": _to_list(explained_variance(calib.fit, coef)),
-        "r2_held_out": _to_list(explained_variance(calib.held_out, coef)) if calib.held_out.count.sum() > 0 else None,
+        "r2_fit": r2_fit,
+        "r2_held_out": r2_held,
         "fidelity_split": "held_out" if held else "fit",
         "truncated_iters": truncated_iters,
     }
-    out.update({key: _to_list(value / weight) for key, value in sums.items()})
+    order = ("kl_asap", "kl_truncated", "row_tv_asap", "row_tv_truncated", "col_err_teacher", "col_err_asap",
+             "col_err_truncated")  # fmt: skip
+    out.update({key: _to_list(sums[key]) for key in order})
     if asap_operator is not None:
         out["time_ms"] = time_operators(calib, asap_operator, chunk=chunks[0], truncated_iters=truncated_iters)
     return out

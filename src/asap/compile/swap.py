@@ -3,7 +3,7 @@
 The compiled model is a copy of the teacher in which each selected
 :class:`~asap.attention.SinkhornOperator` is replaced by an
 :class:`~asap.attention.AsapOperator` with the same ``eps`` and ``scale``,
-carrying a fitted :class:`~asap.attention.SliceDualMap`. Every other weight is
+carrying a fitted dual map (:class:`~asap.attention.dual_map.DualMap`). Every other weight is
 the teacher's, untouched.
 
 Two calibration modes (docs/method.md sec. 4.4):
@@ -16,18 +16,36 @@ Two calibration modes (docs/method.md sec. 4.4):
   layers ``< l`` already run ASAP, so each fit sees the distribution it will
   meet at inference (errors below are partly compensated). Costs one forward
   of layers ``0..l`` per layer.
+
+**The dual map** (issue 11): ``map_kind`` ``"linear"`` (default; ridge least
+squares, optionally KL refinement, exactly as before), ``"relu"`` or
+``"mlp"`` (:mod:`asap.attention.nonlinear_maps`, fitted by
+:mod:`asap.compile.map_fit` from the ridge solution), with
+``map_options = {kind: {option: value}}``.
+
+**Defaults by measurement** (``target_tv = X``): per layer, the candidates
+of :func:`target_tv_candidates` are tried cheapest first, by the cost model of
+:func:`candidate_cost`, and the first whose mean held-out row total variation
+to the teacher (:func:`asap.compile.report.asap_fidelity`, the report's own
+figure) is ``<= X`` is compiled; if none reaches ``X``, the candidate with the
+lowest TV is. The layer's report (and so the artifact's manifest) records the
+choice, whether it reached ``X``, and the TV and cost of every candidate tried,
+with one line per layer in ``report["selection"]``. The held-out batches both
+stop the nonlinear fits early and choose among candidates, so the chosen
+candidate's held-out TV is slightly optimistic.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
-from asap.attention.dual_map import SLICE_TYPES
+from asap.attention.dual_map import DUAL_MAPS, SLICE_TYPES, build_dual_map, dual_map_class
 from asap.attention.operators import AsapOperator, SinkhornOperator
 from asap.attention.submodules import replace_module
 from asap.compile.calibrate import (
@@ -41,11 +59,58 @@ from asap.compile.calibrate import (
     sinkhorn_layers,
 )
 from asap.compile.fit import kl_problems, refine_kl, solve_ridge
+from asap.compile.map_fit import chunks_r2, fit_mlp, fit_relu
 from asap.compile.maps import DEFAULT_EXTRA_FEATURES, EXTRA_FEATURES, set_coefficients
-from asap.compile.report import layer_fidelity
+from asap.compile.report import Predict, asap_fidelity, fidelity_chunks, layer_fidelity, linear_predict, prepare_problems
 
 MODES = ("teacher", "sequential")
 REFINE = ("none", "kl")
+#: The map kinds and warm-start steps ``target_tv`` tries (every combination, cheapest first).
+TARGET_TV_KINDS: tuple[str, ...] = ("linear", "relu", "mlp")
+TARGET_TV_EXTRA_STEPS: tuple[int, ...] = (0, 1, 2)
+#: Charge of each dual map in softmax-call units (see :func:`candidate_cost`).
+MAP_COST_UNITS: dict[str, float] = {"linear": 0.0, "relu": 0.25, "mlp": 0.5}
+
+
+def candidate_cost(kind: str, extra_steps: int) -> float:
+    """Cost of a compiled configuration in *softmax-call units*: ``2 + extra_steps + MAP_COST_UNITS[kind]``.
+
+    The unit is one pass over the ``n x m`` scores: a log-sum-exp (or softmax)
+    over every row or column, which is what one half-step of Sinkhorn and one
+    plain attention call cost (docs/method.md sec. 2.3, 4.5). The closure costs
+    2 (the column log-sum-exp of ``f_hat``, then the row softmax that is the
+    attention itself) and each warm-start half-step 1 more, so a ``K``-step
+    truncated Sinkhorn costs ``K`` on the same scale. A dual map does ``O(n)``
+    work per row (no ``n x m`` term), which vanishes in this unit as ``m`` grows;
+    it is charged a fixed fraction below 1 that orders the maps by their
+    per-token work at the defaults -- ``linear`` 0 (L projections and sorts,
+    which every kind shares), ``relu`` 0.25 (``L M`` networks of ``k`` triangle
+    layers: 16 x 2 x 4 x 2 ReLUs), ``mlp`` 0.5 (``2 H F`` multiply-adds: 2 x 32 x 18)
+    -- and keeps every map cheaper than one more ``n x m`` pass, so each richer
+    map is tried before an extra half-step. A counted model, not a timing:
+    ``asap compile`` times nothing to decide (the measured cost of each path is
+    ``asap bench``'s business), and each candidate's cost is recorded with it.
+    """
+    return 2.0 + extra_steps + MAP_COST_UNITS[kind]
+
+
+def target_tv_candidates() -> list[tuple[str, int]]:
+    """``(map kind, extra_steps)`` for every kind of :data:`TARGET_TV_KINDS` and step count of
+    :data:`TARGET_TV_EXTRA_STEPS`, in increasing :func:`candidate_cost`: linear, relu, mlp; then
+    each with 1 extra step; then each with 2."""
+    pairs = [(kind, steps) for steps in TARGET_TV_EXTRA_STEPS for kind in TARGET_TV_KINDS]
+    return sorted(pairs, key=lambda pair: candidate_cost(*pair))
+
+
+def _check_map_options(map_options: Any, kinds: tuple[str, ...], *, where: str) -> dict[str, dict[str, int]]:
+    """``{kind: {option: value}}`` for the nonlinear ``kinds`` compiled, defaults filled; others refused by name."""
+    if not isinstance(map_options, Mapping):
+        raise ValueError(f"map_options must be a mapping {{kind: {{option: value}}}}, got {map_options!r:.60}")
+    for kind in map_options:
+        dual_map_class(kind)  # an unknown kind is named
+        if kind not in kinds:
+            raise ValueError(f"map_options for {kind!r}: {where} compiles only {list(kinds)} (give options of those kinds)")
+    return {kind: dual_map_class(kind).check_options(map_options.get(kind)) for kind in kinds if kind != "linear"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +128,15 @@ class CompileOptions:
     ``reservoir_size`` caps the sequences kept per layer and split for the
     refinement and the attention-level figures; ``truncated_iters`` is the
     same-cost Sinkhorn baseline of the report.
+
+    The dual map: ``map_kind`` (``"linear"``, ``"relu"``, ``"mlp"``) with
+    ``map_options = {kind: {option: value}}`` (``{"relu": {"depth": 3}}``;
+    options of a kind that is not compiled are refused, the stored value has
+    every default filled in); ``map_steps`` and ``map_lr`` are the Adam steps
+    and step size of the nonlinear fits (:mod:`asap.compile.map_fit`).
+    ``target_tv`` (a number in (0, 1]) chooses the map and ``extra_steps`` of
+    each layer instead (module docstring; ``map_kind`` then stays ``"linear"``
+    and ``map_options`` may hold options of every candidate kind).
     """
 
     num_slices: int = 16
@@ -77,6 +151,16 @@ class CompileOptions:
     holdout_fraction: float = 0.25
     reservoir_size: int = 64
     truncated_iters: int = 3
+    map_kind: str = "linear"
+    map_options: dict[str, dict[str, int]] = field(default_factory=dict)
+    map_steps: int = 300
+    map_lr: float = 1e-2
+    target_tv: float | None = None
+
+    @property
+    def map_kinds(self) -> tuple[str, ...]:
+        """The map kinds this compilation may fit: ``(map_kind,)``, or every candidate of ``target_tv``."""
+        return TARGET_TV_KINDS if self.target_tv is not None else (self.map_kind,)
 
     def __post_init__(self) -> None:
         if self.num_slices < 1:
@@ -96,6 +180,21 @@ class CompileOptions:
             raise ValueError("reservoir_size and refine_iters must be >= 1")
         if self.truncated_iters < 1 or self.truncated_iters % 2 == 0:
             raise ValueError(f"truncated_iters must be odd and >= 1, got {self.truncated_iters}")
+        if self.map_kind not in DUAL_MAPS:
+            raise ValueError(f"map_kind must be one of {sorted(DUAL_MAPS)}, got {self.map_kind!r}")
+        if self.target_tv is not None:
+            if isinstance(self.target_tv, bool) or not isinstance(self.target_tv, (int, float)) or not (
+                math.isfinite(self.target_tv) and 0 < self.target_tv <= 1
+            ):  # fmt: skip
+                raise ValueError(f"target_tv must be a number in (0, 1] (a mean row total variation), got {self.target_tv!r}")
+            if self.map_kind != "linear":
+                raise ValueError(f"target_tv chooses the map of each layer: leave map_kind at 'linear', got {self.map_kind!r}")
+        where = "target_tv" if self.target_tv is not None else f"map_kind {self.map_kind!r}"
+        object.__setattr__(self, "map_options", _check_map_options(self.map_options, self.map_kinds, where=where))
+        if isinstance(self.map_steps, bool) or not isinstance(self.map_steps, int) or self.map_steps < 1:
+            raise ValueError(f"map_steps must be an integer >= 1, got {self.map_steps!r}")
+        if not (isinstance(self.map_lr, (int, float)) and math.isfinite(self.map_lr) and self.map_lr > 0):
+            raise ValueError(f"map_lr must be a finite number > 0, got {self.map_lr!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -119,19 +218,140 @@ def fit_coefficients(calib: LayerCalibration, options: CompileOptions) -> tuple[
     return coef.float(), info
 
 
-def asap_operator_for(calib: LayerCalibration, coef: Tensor) -> AsapOperator:
+def asap_operator_for(calib: LayerCalibration, coef: Tensor, *, extra_steps: int = 0, dual_map: nn.Module | None = None) -> AsapOperator:
     """The ASAP operator replacing ``calib``'s Sinkhorn layer: same eps and scale, fitted dual map.
 
+    The map is the linear one of ``coef`` unless a fitted ``dual_map`` is given.
     Its tensors (the dual map's) are on the device the layer was called on during
     calibration; it takes the teacher operator's training flag.
     """
     teacher = calib.layer.operator
-    dual_map = copy.deepcopy(calib.dual_map)
-    set_coefficients(dual_map, coef)
+    if dual_map is None:
+        dual_map = copy.deepcopy(calib.dual_map)
+        set_coefficients(dual_map, coef)
     operator = AsapOperator(
-        num_heads=calib.num_heads, head_dim=calib.head_dim, eps=teacher.eps, scale=teacher.scale, dual_map=dual_map
-    )
+        num_heads=calib.num_heads, head_dim=calib.head_dim, eps=teacher.eps, scale=teacher.scale, dual_map=dual_map,
+        extra_steps=extra_steps,
+    )  # fmt: skip
     return operator.train(teacher.training)
+
+
+@dataclass
+class LayerFit:
+    """One layer's fitted map: the operator that replaces it and what the report needs.
+
+    ``coef (h, F)`` is the linear map's solution (the map itself for ``"linear"``,
+    the ridge starting point of a nonlinear one); ``predict`` evaluates a
+    nonlinear map on its inputs (``None``: linear in ``coef``) and ``r2`` is its
+    ``(fit, held_out)`` R2 per head; ``info`` the refinement or fit stages;
+    ``selection`` what ``target_tv`` tried and chose.
+    """
+
+    calib: LayerCalibration
+    operator: AsapOperator
+    coef: Tensor
+    info: dict[str, Any]
+    predict: Predict | None = None
+    r2: tuple[list[float], list[float] | None] | None = None
+    selection: dict[str, Any] | None = None
+
+
+def fit_kind(calib: LayerCalibration, options: CompileOptions, kind: str) -> LayerFit:
+    """Fit the dual map of ``kind`` for one calibrated layer (``extra_steps`` 0).
+
+    ``"linear"``: :func:`fit_coefficients`, unchanged. ``"relu"``/``"mlp"``: the
+    ridge solution, then :func:`asap.compile.map_fit.fit_relu` /
+    :func:`~asap.compile.map_fit.fit_mlp` on the layer's kept inputs (and with
+    ``refine="kl"`` the row KL of the reservoirs), on the CPU; the fitted map
+    goes to the device the layer was called on.
+    """
+    if kind == "linear":
+        coef, info = fit_coefficients(calib, options)
+        return LayerFit(calib, asap_operator_for(calib, coef), coef, info)
+    what = f"layer {calib.layer.index} ({calib.layer.name}) {kind} map"
+    coef = solve_ridge(calib.fit, ridge=options.ridge, what=what)
+    dual_map = build_dual_map(
+        num_heads=calib.num_heads, head_dim=calib.head_dim, num_slices=calib.num_slices, slice_type=calib.slice_type,
+        seed=calib.seed, extra_features=calib.extra_features, kind=kind, map_options=options.map_options.get(kind),
+    )  # fmt: skip
+    kl = None
+    if options.refine == "kl":
+        prepare = lambda chunks: kl_problems(  # noqa: E731
+            chunks, calib.features, scale=calib.scale, n_iters=calib.n_iters, eps=calib.eps
+        )
+        train = prepare(calib.fit_reservoir.chunks)
+        held = prepare(calib.held_out_reservoir.chunks) or train
+        kl = (train, held)
+    fit, held_store = calib.stores["fit"], calib.stores["held_out"]
+    if kind == "relu":
+        info = fit_relu(dual_map, fit, held_store, ridge=options.ridge, steps=options.map_steps, lr=options.map_lr,
+                        kl=kl, eps=calib.eps, what=what)  # fmt: skip
+    else:
+        info = fit_mlp(dual_map, coef.float(), fit, held_store, steps=options.map_steps, lr=options.map_lr, kl=kl,
+                       eps=calib.eps, what=what)  # fmt: skip
+    cpu_map = copy.deepcopy(dual_map)
+    dual_map = dual_map.to(calib.device)
+
+    def predict(x: Tensor, valid: Tensor | None) -> Tensor:
+        return (cpu_map if x.device.type == "cpu" else dual_map).predict(x, valid=valid)
+
+    r2 = (chunks_r2(predict, fit), chunks_r2(predict, held_store) if held_store else None)
+    return LayerFit(calib, asap_operator_for(calib, coef, dual_map=dual_map), coef.float(), info, predict, r2)
+
+
+def select_by_target_tv(calib: LayerCalibration, options: CompileOptions) -> LayerFit:
+    """``target_tv``: the cheapest candidate whose mean held-out row TV is ``<= target_tv``, else the lowest-TV one.
+
+    Candidates in the order of :func:`target_tv_candidates`; each map kind is
+    fitted once, when first needed, and scored with every ``extra_steps`` by
+    :func:`asap.compile.report.asap_fidelity` on the layer's held-out reservoir
+    (the fit one when there is none: ``"split"`` says which). The TV of a
+    candidate is the mean over heads of the per-head mean over valid rows.
+    """
+    target = float(options.target_tv)
+    chunks, held = fidelity_chunks(calib)
+    problems = prepare_problems(calib, chunks)
+    fits: dict[str, LayerFit] = {}
+    tried: list[dict[str, Any]] = []
+    chosen = None
+    for kind, steps in target_tv_candidates():
+        if kind not in fits:
+            fits[kind] = fit_kind(calib, options, kind)
+        fit = fits[kind]
+        predict = fit.predict or linear_predict(fit.coef)
+        per_head = asap_fidelity(problems, predict, eps=calib.eps, extra_steps=steps)["row_tv_asap"]
+        tried.append({"map": kind, "map_options": fit.operator.dual_map.map_options, "extra_steps": steps,
+                      "cost": candidate_cost(kind, steps), "row_tv": float(per_head.mean()),
+                      "row_tv_per_head": [float(v) for v in per_head]})  # fmt: skip
+        if tried[-1]["row_tv"] <= target:
+            chosen = tried[-1]
+            break
+    reached = chosen is not None
+    if chosen is None:  # the lowest TV; the cheaper of equals
+        chosen = min(tried, key=lambda c: (c["row_tv"], c["cost"]))
+    fit = fits[chosen["map"]]
+    name = f"layer {calib.layer.index} ({calib.layer.name})"
+    config = f"{chosen['map']} map + {chosen['extra_steps']} extra step{'s' if chosen['extra_steps'] != 1 else ''}"
+    split = "held-out" if held else "fit (no held-out batch)"
+    if reached:
+        line = (f"{name}: {config}, {split} row TV {chosen['row_tv']:.4g} <= target {target:g} "
+                f"(cost {chosen['cost']:g}; {len(tried)} of {len(target_tv_candidates())} candidates tried)")  # fmt: skip
+    else:
+        line = (f"{name}: no candidate reaches target {target:g}; took the lowest {split} row TV, {config} at "
+                f"{chosen['row_tv']:.4g} (cost {chosen['cost']:g})")  # fmt: skip
+    operator = asap_operator_for(calib, fit.coef, extra_steps=chosen["extra_steps"], dual_map=fit.operator.dual_map)
+    selection = {"target_tv": target, "reached": reached, "split": "held_out" if held else "fit",
+                 "chosen": {k: chosen[k] for k in ("map", "map_options", "extra_steps", "cost", "row_tv")},
+                 "candidates": tried, "cost_model": "2 + extra_steps + map charge (softmax-call units; "
+                 f"map charges {MAP_COST_UNITS})", "line": line}  # fmt: skip
+    return LayerFit(calib, operator, fit.coef, fit.info, fit.predict, fit.r2, selection)
+
+
+def fit_layer(calib: LayerCalibration, options: CompileOptions) -> LayerFit:
+    """One calibrated layer's fitted operator: ``options.map_kind``, or the ``target_tv`` choice."""
+    if options.target_tv is not None:
+        return select_by_target_tv(calib, options)
+    return fit_kind(calib, options, options.map_kind)
 
 
 def swap_in(model: nn.Module, layer: SinkhornLayer, operator: nn.Module) -> None:
@@ -165,9 +385,10 @@ def compile_selected(
             "(a list, a DataLoader), not a one-shot iterator or generator"
         )
     rule = held_out_rule(batch_count(data), options.holdout_fraction)
+    keep = options.map_kinds != ("linear",)  # a nonlinear map is fitted from the per-token data
     new = lambda layer: LayerCalibration(  # noqa: E731
         layer, num_slices=options.num_slices, slice_type=options.slice_type, seed=options.seed + layer.index,
-        reservoir_size=options.reservoir_size, extra_features=options.extra_features,
+        reservoir_size=options.reservoir_size, extra_features=options.extra_features, keep_features=keep,
     )  # fmt: skip
     run = dict(held_out_batches=rule, forward=forward, stop_early=stop_early, progress=progress)
     swapped: list[SinkhornLayer] = []
@@ -175,33 +396,38 @@ def compile_selected(
         if options.mode == "teacher":
             calibrations = [new(layer) for layer in selected]
             counts = collect(model, data, calibrations, **run)
-            fitted = [(calib, *fit_coefficients(calib, options)) for calib in calibrations]
-            for calib, coef, _ in fitted:
-                swap_in(model, calib.layer, asap_operator_for(calib, coef))
-                swapped.append(calib.layer)
+            fitted = [fit_layer(calib, options) for calib in calibrations]
+            for fit in fitted:
+                swap_in(model, fit.calib.layer, fit.operator)
+                swapped.append(fit.calib.layer)
         else:
             fitted, counts = [], None
             for layer in selected:  # layers below `layer` already run ASAP when it is calibrated
                 calib = new(layer)
                 seen = collect(model, data, [calib], **run)
                 counts = counts or seen
-                coef, info = fit_coefficients(calib, options)
-                swap_in(model, layer, asap_operator_for(calib, coef))
+                fit = fit_layer(calib, options)
+                swap_in(model, layer, fit.operator)
                 swapped.append(layer)
-                fitted.append((calib, coef, info))
-        report_layers = [_layer_report(calib, coef, info, options) for calib, coef, info in fitted]
+                fitted.append(fit)
+        report_layers = [_layer_report(fit, options) for fit in fitted]
     except BaseException:
         for layer in swapped:
             swap_in(model, layer, layer.operator)
         raise
-    return {
+    report = {
         "options": options.to_dict(),
         "calibration": dict(counts),
         "layers": report_layers,
     }
+    if options.target_tv is not None:
+        report["selection"] = [fit.selection["line"] for fit in fitted]
+    return report
 
 
-def _layer_report(calib: LayerCalibration, coef: Tensor, info: dict[str, Any], options: CompileOptions) -> dict[str, Any]:
+def _layer_report(fit: LayerFit, options: CompileOptions) -> dict[str, Any]:
+    calib, coef, info, operator = fit.calib, fit.coef, fit.info, fit.operator
+    dual_map = operator.dual_map
     entry = {
         "index": calib.layer.index,
         "name": calib.layer.name,
@@ -213,13 +439,17 @@ def _layer_report(calib: LayerCalibration, coef: Tensor, info: dict[str, Any], o
         "seed": calib.seed,
         "sequences": dict(calib.sequences),
         "tokens": {"fit": int(calib.fit.count[0]), "held_out": int(calib.held_out.count[0])},
-        **layer_fidelity(calib, coef, truncated_iters=options.truncated_iters,
-                         asap_operator=asap_operator_for(calib, coef)),  # fmt: skip
+        "map": {"kind": dual_map.kind, "options": dual_map.map_options},
+        "extra_steps": operator.extra_steps,
+        **layer_fidelity(calib, coef, truncated_iters=options.truncated_iters, asap_operator=copy.deepcopy(operator),
+                         predict=fit.predict, r2=fit.r2, extra_steps=operator.extra_steps),  # fmt: skip
     }
     if len(calib.layer.names) > 1:
         entry["aliases"] = list(calib.layer.names)
     if info:
-        entry["refine"] = info
+        entry["refine" if dual_map.kind == "linear" else "map_fit"] = info
+    if fit.selection is not None:
+        entry["selection"] = fit.selection
     return entry
 
 
@@ -239,6 +469,11 @@ def compile_model(
     reservoir_size: int = 64,
     refine_iters: int = 30,
     truncated_iters: int = 3,
+    map_kind: str = "linear",
+    map_options: Mapping[str, Mapping[str, int]] | None = None,
+    map_steps: int = 300,
+    map_lr: float = 1e-2,
+    target_tv: float | None = None,
     progress: Any = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compile the Sinkhorn layers of a trained model to ASAP without retraining; the model is not modified.
@@ -251,7 +486,8 @@ def compile_model(
             tensors or tuples of positional inputs (a list, a ``DataLoader``).
         layers: indices among the model's Sinkhorn layers to compile (``None``:
             all); the others stay Sinkhorn (the frozen-layer experiment).
-        other options: see :class:`CompileOptions`.
+        other options: see :class:`CompileOptions` (the dual map: ``map_kind``,
+            ``map_options``, ``map_steps``, ``map_lr``; ``target_tv`` chooses it per layer).
         progress: optional ``tqdm``-like callable wrapping each calibration pass.
 
     Returns:
@@ -267,6 +503,7 @@ def compile_model(
         refine=refine,
         refine_iters=refine_iters, mode=mode, layers=None if layers is None else tuple(sorted(set(layers))),
         holdout_fraction=holdout_fraction, reservoir_size=reservoir_size, truncated_iters=truncated_iters,
+        map_kind=map_kind, map_options=dict(map_options or {}), map_steps=map_steps, map_lr=map_lr, target_tv=target_tv,
     )  # fmt: skip
     if batch_count(calibration_batches) == 0:
         raise ValueError("calibration needs at least one batch")
