@@ -98,6 +98,79 @@ def test_eval_cli_accepts_a_compiled_model(tiny_run, tmp_path, capsys):
     assert 0.0 <= result["accuracy"] <= 1.0 and result["num_samples"] == 50
 
 
+# --------------------------------------------------------------------------- issue 11: dual-map kinds, --target-tv
+
+
+def _compile(run, out, *extra):
+    return main(["compile", str(run), "--calibration", "64", "--batch-size", "16", "--out", str(out), "--slices", "3",
+                 "--no-eval", "--quiet", "--map-steps", "15", *extra])  # fmt: skip
+
+
+def test_compile_cli_map_kinds(tiny_run, tmp_path, capsys):
+    out = tmp_path / "mlp"
+    assert _compile(tiny_run, out, "--map", "mlp", "--mlp-hidden", "4") == 0
+    model, manifest = load_compiled(out)
+    assert [layer["map"] for layer in manifest["compiled_layers"]] == [{"kind": "mlp", "options": {"hidden": 4}}] * 2
+    assert manifest["options"]["map_kind"] == "mlp" and manifest["options"]["map_options"] == {"mlp": {"hidden": 4}}
+    assert type(model.blocks[0].attn.operator.dual_map).__name__ == "MlpDualMap"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--mlp-hidden", "4"], "--mlp-hidden is an option of the mlp map, but the map is linear"),
+    (["--map", "relu", "--mlp-hidden", "4"], "--mlp-hidden is an option of the mlp map, but the map is relu"),
+    (["--map", "mlp", "--relu-depth", "2"], "--relu-depth is an option of the relu map"),
+    (["--map", "relu", "--target-tv", "0.1"], "--map and --target-tv exclude each other"),
+    (["--target-tv", "0"], "target_tv must be a number in (0, 1]"),
+    (["--target-tv", "2"], "target_tv must be a number in (0, 1]"),
+    (["--map", "spline"], "--map"),
+    (["--relu-depth", "0", "--map", "relu"], "--relu-depth"),
+])  # fmt: skip
+def test_compile_cli_refuses_map_flags_that_do_not_go_together(tiny_run, tmp_path, capsys, flags, words):
+    out = tmp_path / "refused"
+    assert _compile(tiny_run, out, *flags) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and words in err, err
+    assert not out.exists()
+
+
+def test_compile_cli_target_tv_chooses_per_layer_and_records_it(tiny_run, tmp_path, capsys):
+    # The tiny teacher's attention is nearly flat: with 2 slices and no extra feature the maps miss it (held-out
+    # R2 ~ 0.1) and a warm-start step is what helps, so a tight target has something to choose.
+    def run(target: str):
+        out = tmp_path / f"tv_{target}"
+        assert _compile(tiny_run, out, "--target-tv", target, "--slices", "2", "--extra-features", "none") == 0
+        printed = capsys.readouterr().out
+        model, manifest = load_compiled(out)
+        report = json.loads((out / "fidelity.json").read_text())
+        assert report["selection"] == [layer["selection"]["line"] for layer in manifest["fidelity"]]
+        for line in report["selection"]:
+            assert line in printed
+        for layer, entry, block in zip(manifest["fidelity"], manifest["compiled_layers"], model.blocks):
+            chosen = layer["selection"]["chosen"]
+            assert entry["map"]["kind"] == chosen["map"] and entry["extra_steps"] == chosen["extra_steps"]
+            assert (block.attn.operator.dual_map.kind, block.attn.operator.extra_steps) == (chosen["map"], chosen["extra_steps"])
+            assert all(isinstance(c["row_tv"], float) and c["cost"] > 0 for c in layer["selection"]["candidates"])
+        return manifest["fidelity"]
+
+    loose = run("0.9")  # any candidate reaches it: the cheapest, the linear map, is taken and alone measured
+    for layer in loose:
+        assert layer["selection"]["reached"] and [(c["map"], c["extra_steps"]) for c in layer["selection"]["candidates"]] == [("linear", 0)]
+    unreachable = run("1e-12")  # none does: every candidate measured, the lowest TV taken, and the report says so
+    for layer in unreachable:
+        selection = layer["selection"]
+        assert not selection["reached"] and len(selection["candidates"]) == 9 and "no candidate reaches" in selection["line"]
+        assert selection["chosen"]["row_tv"] == min(c["row_tv"] for c in selection["candidates"])
+    # a target between layer 0's linear TV and its best: a richer map or extra steps are chosen
+    tried = unreachable[0]["selection"]["candidates"]
+    best = min(c["row_tv"] for c in tried)
+    assert best < tried[0]["row_tv"], "no candidate beats the linear map: the test would prove nothing"
+    tight = run(repr((tried[0]["row_tv"] + best) / 2))
+    selection = tight[0]["selection"]
+    assert selection["reached"] and (selection["chosen"]["map"], selection["chosen"]["extra_steps"]) != ("linear", 0)
+    assert selection["candidates"][0]["row_tv"] == tried[0]["row_tv"]
+
+
 # --------------------------------------------------------------------------- issue 12 items 3 and 4
 
 

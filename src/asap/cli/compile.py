@@ -3,6 +3,8 @@
     asap compile runs/imdb_sk11 --calibration 512 --out runs/imdb_asap
     asap compile runs/fmnist_sk11 --calibration 1024 --out runs/fmnist_asap --refine kl --mode sequential
     asap compile runs/imdb_sk11 --calibration 512 --out runs/imdb_asap_l0 --layers 0   # frozen-layer experiment
+    asap compile runs/imdb_sk11 --calibration 512 --out runs/imdb_asap_mlp --map mlp --mlp-hidden 64
+    asap compile runs/imdb_sk11 --calibration 512 --out runs/imdb_asap_tv --target-tv 0.02   # map chosen per layer
 
 Calibration inputs are the first ``--calibration`` examples of the run's
 training split (stratified, then shuffled; labels unused); the last
@@ -13,6 +15,14 @@ the tokenizer of a text run) and the fidelity report (``fidelity.json``,
 report includes the accuracy on ``--eval-split`` of the teacher, of ASAP and of
 Sinkhorn truncated to ``--truncated-iters`` half-steps in the same layers.
 Load the result with ``asap.compile.load_compiled(OUT_DIR)``.
+
+``--map`` chooses the dual map (``linear``, ``relu`` with ``--relu-depth`` /
+``--relu-stacks``, ``mlp`` with ``--mlp-hidden``); ``--target-tv X`` instead
+compiles, per layer, the cheapest of linear/relu/mlp with 0, 1 or 2 extra
+half-steps whose mean held-out row total variation to the teacher is at most
+``X`` (by the cost model of :func:`asap.compile.swap.candidate_cost`), records
+the choice and every candidate's TV in the report and manifest, and prints one
+line per layer (saying so when no candidate reaches ``X``).
 """
 
 from __future__ import annotations
@@ -58,8 +68,8 @@ def run_compile(args: argparse.Namespace) -> int:
     from asap.compile.swap import CompileOptions
     from asap.io import atomic_write_json
 
-    options = compile_options(args)
     try:  # the fit options' ranges (--ridge >= 0, --holdout in [0, 1), odd --truncated-iters, ...), before any work
+        options = compile_options(args)
         CompileOptions(**{**options, "layers": None if options["layers"] is None else tuple(options["layers"])})
         check_holdout_fraction(options["holdout_fraction"])
     except ValueError as err:
@@ -99,5 +109,7 @@ def run_compile(args: argparse.Namespace) -> int:
     atomic_write_json(Path(out) / "fidelity.json", report)
     plot_report(report, Path(out) / "fidelity.png")
     print(fidelity_table(report))
+    for line in report.get("selection", []):
+        print(line)
     print(f"\ncompiled model written to {out} (load with asap.compile.load_compiled)")
     return 0
