@@ -409,7 +409,7 @@ def _load_run(path: Path):
 
 
 def _compile_files(path: Path):
-    from asap.compile.runs import load_teacher
+    from asap.runs import load_teacher
 
     return load_teacher(path).extra_files()
 

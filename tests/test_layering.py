@@ -37,7 +37,11 @@ from pathlib import Path
 #    9  runs          asap.runs (saved runs and artifacts)      compile and below
 #   10  bench         asap.bench.*                              runs and below
 #   11  report        asap.report.*                             bench and below
-#   12  cli           asap.cli.*, asap.__main__                 everything
+#   12  cli           asap.cli.*, asap.__main__,                everything
+#                     asap.compile.experiments (the old
+#                     ``python -m`` name of the experiment
+#                     driver asap.bench.compile_experiments,
+#                     kept for the recorded commands)
 #
 # The root ``asap/__init__.py`` re-exports the attention API (``asap.sinkhorn_attention``, ...), so it cannot sit at
 # the bottom; it is the "facade" just above attention, and transport/attention/base may not import it.
@@ -60,16 +64,13 @@ STAGES: dict[str, tuple[int, str]] = {
     "asap.report": (11, "report"),
     "asap.cli": (12, "cli"),
     "asap.__main__": (12, "cli"),
+    "asap.compile.experiments": (12, "cli"),  # a command-line alias, not part of the compile stage
 }
 
 # Violations present today (issue 9, item 2), written as ``"upward: A -> B"`` and ``"cycle: A <-> B [<-> ...]"``.
 # The test fails if a violation appears that is not listed here, AND if a listed one no longer exists: when a fix
 # lands, remove its line in the same commit (the list only shrinks; the refactor empties it).
-KNOWN_VIOLATIONS: frozenset[str] = frozenset(
-    {
-        "upward: asap.train.evaluate -> asap.compile.runs",
-    }
-)
+KNOWN_VIOLATIONS: frozenset[str] = frozenset()
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "asap"

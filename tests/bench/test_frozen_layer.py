@@ -10,8 +10,8 @@ import torch
 from asap.bench import frozen_layer
 from asap.bench.frozen_layer import SCHEMA, capture_layer_inputs
 from asap.bench.report import generate_report
-from asap.compile.runs import load_data, load_teacher, predict
 from asap.compile.swap import sinkhorn_layers
+from asap.runs import load_data, load_teacher, predict
 from asap.train import train
 from tests.train.conftest import tiny_train_config
 

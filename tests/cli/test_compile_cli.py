@@ -12,7 +12,7 @@ import torch
 from asap.cli.main import main
 from asap.errors import ConfigError, UnsafePathError
 from asap.compile import load_compiled
-from asap.compile.runs import load_run_model
+from asap.runs import load_run_model
 from asap.train import TrainConfig, load_model, train
 
 
@@ -232,7 +232,7 @@ def test_compile_refuses_an_out_that_would_damage_a_run_and_writes_nothing(sandb
 
 
 def test_compile_may_replace_an_earlier_artifact(tiny_run, tmp_path, capsys):
-    from asap.compile.runs import check_output_dir
+    from asap.runs import check_output_dir
 
     out = tmp_path / "compiled"
     args = ["compile", str(tiny_run), "--calibration", "32", "--out", str(out), "--slices", "2", "--no-eval", "--quiet"]
@@ -262,7 +262,7 @@ def test_compile_refuses_a_tokenizer_name_outside_the_run(sandbox, capsys, name)
 
 
 def test_teacher_extra_files_checks_the_name(tiny_run):
-    from asap.compile.runs import load_teacher
+    from asap.runs import load_teacher
 
     teacher = load_teacher(tiny_run)
     teacher.run_config.data["tokenizer"] = "/etc/hostname"

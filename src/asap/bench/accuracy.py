@@ -194,7 +194,7 @@ def summarize(values: list[float]) -> dict[str, Any]:
 
 
 def _predict_accuracy(model, data, *, batch_size: int = 256) -> tuple[float, torch.Tensor]:
-    from asap.compile.runs import predict
+    from asap.runs import predict
 
     pred, labels = predict(model, data, batch_size=batch_size)
     return float((pred == labels).double().mean()), pred
@@ -203,8 +203,8 @@ def _predict_accuracy(model, data, *, batch_size: int = 256) -> tuple[float, tor
 def evaluate_seed(cfg: AccuracyConfig, seed: int, *, log=print) -> tuple[dict[str, Any], dict[str, torch.nn.Module], Any]:
     """Train (or reuse) the seed's models and score them and the derived ones; also returns the models and test data."""
     from asap.compile import compile_model
-    from asap.compile.runs import calibration_batches, load_data, load_teacher
     from asap.compile.swap import truncate_sinkhorn
+    from asap.runs import calibration_batches, load_data, load_teacher
     from asap.train import load_model
 
     record: dict[str, Any] = {}

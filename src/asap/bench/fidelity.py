@@ -294,7 +294,7 @@ def _hf_teacher(args: argparse.Namespace) -> tuple[nn.Module, list[tuple[str, Si
 def _run_teacher(args: argparse.Namespace) -> tuple[nn.Module, list[tuple[str, SinkhornOperator]], list, list, dict]:
     """A Sinkhorn run of ``asap train``: calibration and held-out examples from its training split."""
     from asap.compile.calibrate import model_inputs, sinkhorn_layers
-    from asap.compile.runs import calibration_batches, load_teacher
+    from asap.runs import calibration_batches, load_teacher
 
     teacher = load_teacher(args.run_dir)
     batches = calibration_batches(teacher, num_samples=args.calibration + args.held_out, batch_size=args.batch_size,

@@ -121,8 +121,8 @@ def time_layer(
 def run_frozen_layer(args: argparse.Namespace, command: str, *, log=print) -> dict[str, Any]:
     from asap.attention import SinkhornOperator, SoftmaxOperator
     from asap.compile import compile_model
-    from asap.compile.runs import calibration_batches, load_data, load_teacher, predict
     from asap.compile.swap import sinkhorn_layers, truncate_sinkhorn
+    from asap.runs import calibration_batches, load_data, load_teacher, predict
     from asap.train.data import batch_inputs
 
     if args.threads:

@@ -487,7 +487,7 @@ def plot_accuracy_vs_cost(docs: list[Doc], path: Path) -> Path | None:
 
 
 def render_compile(docs: list[Doc], results_dir: Path) -> Rendered:
-    """Frozen-layer, downstream-replacement and ablation results of :mod:`asap.compile.experiments`."""
+    """Frozen-layer, downstream-replacement and ablation results of :mod:`asap.bench.compile_experiments`."""
     out = Rendered()
     known = [d for d in docs if d.data.get("experiment") or d.data.get("ablation")]
     downstream = [d for d in known if d.data.get("experiment") == "downstream_replacement"]
@@ -1090,7 +1090,7 @@ SECTIONS: tuple[Section, ...] = (
             schemas=(TRAINING_COST_SCHEMA,)),
     Section("compile", "Compiled layers (frozen-layer benchmark, downstream replacement, ablations)",
             ("compile/**/*.json",), render_compile,
-            "`python -m asap.compile.experiments RUN_DIR --out results/compile/<dataset>`", method_keys=True),
+            "`python -m asap.bench.compile_experiments RUN_DIR --out results/compile/<dataset>`", method_keys=True),
     Section("accuracy", "Accuracy table: every method at the same budget, over seeds", ("accuracy/*.json",),
             render_accuracy, "`asap bench accuracy --suite <data set>`", schemas=(ACCURACY_SCHEMA,), method_keys=True),
     Section("frozen_layer", "Frozen-layer benchmark: speed and accuracy in one layer of a trained teacher",

@@ -72,7 +72,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from asap.bench.model_timing import time_models, time_operator_scaling
     from asap.compile.compare import attention_maps, attention_operators, plot_attention_maps
     from asap.compile.report import format_table
-    from asap.compile.runs import calibration_batches, load_data, load_teacher
+    from asap.runs import calibration_batches, load_data, load_teacher
     from asap.train import TrainConfig, train
     from asap.io import atomic_write_bytes, atomic_write_json, method_key
     from asap.train.evaluate import evaluate

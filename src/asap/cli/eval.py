@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from asap.train import evaluate_run
+    from asap.runs import evaluate_run
 
     method = getattr(args, "method", None)
     options = dict(getattr(args, "attention_options", []))

@@ -13,7 +13,7 @@ from asap.train.checkpoint import (
 )
 from asap.train.config import TrainConfig
 from asap.train.data import EpochBatchSampler, batch_inputs, load_split
-from asap.train.evaluate import evaluate, evaluate_run
+from asap.train.evaluate import evaluate
 from asap.train.loop import read_metrics, train
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "TrainConfig",
     "batch_inputs",
     "evaluate",
-    "evaluate_run",
     "load_model",
     "load_split",
     "read_metrics",
