@@ -42,11 +42,11 @@ import torch
 from torch import Tensor
 
 from asap.argtypes import int_list, name_list, nonnegative_int
+from asap.bench.compile_report import layer_summary, plot_report
 from asap.compile.options import add_compile_options
-from asap.compile.report import layer_summary, plot_report
-from asap.runs import TeacherRun, calibration_batches, load_data, load_teacher, predict
 from asap.compile.swap import compile_model, sinkhorn_layers, truncate_sinkhorn
 from asap.io import atomic_write_bytes, command_line, method_key, method_of, write_result
+from asap.runs import TeacherRun, calibration_batches, load_data, load_teacher, predict
 
 #: How the driver is run (what its recorded commands and summaries name).
 PROG = "python -m asap.bench.compile_experiments"

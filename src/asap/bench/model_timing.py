@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from asap.attention.operators import AttentionOperator
+from asap.bench.compare import attention_operators
 from asap.compile.calibrate import model_inputs
-from asap.compile.compare import attention_operators
 from asap.env import load_average
 
 

@@ -62,7 +62,8 @@ def run_compile(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from asap.compile import compile_model, fidelity_table, plot_report, save_compiled
+    from asap.bench.compile_report import fidelity_table, plot_report
+    from asap.compile import compile_model, save_compiled
     from asap.runs import accuracies, calibration_batches, check_output_dir, load_data, load_teacher
     from asap.compile.calibrate import check_holdout_fraction
     from asap.compile.swap import CompileOptions

@@ -68,10 +68,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from asap.compile import compile_model, fidelity_table, plot_report, save_compiled, truncate_sinkhorn
+    from asap.compile import compile_model, save_compiled, truncate_sinkhorn
     from asap.bench.model_timing import time_models, time_operator_scaling
-    from asap.compile.compare import attention_maps, attention_operators, plot_attention_maps
-    from asap.compile.report import format_table
+    from asap.bench.compare import attention_maps, attention_operators, plot_attention_maps
+    from asap.bench.compile_report import fidelity_table, format_table, plot_report
     from asap.runs import calibration_batches, load_data, load_teacher
     from asap.train import TrainConfig, train
     from asap.io import atomic_write_bytes, atomic_write_json, method_key

@@ -20,10 +20,12 @@ own data and forward call, and its artifact without the project's model classes:
 Modules: :mod:`~asap.compile.calibrate` (hooks, accumulation),
 :mod:`~asap.compile.fit` (normal equations, ridge, KL refinement),
 :mod:`~asap.compile.swap` (the pipeline), :mod:`~asap.compile.plans`
-(attention matrices for analysis), :mod:`~asap.compile.report` (fidelity),
+(attention matrices for analysis), :mod:`~asap.compile.report` (fidelity figures),
 :mod:`~asap.compile.artifact` (save / strict load), :mod:`~asap.compile.module`
 (any ``nn.Module``: compile in place, save, load), :mod:`~asap.compile.direct`
-(a dual map fitted from raw ``(q, k, mask)`` tensors, no model).
+(a dual map fitted from raw ``(q, k, mask)`` tensors, no model). The report's tables and figure
+(:mod:`asap.bench.compile_report`), side-by-side attention maps (:mod:`asap.bench.compare`), timings and
+the experiment driver live in :mod:`asap.bench`: this stage computes, it does not time or draw.
 """
 
 from asap.compile.artifact import ArtifactError, load_compiled, read_manifest, save_compiled
@@ -31,7 +33,6 @@ from asap.compile.calibrate import LayerCalibration, collect, select_layers, sin
 from asap.compile.direct import fit_dual_map
 from asap.compile.fit import NormalEquations, explained_variance, refine_kl, solve_ridge
 from asap.compile.module import compile_module, load_compiled_module, read_module_manifest, save_compiled_module
-from asap.compile.report import fidelity_table, plot_report
 from asap.compile.swap import CompileOptions, compile_model, truncate_sinkhorn
 
 __all__ = [
@@ -43,11 +44,9 @@ __all__ = [
     "compile_model",
     "compile_module",
     "explained_variance",
-    "fidelity_table",
     "fit_dual_map",
     "load_compiled",
     "load_compiled_module",
-    "plot_report",
     "read_manifest",
     "read_module_manifest",
     "refine_kl",

@@ -1,6 +1,7 @@
-"""Side by side: the attention matrices a teacher and its compiled/truncated variants apply.
+"""Side by side: the attention matrices a teacher and its compiled/truncated variants apply (``asap demo``).
 
-Timing lives in :mod:`asap.bench.model_timing` (the compile stage times nothing).
+Display, not compilation: the matrices are rebuilt with :mod:`asap.compile.plans`;
+timing lives in :mod:`asap.bench.model_timing`.
 """
 
 from __future__ import annotations

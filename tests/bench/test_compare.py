@@ -6,8 +6,9 @@ import torch
 
 from asap.attention.operators import AsapOperator, SinkhornOperator
 from asap.attention.reference import asap_plan_reference, sinkhorn_plan_reference
+from asap.bench.compare import attention_maps, operator_attention
 from asap.compile import compile_model, truncate_sinkhorn
-from asap.compile.compare import attention_maps, operator_attention
+from tests.compile.conftest import _one_thread, batches, teacher  # noqa: F401 (the compile tests' fixtures)
 from tests.conftest import padding_mask, rand_qkv
 
 
