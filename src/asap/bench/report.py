@@ -238,12 +238,12 @@ def operator_targets(doc: Doc) -> list[str]:
                          f"**{calls:.2f}** ({verdict}).")
     group = forward.get(SPEED_TARGET["n"])
     for k, target in SPEED_TARGET["speedup_over"].items():
-        ratio = _forward_ratio(group, f"sinkhorn_k{k}", asap) if group else None
+        ratio = _forward_ratio(group, _sinkhorn(k), asap) if group else None
         if ratio is not None:
             verdict = "met" if ratio >= target else "NOT met"
             lines.append(f"- ASAP at least {target:g}x faster than Sinkhorn K={k} at n={SPEED_TARGET['n']}: measured "
                          f"**{ratio:.2f}x** ({verdict}).")
-    k3 = [(n, _forward_ratio(g, "sinkhorn_k3", asap)) for n, g in sorted(forward.items())]
+    k3 = [(n, _forward_ratio(g, _sinkhorn(3), asap)) for n, g in sorted(forward.items())]
     k3 = [(n, r) for n, r in k3 if r is not None]
     if k3:
         losses = [f"n={n} ({r:.2f}x)" for n, r in k3 if r <= 1]
@@ -783,7 +783,7 @@ def render_triton_gpu(docs: list[Doc], results_dir: Path) -> Rendered:
     out = Rendered()
     for doc in docs:
         data = doc.data
-        teacher = data.get("teacher", "sinkhorn_k21")
+        teacher = data.get("teacher", _sinkhorn(21))
         out.lines += [
             f"### `{doc.rel}`", "",
             "Forward pass under `torch.inference_mode()`, methods interleaved round-robin (CUDA events, medians). "
@@ -798,7 +798,7 @@ def render_triton_gpu(docs: list[Doc], results_dir: Path) -> Rendered:
         for s in data["settings"]:
             parity = s.get("parity") or {}
             over_teacher = _triton_ratio(s, teacher, "asap_l16_triton")
-            over_k3 = _triton_ratio(s, "sinkhorn_k3", "asap_l16_triton")
+            over_k3 = _triton_ratio(s, _sinkhorn(3), "asap_l16_triton")
             calls = _triton_ratio(s, "asap_l16_triton", "sdpa")
             rows.append([s["dtype"], s["n"], "yes" if s["padded"] else "no",
                          *(_triton_ms(s, m) for m in TRITON_GPU_METHODS),
@@ -810,7 +810,7 @@ def render_triton_gpu(docs: list[Doc], results_dir: Path) -> Rendered:
                             "SDPA calls", "parity"], rows)
         slower = []
         for s in data["settings"]:
-            ratio = _triton_ratio(s, "sinkhorn_k3", "asap_l16_triton")
+            ratio = _triton_ratio(s, _sinkhorn(3), "asap_l16_triton")
             if ratio is None or ratio <= 1.0:
                 where = f"{s['dtype']} n={s['n']}{' padded' if s['padded'] else ''}"
                 slower.append(f"{where} (not timed)" if ratio is None else f"{where} ({ratio:.2f}x)")
