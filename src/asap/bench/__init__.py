@@ -9,6 +9,12 @@
   (``asap bench accuracy``);
 * :mod:`asap.bench.frozen_layer`: one layer of a trained teacher compiled, accuracy and speed ratio
   (``asap bench frozen-layer``);
+* :mod:`asap.bench.compile_experiments`: the frozen-layer, downstream-replacement and ablation experiments
+  of the compile stage (``python -m asap.bench.compile_experiments``; also by its old name
+  ``python -m asap.compile.experiments``);
+* :mod:`asap.bench.compile_report`: the tables and figure of a compile report (``asap compile``, ``asap demo``);
+* :mod:`asap.bench.compare` and :mod:`asap.bench.model_timing`: attention maps side by side and whole-model
+  timings (``asap demo``);
 * :mod:`asap.bench.report`: ``results/README.md`` and plots from the result JSON (``asap report``).
 """
 
