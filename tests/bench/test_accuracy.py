@@ -9,7 +9,7 @@ import pytest
 
 from asap.bench import accuracy
 from asap.bench.accuracy import SCHEMA, AccuracyConfig, run_accuracy
-from asap.bench.report import generate_report
+from asap.report import generate_report
 
 TINY = dict(limit=300, dim=16, depth=1, num_heads=2, epochs=1, batch_size=16, lr=3e-3)
 

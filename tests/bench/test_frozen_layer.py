@@ -9,7 +9,7 @@ import torch
 
 from asap.bench import frozen_layer
 from asap.bench.frozen_layer import SCHEMA, capture_layer_inputs
-from asap.bench.report import generate_report
+from asap.report import generate_report
 from asap.compile.swap import sinkhorn_layers
 from asap.runs import load_data, load_teacher, predict
 from asap.train import train

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from asap.bench.report import RELIABILITY_SCHEMA, generate_report
+from asap.report import generate_report
+from asap.report.reliability import RELIABILITY_SCHEMA
 from tests.conftest import REPO_ROOT
 
 

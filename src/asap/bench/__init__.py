@@ -1,4 +1,4 @@
-"""Benchmarks and the results report.
+"""Benchmarks.
 
 * :mod:`asap.bench.measure`: interleaved timing (median, IQR), peak memory (the machine description,
   :func:`machine_info`, is :mod:`asap.env`'s);
@@ -15,7 +15,8 @@
 * :mod:`asap.bench.compile_report`: the tables and figure of a compile report (``asap compile``, ``asap demo``);
 * :mod:`asap.bench.compare` and :mod:`asap.bench.model_timing`: attention maps side by side and whole-model
   timings (``asap demo``);
-* :mod:`asap.bench.report`: ``results/README.md`` and plots from the result JSON (``asap report``).
+* :mod:`asap.bench.report`: only the ``python -m`` name of the results report, which is its own stage above
+  the benchmarks, :mod:`asap.report` (``asap report``).
 """
 
 from asap.bench.measure import BenchmarkRun, MemoryReading, Timing, benchmark, peak_memory, speedups

@@ -4,7 +4,7 @@
     asap report --results other/ --out /tmp/README.md
 
 Every number in the README comes from a JSON file; sections whose JSON is
-absent say so (see :mod:`asap.bench.report`).
+absent say so (see :mod:`asap.report`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from asap.bench import report
+from asap import report
 from asap.errors import ConfigError
 
 

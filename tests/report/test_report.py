@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from asap.bench.operators import SCHEMA
-from asap.bench.report import PAPER_CLAIMS, generate_report, main
+from asap.report import generate_report, main
+from asap.report.paper import PAPER_CLAIMS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,0 +1,59 @@
+"""The frozen-layer benchmark (``asap bench frozen-layer``): per layer, accuracy and speed ratios against the
+goal at the teacher's shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from asap.report.core import Doc, Rendered, fmt_ratio, machine_line, pct, recorded_command, sinkhorn_key, table
+
+
+FROZEN_LAYER_SCHEMA = "asap.bench.frozen_layer/1"
+
+
+# Issue 14: on the attention shape a trained teacher really has, ASAP at least this much faster than the teacher.
+TEACHER_SHAPE_SPEEDUP = 1.5
+
+
+def frozen_layer_target(record: dict[str, Any], reference: str) -> str:
+    """One line: ASAP's measured speed-up over ``reference`` on this layer's real inputs, against the goal."""
+    ratio = record.get("speedup_of_asap_over", {}).get(reference)
+    if ratio is None:
+        return f"{reference}: not timed"
+    verdict = "met" if ratio >= TEACHER_SHAPE_SPEEDUP else "NOT met"
+    return f"{ratio:.2f}x over {reference}: {TEACHER_SHAPE_SPEEDUP:g}x goal at the teacher's shape {verdict}"
+
+
+def render_frozen_layer(docs: list[Doc], results_dir: Path) -> Rendered:
+    """``asap bench frozen-layer``: per layer, accuracy of teacher / ASAP / truncated and the speed ratios."""
+    out = Rendered()
+    for doc in docs:
+        data = doc.data
+        ref, trunc = sinkhorn_key(data["reference_iters"]), sinkhorn_key(data["truncated_iters"])
+        rows = []
+        for r in data["layers"]:
+            acc, agree, ms = r["accuracy"], r["agreement_with_teacher"], r["median_ms"]
+            teacher = sinkhorn_key(r["teacher_iters"])
+            shape = r["shape"]["q"]
+            rows.append([r["layer"], f"{shape[0]}x{shape[1]}x{shape[2]}" + (" (padded)" if r.get("padded") else ""),
+                         pct(acc["teacher"]), pct(acc["asap"]), pct(acc.get(trunc)), pct(agree["asap"]),
+                         pct(agree.get(trunc)),
+                         *(f"{ms[k]:.2f}" if k in ms else "-" for k in ("asap", teacher, ref, trunc, "softmax")),
+                         fmt_ratio(r["speedup_of_asap_over"].get(ref)), fmt_ratio(r["speedup_of_asap_over"].get(teacher)),
+                         fmt_ratio(ms["asap"] / ms["softmax"]) if ms.get("softmax") else "-"])  # fmt: skip
+        teacher_k = data["layers"][0]["teacher_iters"] if data["layers"] else "?"
+        out.lines += [f"### {data['dataset']}: `{doc.rel}`", "",
+                      f"Teacher `{data['run_dir']}` (Sinkhorn K={teacher_k}); accuracy on {data['eval_examples']} "
+                      f"{data['eval_split']} examples; ASAP calibrated on {data['calibration_examples']} training "
+                      f"examples; times are one call of the layer's attention on the q, k, v it receives for "
+                      f"{data['timing_batch']} test examples (b x h x n), median of a round-robin run.", ""]
+        out.lines += table(["layer", "b x h x n", "teacher %", "ASAP %", f"K={data['truncated_iters']} %",
+                            "ASAP agrees %", f"K={data['truncated_iters']} agrees %", "ms ASAP",
+                            f"ms K={teacher_k} (teacher)", f"ms K={data['reference_iters']}",
+                            f"ms K={data['truncated_iters']}", "ms softmax", f"ASAP speed-up over K={data['reference_iters']}",
+                            f"over K={teacher_k}", "ASAP time / softmax"], rows)  # fmt: skip
+        out.lines += [""] + [f"- Layer {r['layer']}: {frozen_layer_target(r, ref)}." for r in data["layers"]]
+        out.lines += ["", machine_line(data.get("machine")), "", f"Command: `{recorded_command(doc) or 'not recorded'}`", ""]
+    return out
