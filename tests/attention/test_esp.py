@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from asap.attention.esp import EspOperator, _tile_shape, esp_attention, esp_attention_reference
-from asap.attention.operators import OPERATORS, build_operator
+from asap.attention.esp import _tile_shape, esp_attention
+from asap.attention.operators import OPERATORS, EspOperator, build_operator
+from asap.attention.reference import esp_attention_reference
 from asap.transport.masks import key_padding_to_attn_mask
 
 ot = pytest.importorskip("ot")

@@ -2,23 +2,23 @@
 
 from asap.attention.checks import validate_attention_inputs
 from asap.attention.dual_map import DUAL_MAPS, DualMap, SliceDualMap, make_directions, register_dual_map, slice_potentials
+from asap.attention.esp import esp_attention
 from asap.attention.functional import asap_attention, sinkhorn_attention, softmax_attention
 from asap.attention.module import AttentionConfig, MultiheadAttention, available_methods
 from asap.attention.operators import (
     OPERATORS,
     AsapOperator,
     AttentionOperator,
+    EspOperator,
     SinkhornOperator,
     SoftmaxOperator,
     build_operator,
     register_operator,
 )
-from asap.attention.esp import EspOperator, esp_attention, esp_attention_reference
 from asap.attention.nonlinear_maps import MlpDualMap, ReluDualMap
+from asap.attention.reference import esp_attention_reference
 
-# esp.py builds on operators.py, so it registers itself here rather than in OPERATORS' literal.
-register_operator(EspOperator)
-# Likewise the nonlinear dual maps build on dual_map.py: registered here, before any asap.attention module is used.
+# The nonlinear dual maps build on dual_map.py: registered here, before any asap.attention module is used.
 register_dual_map(ReluDualMap)
 register_dual_map(MlpDualMap)
 

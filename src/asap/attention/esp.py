@@ -58,6 +58,14 @@ padded queries output zero. ``is_causal`` is refused (docs/method.md sec. 6.2).
 All sorting, softmaxes and log-sum-exps run in fp32 (fp64 for fp64 inputs);
 the output has the input dtype.
 
+This module is the fast path, :func:`esp_attention`. The conventions
+(:class:`~asap.attention.options.EspConventions`) are with the typed options in
+:mod:`asap.attention.options`, the dense oracle the tests compare against
+(:func:`~asap.attention.reference.esp_attention_reference`, re-exported here)
+with the other references in :mod:`asap.attention.reference`, and the
+swappable module (:class:`~asap.attention.operators.EspOperator`) with the
+other operators in :mod:`asap.attention.operators`.
+
 Reference: Shahbazi et al., "ESPFormer: Doubly-Stochastic Attention with
 Expected Sliced Transport Plans", ICML 2025 (arXiv 2502.07962); Liu et al.,
 "Expected Sliced Transport Plans", ICLR 2025.
@@ -66,23 +74,19 @@ Expected Sliced Transport Plans", ICML 2025 (arXiv 2502.07962); Liu et al.,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from asap.attention.checks import default_scale, empty_output, validate_attention_inputs, validate_padding_mask
-from asap.attention.dual_map import SLICE_TYPES, make_directions
-from asap.attention.operators import AttentionOperator
+from asap.attention.options import EspConventions, Normalize
+from asap.attention.reference import esp_attention_reference
 from asap.transport.ctransform import reduction_dtype
 from asap.transport.masks import valid_rows_cols
 from asap.transport.sliced_plans import (
-    SLICE_COSTS,
     QuantileCoupling,
     SliceCost,
-    SortDistance,
     hard_sort,
     quantile_coupling,
     slice_costs,
@@ -90,48 +94,14 @@ from asap.transport.sliced_plans import (
     soft_sort,
 )
 
-Normalize = Literal["row", "marginal"]
-NORMALIZE_MODES: tuple[str, ...] = ("row", "marginal")
+# esp_attention_reference is re-exported: asap.attention.esp.esp_attention_reference is the name the operator
+# benchmark records (results/bench/operators_cpu.json) and scripts/ and tests import.
+__all__ = ["DEFAULT_MEMORY_BUDGET", "EspConventions", "check_esp_options", "esp_attention", "esp_attention_reference"]
+
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of live intermediates per tile (256 MiB)
 
 
-@dataclass(frozen=True)
-class EspConventions:
-    """The choices the published code leaves open, resolved once (see the module docstring).
-
-    cost: slice cost; sort_distance: SoftSort distance; points_scale_power: the
-    points are ``scale ** power * q`` (``0.5`` by default, ``1`` published);
-    cost_per_token: weight slices by ``n_valid <pi_l, C>`` instead of ``<pi_l, C>``;
-    normalize: ``"row"`` (divide by the row sums of the mixed plan) or
-    ``"marginal"`` (divide by ``a = 1/n_valid``).
-    """
-
-    cost: SliceCost = "dot"
-    sort_distance: SortDistance = "abs"
-    points_scale_power: float = 0.5
-    cost_per_token: bool = False
-    normalize: Normalize = "row"
-
-    @classmethod
-    def resolve(cls, *, cost: str | None, normalize: str | None, published: bool) -> EspConventions:
-        base = PUBLISHED_CONVENTIONS if published else cls()
-        cost = base.cost if cost is None else cost
-        normalize = base.normalize if normalize is None else normalize
-        if cost not in SLICE_COSTS:
-            raise ValueError(f"esp attention: cost must be one of {SLICE_COSTS}, got {cost!r}")
-        if normalize not in NORMALIZE_MODES:
-            raise ValueError(f"esp attention: normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
-        return cls(cost, base.sort_distance, base.points_scale_power, base.cost_per_token, normalize)
-
-
-# ESPFormer's published code (attentions/esp.py): q and k scaled by 1/sqrt(d) each, torch.cdist (p=2) cost
-# summed over plans of mass n, SoftSort_p2 (squared distance), attention = plan of mass n (rows sum to 1).
-PUBLISHED_CONVENTIONS = EspConventions(
-    cost="euclidean", sort_distance="squared", points_scale_power=1.0, cost_per_token=True, normalize="marginal"
-)
-
-
-def _check_options(*, tau_sort: float, tau: float, memory_budget_bytes: int | None) -> None:
+def check_esp_options(*, tau_sort: float, tau: float, memory_budget_bytes: int | None) -> None:
     if not (isinstance(tau_sort, (int, float)) and math.isfinite(tau_sort) and tau_sort >= 0):
         raise ValueError(f"esp attention: tau_sort must be a finite number >= 0 (0 = exact sort), got {tau_sort!r}")
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
@@ -332,7 +302,7 @@ def esp_attention(
     """
     mask = validate_attention_inputs(q, k, v, attn_mask=attn_mask, is_causal=is_causal, method="esp")
     padding = validate_padding_mask(padding_mask, q, k, attn_mask=mask, method="esp")
-    _check_options(tau_sort=tau_sort, tau=tau, memory_budget_bytes=memory_budget_bytes)
+    check_esp_options(tau_sort=tau_sort, tau=tau, memory_budget_bytes=memory_budget_bytes)
     conv = EspConventions.resolve(cost=cost, normalize=normalize, published=published)
     b, h, n, d = q.shape
     m, dv = k.shape[-2], v.shape[-1]
@@ -403,173 +373,3 @@ def esp_attention(
     else:
         out = out * (n if n_valid is None else n_valid.unsqueeze(-1))
     return out.reshape(b, h, n, dv).to(q.dtype)
-
-
-class EspOperator(AttentionOperator):
-    """ESP attention as a swappable operator (see :func:`esp_attention` for the maths and options).
-
-    Slice directions: by default the ``head_dim`` coordinate axes (``L = d``,
-    ESPFormer's choice, no projection needed). ``num_slices`` and/or
-    ``slice_type="random"`` draw ``(h, L, d)`` directions with
-    :func:`asap.attention.dual_map.make_directions` from ``seed`` (stored as a
-    buffer, so they travel with the state dict); ``directions`` gives them
-    explicitly (``(L, d)`` or ``(h, L, d)``).
-    """
-
-    method = "esp"
-    takes_padding_mask = True
-
-    def __init__(
-        self,
-        *,
-        num_heads: int | None = None,
-        head_dim: int | None = None,
-        num_slices: int | None = None,
-        slice_type: str = "axis",
-        seed: int = 0,
-        directions: Tensor | None = None,
-        soft: bool = True,
-        tau_sort: float = 1e-3,
-        tau: float = 1.0,
-        cost: SliceCost | None = None,
-        normalize: Normalize | None = None,
-        published: bool = False,
-        memory_budget_bytes: int | None = DEFAULT_MEMORY_BUDGET,
-        scale: float | None = None,
-    ):
-        super().__init__(scale=scale)
-        _check_options(tau_sort=tau_sort, tau=tau, memory_budget_bytes=memory_budget_bytes)
-        EspConventions.resolve(cost=cost, normalize=normalize, published=published)  # fail at construction
-        if slice_type not in SLICE_TYPES:
-            raise ValueError(f"esp: slice_type must be one of {SLICE_TYPES}, got {slice_type!r}")
-        if directions is None and (num_slices is not None or slice_type != "axis"):
-            if num_heads is None or head_dim is None:
-                raise ValueError("esp: drawing slice directions needs num_heads and head_dim")
-            directions = make_directions(
-                num_heads=num_heads, head_dim=head_dim, num_slices=num_slices or head_dim, slice_type=slice_type,
-                seed=seed,
-            )
-        self.register_buffer("directions", directions, persistent=True)
-        self.soft, self.tau_sort, self.tau = soft, tau_sort, tau
-        self.cost, self.normalize, self.published = cost, normalize, published
-        self.memory_budget_bytes = memory_budget_bytes
-
-    def extra_repr(self) -> str:
-        slices = "axis" if self.directions is None else f"L={self.directions.shape[-2]}"
-        return (
-            f"slices={slices}, soft={self.soft}, tau_sort={self.tau_sort}, tau={self.tau}, cost={self.cost!r}, "
-            f"normalize={self.normalize!r}, published={self.published}"
-        )
-
-    def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, padding_mask: Tensor | None = None
-    ) -> Tensor:
-        """Same mask rule as :func:`esp_attention`: ``padding_mask (b, n)`` as is, ``attn_mask`` checked to be key-padding."""
-        return esp_attention(
-            q, k, v, attn_mask=attn_mask, padding_mask=padding_mask, scale=self.scale, directions=self.directions,
-            soft=self.soft, tau_sort=self.tau_sort, tau=self.tau, cost=self.cost, normalize=self.normalize,
-            published=self.published, memory_budget_bytes=self.memory_budget_bytes,
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference: dense, per-sequence, in the input dtype. An oracle for tests (call it in fp64), written
-# independently of asap.transport.sliced_plans: padded tokens are dropped rather than masked, plans are
-# materialised, and the quantile coupling is built by the textbook north-west-corner walk.
-# --------------------------------------------------------------------------------------------------
-
-
-def _north_west_corner(n: int, m: int, *, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Dense north-west-corner coupling of ``n`` and ``m`` equal masses (total 1): ``(n, m)``.
-
-    The textbook walk, in integer units of ``1 / (n m)`` (a query holds ``m``
-    units, a key ``n``), so it is exact.
-    """
-    plan = torch.zeros(n, m, dtype=torch.float64)
-    left_q, left_k, i, j = m, n, 0, 0
-    while i < n and j < m:
-        moved = min(left_q, left_k)
-        plan[i, j] = moved / (n * m)
-        left_q, left_k = left_q - moved, left_k - moved
-        if left_q == 0:
-            i, left_q = i + 1, m
-        if left_k == 0:
-            j, left_k = j + 1, n
-    return plan.to(dtype=dtype, device=device)
-
-
-def _dense_sort_matrices(x: Tensor, *, tau_sort: float, distance: SortDistance) -> Tensor:
-    """``x (L, n)`` -> sorting matrices ``(L, n_rank, n_token)``: one-hot (``tau_sort = 0``) or SoftSort."""
-    values, order = torch.sort(x, dim=-1)
-    if tau_sort == 0:
-        return torch.nn.functional.one_hot(order, x.shape[-1]).to(x.dtype)
-    gap = values.unsqueeze(-1) - x.unsqueeze(-2)
-    dist = gap.abs() if distance == "abs" else gap**2
-    return torch.softmax(-dist / tau_sort, dim=-1)
-
-
-def _dense_cost(q: Tensor, k: Tensor, cost: str) -> Tensor:
-    if cost == "dot":
-        return -(q @ k.T)
-    sq = ((q.unsqueeze(1) - k.unsqueeze(0)) ** 2).sum(-1)
-    return sq if cost == "sqeuclidean" else sq.sqrt()
-
-
-def esp_attention_reference(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    attn_mask: Tensor | None = None,
-    scale: float | None = None,
-    directions: Tensor | None = None,
-    soft: bool = True,
-    tau_sort: float = 1e-3,
-    tau: float = 1.0,
-    cost: SliceCost | None = None,
-    normalize: Normalize | None = None,
-    published: bool = False,
-) -> Tensor:
-    """Dense ESP attention, one sequence and head at a time, computed entirely in the input dtype.
-
-    Same options as :func:`esp_attention` (no memory budget). Materialises
-    ``(L, n, m)`` plans per (batch, head) and synchronises with the host: for
-    tests on small inputs only.
-    """
-    mask = validate_attention_inputs(q, k, v, attn_mask=attn_mask, method="esp")
-    conv = EspConventions.resolve(cost=cost, normalize=normalize, published=published)
-    b, h, n, d = q.shape
-    m = k.shape[-2]
-    scale = default_scale(scale, d)
-    point_scale = scale**conv.points_scale_power
-    tau_sort = tau_sort if soft else 0.0
-    rows, cols = valid_rows_cols(mask, n, m)
-    rows = torch.ones(b, h, n, dtype=torch.bool, device=q.device) if rows is None else rows.expand(b, h, n)
-    cols = torch.ones(b, h, m, dtype=torch.bool, device=q.device) if cols is None else cols.expand(b, h, m)
-    if directions is None:
-        directions = torch.eye(d, dtype=q.dtype, device=q.device)
-    directions = directions.to(q.dtype)
-    heads_out = []
-    for bi in range(b):
-        for hi in range(h):
-            iq, ik = rows[bi, hi].nonzero().squeeze(-1), cols[bi, hi].nonzero().squeeze(-1)
-            out = torch.zeros(n, v.shape[-1], dtype=q.dtype, device=q.device)
-            if len(iq) and len(ik):
-                qs, ks, vs = q[bi, hi, iq] * point_scale, k[bi, hi, ik] * point_scale, v[bi, hi, ik]
-                theta = directions if directions.dim() == 2 else directions[hi]
-                u_q = _dense_sort_matrices((qs @ theta.T).T, tau_sort=tau_sort, distance=conv.sort_distance)
-                u_k = _dense_sort_matrices((ks @ theta.T).T, tau_sort=tau_sort, distance=conv.sort_distance)
-                corner = _north_west_corner(len(iq), len(ik), dtype=q.dtype, device=q.device)
-                plans = u_q.transpose(-1, -2) @ corner @ u_k  # (L, n_valid, m_valid)
-                costs = (plans * _dense_cost(qs, ks, conv.cost)).sum(dim=(-1, -2))
-                if conv.cost_per_token:
-                    costs = costs * len(iq)
-                weights = torch.softmax(-tau * costs, dim=0)
-                plan = (weights[:, None, None] * plans).sum(dim=0)
-                if conv.normalize == "row":
-                    attention = plan / plan.sum(dim=-1, keepdim=True)
-                else:
-                    attention = plan * len(iq)
-                out = out.index_copy(0, iq, attention @ vs)
-            heads_out.append(out)
-    return torch.stack(heads_out).reshape(b, h, n, v.shape[-1])

@@ -16,11 +16,13 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from asap.attention.checks import check_int, check_positive
-from asap.attention.dual_map import DualMap, build_dual_map
+from asap.attention.dual_map import SLICE_TYPES, DualMap, build_dual_map, make_directions
+from asap.attention.esp import DEFAULT_MEMORY_BUDGET, check_esp_options, esp_attention
 from asap.attention.functional import asap_attention, sinkhorn_attention, softmax_attention
-from asap.attention.options import AsapOptions, SinkhornOptions, SoftmaxOptions
+from asap.attention.options import AsapOptions, EspConventions, Normalize, SinkhornOptions, SoftmaxOptions
 from asap.transport.ctransform import DEFAULT_TILE_BYTES
 from asap.transport.masks import key_padding_to_attn_mask
+from asap.transport.sliced_plans import SliceCost
 
 
 class AttentionOperator(nn.Module):
@@ -173,6 +175,79 @@ class AsapOperator(AttentionOperator):
         )  # fmt: skip
 
 
+class EspOperator(AttentionOperator):
+    """ESP attention as a swappable operator (the maths and options: :func:`~asap.attention.esp.esp_attention`).
+
+    Slice directions: by default the ``head_dim`` coordinate axes (``L = d``,
+    ESPFormer's choice, no projection needed). ``num_slices`` and/or
+    ``slice_type="random"`` draw ``(h, L, d)`` directions with
+    :func:`asap.attention.dual_map.make_directions` from ``seed`` (stored as a
+    buffer, so they travel with the state dict); ``directions`` gives them
+    explicitly (``(L, d)`` or ``(h, L, d)``).
+    """
+
+    method = "esp"
+    takes_padding_mask = True
+
+    def __init__(
+        self,
+        *,
+        num_heads: int | None = None,
+        head_dim: int | None = None,
+        num_slices: int | None = None,
+        slice_type: str = "axis",
+        seed: int = 0,
+        directions: Tensor | None = None,
+        soft: bool = True,
+        tau_sort: float = 1e-3,
+        tau: float = 1.0,
+        cost: SliceCost | None = None,
+        normalize: Normalize | None = None,
+        published: bool = False,
+        memory_budget_bytes: int | None = DEFAULT_MEMORY_BUDGET,
+        scale: float | None = None,
+    ):
+        super().__init__(scale=scale)
+        check_esp_options(tau_sort=tau_sort, tau=tau, memory_budget_bytes=memory_budget_bytes)
+        EspConventions.resolve(cost=cost, normalize=normalize, published=published)  # fail at construction
+        if slice_type not in SLICE_TYPES:
+            raise ValueError(f"esp: slice_type must be one of {SLICE_TYPES}, got {slice_type!r}")
+        if directions is None and (num_slices is not None or slice_type != "axis"):
+            if num_heads is None or head_dim is None:
+                raise ValueError("esp: drawing slice directions needs num_heads and head_dim")
+            directions = make_directions(
+                num_heads=num_heads, head_dim=head_dim, num_slices=num_slices or head_dim, slice_type=slice_type,
+                seed=seed,
+            )
+        self.register_buffer("directions", directions, persistent=True)
+        self.soft, self.tau_sort, self.tau = soft, tau_sort, tau
+        self.cost, self.normalize, self.published = cost, normalize, published
+        self.memory_budget_bytes = memory_budget_bytes
+
+    def extra_repr(self) -> str:
+        slices = "axis" if self.directions is None else f"L={self.directions.shape[-2]}"
+        return (
+            f"slices={slices}, soft={self.soft}, tau_sort={self.tau_sort}, tau={self.tau}, cost={self.cost!r}, "
+            f"normalize={self.normalize!r}, published={self.published}"
+        )
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, padding_mask: Tensor | None = None
+    ) -> Tensor:
+        """Same mask rule as :func:`esp_attention`: ``padding_mask (b, n)`` as is, ``attn_mask`` checked to be key-padding."""
+        return esp_attention(
+            q, k, v, attn_mask=attn_mask, padding_mask=padding_mask, scale=self.scale, directions=self.directions,
+            soft=self.soft, tau_sort=self.tau_sort, tau=self.tau, cost=self.cost, normalize=self.normalize,
+            published=self.published, memory_budget_bytes=self.memory_budget_bytes,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference: dense, per-sequence, in the input dtype. An oracle for tests (call it in fp64), written
+# independently of asap.transport.sliced_plans: padded tokens are dropped rather than masked, plans are
+# materialised, and the quantile coupling is built by the textbook north-west-corner walk.
+
+
 def call_mask(kwargs: Mapping[str, Any]) -> Tensor | None:
     """The boolean ``attn_mask`` of an operator call's keyword arguments, whichever form the caller used.
 
@@ -190,6 +265,7 @@ OPERATORS: dict[str, type[AttentionOperator]] = {
     "softmax": SoftmaxOperator,
     "sinkhorn": SinkhornOperator,
     "asap": AsapOperator,
+    "esp": EspOperator,
 }
 
 

@@ -17,11 +17,12 @@ features; the fitted coefficients are in the state dict)::
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from asap.attention.checks import check_int, check_positive
 from asap.attention.dual_map import DUAL_MAPS, SLICE_TYPES, _check_extra_features, dual_map_class
 from asap.transport.ctransform import DEFAULT_TILE_BYTES
+from asap.transport.sliced_plans import SLICE_COSTS, SliceCost, SortDistance
 
 #: Sinkhorn's gradient modes (see :func:`asap.attention.functional.sinkhorn_attention`).
 GRAD_MODES: tuple[str, ...] = ("unroll", "closure")
@@ -128,3 +129,45 @@ class AsapOptions(OperatorOptions):
         if not out["map_options"]:
             del out["map_options"]
         return out
+
+
+# ---------------------------------------------------------------------------------------------------- ESP
+
+Normalize = Literal["row", "marginal"]
+NORMALIZE_MODES: tuple[str, ...] = ("row", "marginal")
+
+
+@dataclass(frozen=True)
+class EspConventions:
+    """ESP's choices that the published code leaves open, resolved once (see :mod:`asap.attention.esp`).
+
+    cost: slice cost; sort_distance: SoftSort distance; points_scale_power: the
+    points are ``scale ** power * q`` (``0.5`` by default, ``1`` published);
+    cost_per_token: weight slices by ``n_valid <pi_l, C>`` instead of ``<pi_l, C>``;
+    normalize: ``"row"`` (divide by the row sums of the mixed plan) or
+    ``"marginal"`` (divide by ``a = 1/n_valid``).
+    """
+
+    cost: SliceCost = "dot"
+    sort_distance: SortDistance = "abs"
+    points_scale_power: float = 0.5
+    cost_per_token: bool = False
+    normalize: Normalize = "row"
+
+    @classmethod
+    def resolve(cls, *, cost: str | None, normalize: str | None, published: bool) -> EspConventions:
+        base = PUBLISHED_CONVENTIONS if published else cls()
+        cost = base.cost if cost is None else cost
+        normalize = base.normalize if normalize is None else normalize
+        if cost not in SLICE_COSTS:
+            raise ValueError(f"esp attention: cost must be one of {SLICE_COSTS}, got {cost!r}")
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"esp attention: normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+        return cls(cost, base.sort_distance, base.points_scale_power, base.cost_per_token, normalize)
+
+
+# ESPFormer's published code (attentions/esp.py): q and k scaled by 1/sqrt(d) each, torch.cdist (p=2) cost
+# summed over plans of mass n, SoftSort_p2 (squared distance), attention = plan of mass n (rows sum to 1).
+PUBLISHED_CONVENTIONS = EspConventions(
+    cost="euclidean", sort_distance="squared", points_scale_power=1.0, cost_per_token=True, normalize="marginal"
+)

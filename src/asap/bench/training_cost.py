@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from asap.attention.esp import DEFAULT_MEMORY_BUDGET, EspOperator
-from asap.attention.operators import AttentionOperator, SinkhornOperator, SoftmaxOperator
+from asap.attention.esp import DEFAULT_MEMORY_BUDGET
+from asap.attention.operators import AttentionOperator, EspOperator, SinkhornOperator, SoftmaxOperator
 from asap.env import machine_info
 from asap.io import atomic_write_json, method_key
 from asap.models.blocks import Block
