@@ -285,7 +285,7 @@ def save_checkpoint(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     rng: dict[str, Tensor],
     progress: dict[str, Any],
     progress_tensors: dict[str, Tensor],
@@ -294,6 +294,7 @@ def save_checkpoint(
 
     ``rng`` holds the RNG states of every process (stacked on dim 0), ``progress``
     JSON counters (epoch, batch, step, ...), ``progress_tensors`` running sums.
+    ``scheduler`` None (a run without one) is stored as null.
     """
     opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
     tensors = {
@@ -305,7 +306,7 @@ def save_checkpoint(
     meta = {
         "format_version": FORMAT_VERSION,
         "optimizer": opt_meta,
-        "scheduler": scheduler.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
         "progress": progress,
     }
     save_tensors(path, tensors, metadata=meta, record_hash=True)
@@ -325,7 +326,7 @@ def load_checkpoint(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
 ) -> ResumeState:
     """Restore ``model``, ``optimizer`` and ``scheduler`` in place from :func:`save_checkpoint`'s file."""
     check_shapes(_expected_shapes(model, prefix="model"), _header_part(read_header(path)[0], "model"), source=str(path))
@@ -345,7 +346,10 @@ def load_checkpoint(
     model.load_state_dict(weights)
     try:
         optimizer.load_state_dict(unflatten_optimizer_state(_strip("optimizer", tensors), meta["optimizer"]))
-        scheduler.load_state_dict(meta["scheduler"])
+        if (scheduler is None) != (meta["scheduler"] is None):
+            raise ValueError("the checkpoint was written " + ("without" if scheduler is not None else "with") + " a schedule")
+        if scheduler is not None:
+            scheduler.load_state_dict(meta["scheduler"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: optimizer or schedule state does not match the model ({err})") from None
     return ResumeState(_strip("rng", tensors), progress, _strip("progress", tensors))
@@ -370,6 +374,17 @@ def _version(dist_name: str) -> str:
         return "unknown"
 
 
+def library_versions() -> dict[str, str]:
+    """The versions a run records in its ``config.json``: asap and torch."""
+    return {"asap": _version("asap-attention"), "torch": torch.__version__}
+
+
+def model_config_dict(model: nn.Module) -> dict[str, Any]:
+    """``model.config`` as a dict: its ``to_dict()``, or the config itself when it is a dict (the model protocol)."""
+    config = model.config
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
 @dataclass
 class RunConfig:
     """The contents of a run's ``config.json``.
@@ -386,9 +401,7 @@ class RunConfig:
     train: TrainConfig
     data: dict[str, Any]
     format_version: int = FORMAT_VERSION
-    versions: dict[str, str] = dataclasses.field(
-        default_factory=lambda: {"asap": _version("asap-attention"), "torch": torch.__version__}
-    )
+    versions: dict[str, str] = dataclasses.field(default_factory=library_versions)
     #: where the run was trained (:func:`asap.env.machine_info` and ``world_size``); informative only.
     environment: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -565,7 +578,7 @@ def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
 def save_model(run_dir: str | os.PathLike, model: nn.Module, *, step: int) -> None:
     """Atomically write the weights to ``RUN_DIR/model.safetensors`` (the model config and the weights'
     sha256 ride along in its header)."""
-    meta = {"format_version": FORMAT_VERSION, "step": step, "model": model.config.to_dict()}
+    meta = {"format_version": FORMAT_VERSION, "step": step, "model": model_config_dict(model)}
     save_tensors(Path(run_dir) / MODEL_FILE, model.state_dict(), metadata=meta, record_hash=True)
 
 
