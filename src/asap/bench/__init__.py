@@ -3,7 +3,8 @@
 * :mod:`asap.bench.measure`: interleaved timing (median, IQR), peak memory (the machine description,
   :func:`machine_info`, is :mod:`asap.env`'s);
 * :mod:`asap.bench.operators`: time and memory of every attention operator over a grid of shapes
-  (``python -m asap.bench.operators``, ``asap bench operators``);
+  (``python -m asap.bench.operators``, ``asap bench operators``); its settings and command line are
+  :mod:`asap.bench.operator_config`, its method table and fp64 verification :mod:`asap.bench.operator_methods`;
 * :mod:`asap.bench.training_cost`: time and memory per training step, ESP vs Sinkhorn vs softmax;
 * :mod:`asap.bench.accuracy`: the accuracy table, every method trained at one budget over seeds
   (``asap bench accuracy``);
