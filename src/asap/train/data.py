@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import asap.data as asap_data
 from asap.errors import AsapError, ConfigError
 from asap.io import file_inside
-from asap.train.checkpoint import PRETRAINED_TOKENIZER, TOKENIZER_FILE
+from asap.train.layout import PRETRAINED_TOKENIZER, TOKENIZER_FILE
 from asap.train.config import TrainConfig
 from asap.train.distributed import DistInfo, barrier
 from asap.train.pretrained import pretrained_tokenizer

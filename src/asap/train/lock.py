@@ -14,7 +14,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from asap.train.checkpoint import LOCK_FILE, CheckpointError
+from asap.train.layout import LOCK_FILE, CheckpointError
 
 
 class RunLockedError(CheckpointError):

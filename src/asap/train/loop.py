@@ -26,7 +26,7 @@ from asap.env import machine_info
 from asap.errors import ConfigError
 from asap.io import atomic_write_json
 from asap.models import ModelConfig, TextClassifierConfig, ViTConfig
-from asap.train.checkpoint import RunConfig
+from asap.train.run_config import RunConfig
 from asap.train.config import TrainConfig
 from asap.train.data import load_split, prepare_data
 from asap.train.distributed import barrier, cleanup_distributed, setup_distributed

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from asap.train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, LOCK_FILE, CheckpointError
+from asap.train.layout import CHECKPOINT_FILE, CONFIG_FILE, LOCK_FILE, CheckpointError
 from asap.train.distributed import DistInfo, barrier
 from asap.train.lock import RunLock
 

@@ -50,20 +50,14 @@ from tqdm.auto import tqdm
 from asap.env import machine_info
 from asap.errors import AsapError, ConfigError
 from asap.io import append_command, append_json_line, atomic_write_bytes, atomic_write_json, dumps_strict
-from asap.train.checkpoint import (
-    CONFIG_FILE,
-    FORMAT_VERSION,
-    METRICS_FILE,
-    CheckpointError,
+from asap.train.layout import CONFIG_FILE, FORMAT_VERSION, METRICS_FILE, CheckpointError
+from asap.train.resume_state import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from asap.train.run_config import (
     RunConfig,
-    capture_rng_state,
     library_versions,
-    load_checkpoint,
     model_config_dict,
     read_json_file,
     read_run_config,
-    restore_rng_state,
-    save_checkpoint,
     save_model,
     write_run_config,
 )
@@ -230,7 +224,7 @@ class Trainer:
     parameters). The optimiser's class and defaults are recorded, and must match on resume.
 
     Run folder (``options.out_dir``): ``config.json`` (the model config, the loop options, the
-    optimiser; or ``run_config``, the :class:`~asap.train.checkpoint.RunConfig` that
+    optimiser; or ``run_config``, the :class:`~asap.train.run_config.RunConfig` that
     :func:`asap.train.train` writes), ``checkpoint.safetensors``, ``model.safetensors``,
     ``metrics.jsonl``, ``command.txt`` (``command``). ``resume=True`` continues the run found there.
 
@@ -433,9 +427,16 @@ class Trainer:
                         message = f"interrupted at step {self.global_step}; resume with --resume {self.run_dir}"
                         self._say(message)
                         raise RunInterrupted(message, signalled[1] or signal.SIGINT)
-                    return self.summary(completed=False)
+                    return self._done(completed=False)
                 self._end_epoch()
-        return self.summary(completed=True)
+        return self._done(completed=True)
+
+    def _done(self, *, completed: bool) -> dict[str, Any]:
+        summary = self.summary(completed=completed)
+        # Wait for rank 0 to finish writing: a rank that tears down its gloo group while a peer is still
+        # in flight aborts ("terminate called without an active exception"). Not on the error path.
+        barrier(self.dist)
+        return summary
 
     def _train_epoch(self, signalled: list[Any]) -> bool:
         """Run the rest of the current epoch; False if stopped early (by request or ``stop_after_steps``)."""
