@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 
 from asap.errors import ConfigError
 from asap.train import CheckpointError, LoopOptions, Trainer, read_metrics
+from asap.train.trainer import TrainingDiverged
 from asap.train.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, load_tensors
 
 TIMING = ("samples_per_sec", "epoch_seconds", "elapsed_seconds")
@@ -132,3 +133,30 @@ def test_refusals_before_anything_is_written(tmp_path):
         Trainer(plain, *datasets(), collate=to_batch, optimizer=torch.optim.SGD(plain.parameters(), lr=0.1),
                 options=LoopOptions(out_dir=str(tmp_path / "plain"), batch_size=10, device="cpu"))  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_non_finite_loss_stops_a_trainer_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    original = Trainer._step
+
+    def step_with_nan(self, batch):
+        if self.global_step + 1 == 5:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        original(self, batch)
+
+    monkeypatch.setattr(Trainer, "_step", step_with_nan)
+    with pytest.raises(TrainingDiverged, match=r"at step 5 .*last checkpoint \(step 3\).*--lr \(now 0\.01\)"):
+        run(make_trainer(tmp_path / "nan", checkpoint_every=3))
+    monkeypatch.undo()
+    _, meta = load_tensors(tmp_path / "nan" / CHECKPOINT_FILE)
+    assert meta["progress"]["global_step"] == 3
+    assert run(make_trainer(tmp_path / "nan", checkpoint_every=3, resume=True))["completed"]
+
+
+def test_loop_options_of_a_train_config(tmp_path):
+    from asap.train import TrainConfig
+
+    config = TrainConfig(out_dir=str(tmp_path / "r"), epochs=2, batch_size=8, seed=3, grad_clip=None, device="cpu")
+    options = LoopOptions.from_config(config)
+    assert (options.epochs, options.batch_size, options.seed, options.grad_clip) == (2, 8, 3, None)
+    assert options.resolved_eval_batch_size == config.resolved_eval_batch_size == 16
