@@ -68,5 +68,8 @@ def test_the_report_shows_the_ratios_and_the_goal(result):
     out, doc = result
     readme = generate_report(out.parent.parent).read_text()
     assert "### digits: `frozen_layer/teacher.json`" in readme
-    ratio = doc["layers"][0]["speedup_of_asap_over"]["sinkhorn_k9"]
-    assert f"Layer 0: {ratio:.2f}x over sinkhorn_k9" in readme
+    ratios = doc["layers"][0]["speedup_of_asap_over"]
+    verdict = "met" if ratios["sinkhorn_k5"] >= 1.5 else "NOT met"  # the goal is stated against the trained teacher
+    assert (f"Layer 0: {ratios['sinkhorn_k5']:.2f}x over the trained teacher (sinkhorn_k5): 1.5x goal at its shape "
+            f"{verdict}; {ratios['sinkhorn_k3']:.2f}x over sinkhorn_k3") in readme
+    assert f"{ratios['sinkhorn_k9']:.2f}x" in readme  # the reference teacher's ratio stays in the table
