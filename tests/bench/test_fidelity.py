@@ -33,7 +33,7 @@ def test_run_teacher_plane_json_and_png(teacher_run, capsys):
     assert [layer["layer"] for layer in doc["layers"]] == [0, 1]
     for layer in doc["layers"]:
         names = {p["method"] for p in layer["points"]}
-        assert names == {"sinkhorn_K1", "sinkhorn_K3", "asap_L16_j0", "asap_L16_j2"}
+        assert names == {"sinkhorn_k1", "sinkhorn_k3", "asap_l16_j0", "asap_l16_j2"}
         for p in layer["points"]:
             assert 0 <= p["row_tv"] <= 1 and p["ms"] > 0
         assert "asap_wins" in layer["verdict"]
@@ -47,7 +47,7 @@ def test_figures_match_the_fp64_plans():
     teacher = SinkhornOperator(n_iters=5, eps=0.8)
     config = FidelityConfig(slices=(4,), extra_steps=(0,), truncated=(3,), budget_s=0.01, repeats=2)
     plane = layer_plane(calls[:2], calls[2:], teacher, config)
-    point = next(p for p in plane["points"] if p["method"] == "sinkhorn_K3")
+    point = next(p for p in plane["points"] if p["method"] == "sinkhorn_k3")
     call = calls[2]
     q, k = call.q.double(), call.k.double()
     a = sinkhorn_plan_reference(q, k, n_iters=3, eps=0.8, attn_mask=call.attn_mask)
@@ -58,12 +58,12 @@ def test_figures_match_the_fp64_plans():
 
 
 def test_verdict():
-    pts = [{"method": "sinkhorn_K3", "family": "truncated", "K": 3, "row_tv": 0.05, "ms": 10.0},
-           {"method": "sinkhorn_K5", "family": "truncated", "K": 5, "row_tv": 0.02, "ms": 15.0},
-           {"method": "asap_L16_j0", "family": "asap", "row_tv": 0.03, "ms": 11.0},
-           {"method": "asap_L16_j2", "family": "asap", "row_tv": 0.03, "ms": 16.0}]  # fmt: skip
+    pts = [{"method": "sinkhorn_k3", "family": "truncated", "K": 3, "row_tv": 0.05, "ms": 10.0},
+           {"method": "sinkhorn_k5", "family": "truncated", "K": 5, "row_tv": 0.02, "ms": 15.0},
+           {"method": "asap_l16_j0", "family": "asap", "row_tv": 0.03, "ms": 11.0},
+           {"method": "asap_l16_j2", "family": "asap", "row_tv": 0.03, "ms": 16.0}]  # fmt: skip
     verdict = pareto_verdict(pts)
-    assert verdict["asap_points_on_front"] == [{"asap": "asap_L16_j0", "beats": "sinkhorn_K3"}]
+    assert verdict["asap_points_on_front"] == [{"asap": "asap_l16_j0", "beats": "sinkhorn_k3"}]
 
 
 def test_bad_input_is_one_clear_error(tmp_path):

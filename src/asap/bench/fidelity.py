@@ -48,7 +48,7 @@ from asap.attention.operators import AttentionOperator, SinkhornOperator, call_m
 from asap.bench.measure import benchmark
 from asap.compile.direct import fit_dual_map
 from asap.env import load_average, machine_info
-from asap.io import atomic_write_json, command_line, record_command
+from asap.io import atomic_write_json, command_line, method_key, record_command
 
 SCHEMA = "asap.bench.fidelity/1"
 
@@ -162,7 +162,7 @@ def layer_plane(
     timed: dict[str, Callable[[], Any]] = {}
     call0 = held_calls[0]
     for k_trunc in config.truncated:
-        name = f"sinkhorn_K{k_trunc}"
+        name = method_key("sinkhorn", n_iters=k_trunc)
         figures = mean_figures(lambda c, k_trunc=k_trunc: _attention(sinkhorn_attention, c, n_iters=k_trunc, eps=eps, scale=scale))
         points.append({"method": name, "family": "truncated", "K": k_trunc, **figures})
         timed[name] = lambda k_trunc=k_trunc: sinkhorn_attention(
@@ -180,7 +180,7 @@ def layer_plane(
             return dual_map(c.q, c.k, scale=scale, padding_mask=c.valid, center=False)
 
         for j in config.extra_steps:
-            name = f"asap_L{num_slices}_j{j}"
+            name = method_key("asap", num_slices=num_slices, extra_steps=j)
             figures = mean_figures(lambda c, j=j: _attention(
                 asap_attention, c, f_hat=f_hat(c), eps=eps, scale=scale, extra_steps=j))  # fmt: skip
             points.append({"method": name, "family": "asap", "L": num_slices, "extra_steps": j, **figures})

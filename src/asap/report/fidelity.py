@@ -24,7 +24,7 @@ def render_fidelity(docs: list[Doc], results_dir: Path) -> Rendered:
                       f"Teacher: {what}. Maps fitted on {data['calibration_examples']} examples, figures on "
                       f"{data['held_out_examples']} held-out ones: mean row total variation to the teacher's attention "
                       "over valid queries; time: one call on one held-out batch (b x h x n), interleaved medians. "
-                      "`asap_L{L}_j{j}` is ASAP with L slices and j extra Sinkhorn half-steps; `sinkhorn_K{K}` is the "
+                      "`asap_l{L}_j{j}` is ASAP with L slices and j extra Sinkhorn half-steps; `sinkhorn_k{K}` is the "
                       "teacher stopped after K half-steps.", ""]  # fmt: skip
         for layer in data["layers"]:
             pts = sorted(layer["points"], key=lambda p: (p["ms"] or 0))
