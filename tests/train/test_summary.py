@@ -27,3 +27,15 @@ def test_publish_and_readme(tmp_path):
     readme = (results / "README.md").read_text()
     assert f"{test['accuracy']:.4f} ({test['num_samples']:,})" in readme
     assert readme.count("| digits_sk3 |") == 1 and "| small |" in readme
+
+
+def test_the_size_column_reads_a_pretrained_encoders_config():
+    """A run of asap train --model hf:PATH has no dim/depth/heads of its own: they come from its transformers config."""
+    from types import SimpleNamespace
+
+    from asap.train.summary import _size
+
+    hf = SimpleNamespace(hf_config={"model_type": "bert", "hidden_size": 384, "num_hidden_layers": 6,
+                                    "num_attention_heads": 12})
+    assert _size(hf) == "bert: dim 384, depth 6, heads 12"
+    assert _size(SimpleNamespace(dim=64, depth=2, num_heads=4)) == "dim 64, depth 2, heads 4"

@@ -31,6 +31,15 @@ WEIGHT_FILES = (MODEL_FILE, TOKENIZER_FILE)
 DEFAULT_MAX_WEIGHT_BYTES = 5 * 1024 * 1024
 
 
+def _size(model: Any) -> str:
+    """``dim D, depth L, heads H`` of a project model, or of a pretrained encoder from its transformers config."""
+    hf = getattr(model, "hf_config", None)
+    if isinstance(hf, dict):  # asap train --model hf:PATH (asap.integrations.hf.classifier)
+        dims = hf.get("hidden_size"), hf.get("num_hidden_layers"), hf.get("num_attention_heads")
+        return f"{hf.get('model_type', 'pretrained')}: dim {dims[0]}, depth {dims[1]}, heads {dims[2]}"
+    return f"dim {model.dim}, depth {model.depth}, heads {model.num_heads}"
+
+
 def publish_run(run_dir: str | Path, dest: str | Path, *, max_weight_bytes: int = DEFAULT_MAX_WEIGHT_BYTES) -> list[str]:
     """Copy a finished run's records (and weights, if small) to ``dest``; returns the copied names."""
     run_dir, dest = Path(run_dir), Path(dest)
@@ -65,7 +74,7 @@ def summarise_run(run_dir: str | Path) -> dict[str, Any]:
         "method": model.attention.method,
         "K": options.get("n_iters"),
         "eps": options.get("eps"),
-        "size": f"dim {model.dim}, depth {model.depth}, heads {model.num_heads}",
+        "size": _size(model),
         "params": sum(p.numel() for p in build_model(model).parameters()),
         "epochs": len(history),
         "val_acc": history[-1]["val_acc"] if history else None,
