@@ -1,6 +1,6 @@
 """``asap demo``: train a Sinkhorn teacher, compile it to ASAP, compare accuracy and speed.
 
-    asap demo                      # about 2 minutes on 2 idle CPU cores (more on a busy machine); writes runs/demo
+    asap demo                      # about a minute on 2 idle CPU cores (more on a busy machine); writes runs/demo
     asap demo --out /tmp/demo --epochs 5
 
 On the bundled ``digits`` data set (scikit-learn; nothing to download), the
