@@ -48,6 +48,12 @@ for target in "${which[@]}"; do
       HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $ASAP train "${common[@]}" --method softmax \
         --out "$RUNS/minilm_imdb256_softmax" > "$RUNS/minilm_imdb256_softmax.log" 2>&1 &
       wait %1 && wait %2
+      # how sharp: the Sinkhorn teacher with its attention truncated to K = 3 and 5 half-steps, and at its own
+      # K = 11, on the same 1,000 test reviews (the class-stratified head of the test split)
+      for k in 3 5 11; do
+        HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $ASAP eval "$RUNS/minilm_imdb256_sinkhorn" --method-override sinkhorn \
+          --n-iters "$k" --eps 1.0 --limit 1000   # written as eval_test_sinkhorn_eps1.0_n_itersK_limit1000.json
+      done
       keep minilm_imdb256_sinkhorn minilm_imdb256_sinkhorn_k11
       keep minilm_imdb256_softmax minilm_imdb256_softmax
       ;;
