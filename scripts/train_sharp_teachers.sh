@@ -54,7 +54,12 @@ for target in "${which[@]}"; do
         HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $ASAP eval "$RUNS/minilm_imdb256_sinkhorn" --method-override sinkhorn \
           --n-iters "$k" --eps 1.0 --limit 1000   # written as eval_test_sinkhorn_eps1.0_n_itersK_limit1000.json
       done
+      # downstream replacement: every layer compiled to ASAP (default map), no retraining, on the same 1,000 reviews
+      HF_HUB_OFFLINE=1 $ASAP compile "$RUNS/minilm_imdb256_sinkhorn" --calibration 256 --batch-size 16 \
+        --eval-limit 1000 --eval-batch-size 32 --quiet --out "$RUNS/minilm_imdb256_asap"
       keep minilm_imdb256_sinkhorn minilm_imdb256_sinkhorn_k11
+      mkdir -p results/teachers/minilm_imdb256_sinkhorn_k11/compiled_asap
+      cp "$RUNS/minilm_imdb256_asap"/fidelity.{json,png} results/teachers/minilm_imdb256_sinkhorn_k11/compiled_asap/
       keep minilm_imdb256_softmax minilm_imdb256_softmax
       ;;
     *) echo "train_sharp_teachers.sh: unknown teacher '$target' (digits, minilm)" >&2; exit 2 ;;
