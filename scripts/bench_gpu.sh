@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure of the speed issue in one go, on a machine with a CUDA GPU and triton (about 8 minutes on
-# one H200): the Triton ASAP kernels against SDPA, the PyTorch ASAP path and the Sinkhorn teacher (fp16 and
+# Every GPU figure of the speed issue in one go, on a machine with a CUDA GPU and triton (99 s on
+# one H200, 2026-12-04): the Triton ASAP kernels against SDPA, the PyTorch ASAP path and the Sinkhorn teacher (fp16 and
 # bf16, n = 512 ... 8192, unpadded and padded, parity-gated), then the operator benchmark on CUDA (fp16; ESP
 # is left out: its fp16 gradients fail the benchmark's own fp64 check, grad_k error 0.68 > 0.05 on CPU).
 # Usage: bash scripts/bench_gpu.sh [OUT_DIR]   (default results/bench; PYTHON picks the interpreter)
