@@ -43,8 +43,8 @@ from asap.transport.ctransform import (
     c_transform_cols_tiled,
     col_step,
     reduction_dtype,
-    row_step,
     scaled_logits,
+    warm_start_duals,
 )
 from asap.transport.diagnostics import log_plan
 from asap.transport.masks import Support, padding_support, support
@@ -452,16 +452,9 @@ def _steps_block(
 ) -> Tensor:
     scores = (q @ k.transpose(-1, -2)) * scale
     row_logits, col_logits = scaled_logits(scores, eps=eps, supp=supp)
-    f = supp.zero_rows(f)
-    g = col_step(col_logits, f, eps=eps, supp=supp)
-    for step in range(extra_steps):
-        if step % 2 == 0:
-            f = row_step(row_logits, g, eps=eps, supp=supp)
-        else:
-            g = col_step(col_logits, f, eps=eps, supp=supp)
+    f, g = warm_start_duals(row_logits, col_logits, f, eps=eps, supp=supp, extra_steps=extra_steps)
     if extra_steps % 2 == 0:  # the closing row step is the softmax normaliser
         attn = torch.softmax(row_logits + (g / eps).unsqueeze(-2), dim=-1)
-    else:  # one more column step: exact columns, A = P / a
-        g = col_step(col_logits, f, eps=eps, supp=supp)
+    else:  # closed by a column step: exact columns, A = P / a
         attn = (log_plan(scores, f, g, eps=eps, supp=supp) - supp.log_a.unsqueeze(-1)).exp()
     return supp.zero_rows(attn @ v, vectors=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from asap.transport.ctransform import c_transform_cols, col_step, reduction_dtype, row_step, scaled_logits
+from asap.transport.ctransform import c_transform_cols, reduction_dtype, scaled_logits, warm_start_duals
 from asap.transport.masks import Support, support
 from asap.transport.sinkhorn import sinkhorn
 
@@ -86,16 +86,9 @@ def asap_log_attention(scores: Tensor, f_hat: Tensor, *, eps: float, supp: Suppo
         g = c_transform_cols(scores, supp.zero_rows(f_hat), eps=eps, supp=supp)
         return _row_log_softmax(scores, g, eps=eps, supp=supp)
     row_logits, col_logits = scaled_logits(scores, eps=eps, supp=supp)
-    f = supp.zero_rows(f_hat)
-    g = col_step(col_logits, f, eps=eps, supp=supp)
-    for step in range(extra_steps):
-        if step % 2 == 0:
-            f = row_step(row_logits, g, eps=eps, supp=supp)
-        else:
-            g = col_step(col_logits, f, eps=eps, supp=supp)
+    f, g = warm_start_duals(row_logits, col_logits, f_hat, eps=eps, supp=supp, extra_steps=extra_steps)
     if extra_steps % 2 == 0:
         return _row_log_softmax(scores, g, eps=eps, supp=supp)
-    g = col_step(col_logits, f, eps=eps, supp=supp)
     # log P - log a (log_plan's values), with padding rows left open like the other log-attentions here
     log_attn = (scores + f.unsqueeze(-1) + g.unsqueeze(-2)) / eps - supp.log_a.unsqueeze(-1)
     return log_attn if supp.row_bias is None else log_attn + supp.row_bias

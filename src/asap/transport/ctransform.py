@@ -86,6 +86,27 @@ def col_step(col_logits: Tensor, f: Tensor, *, eps: float, supp: Support, work: 
     return supp.zero_cols(eps * (supp.log_b - lse))
 
 
+def warm_start_duals(
+    row_logits: Tensor, col_logits: Tensor, f: Tensor, *, eps: float, supp: Support, extra_steps: int
+) -> tuple[Tensor, Tensor]:
+    """The duals of ASAP with ``extra_steps = j`` warm-start half-steps from a predicted query dual ``f (..., n)``.
+
+    ``g = ccol(f)``, then ``j`` alternating steps ``f = crow(g)``, ``g = ccol(f)``; for odd ``j`` one
+    more column step closes (exact columns, ``A = P / a``), for even ``j`` the caller's row softmax
+    closes (``A = softmax((S + g) / eps)``). Returns ``(f (..., n), g (..., m))``; docs/method.md sec. 4.5.
+    """
+    f = supp.zero_rows(f)
+    g = col_step(col_logits, f, eps=eps, supp=supp)
+    for step in range(extra_steps):
+        if step % 2 == 0:
+            f = row_step(row_logits, g, eps=eps, supp=supp)
+        else:
+            g = col_step(col_logits, f, eps=eps, supp=supp)
+    if extra_steps % 2 == 1:
+        g = col_step(col_logits, f, eps=eps, supp=supp)
+    return f, g
+
+
 def c_transform_rows(scores: Tensor, g: Tensor, *, eps: float, supp: Support) -> Tensor:
     """Row c-transform ``crow(g)``: ``scores (..., n, m)``, ``g (..., m)`` -> ``f (..., n)``."""
     return row_step(scaled_logits(scores, eps=eps, supp=supp)[0], g, eps=eps, supp=supp)
