@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from asap.io import method_of
-from asap.report.core import Doc, Rendered, fmt_ratio, machine_line, pct, pyplot, recorded_command, sinkhorn_key, table
+from asap.report.core import Doc, Rendered, fmt_ratio, machine_line, pct, pyplot, save_figure, recorded_command, sinkhorn_key, table
 
 
 ACCURACY_SCHEMA = "asap.bench.accuracy/1"
@@ -68,10 +68,7 @@ def plot_accuracy_table(docs: list[Doc], path: Path) -> Path | None:
         ax.set_title(f"{doc.data['dataset']} ({len(doc.data['seeds'])} seeds)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def render_accuracy(docs: list[Doc], results_dir: Path) -> Rendered:

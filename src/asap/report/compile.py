@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from asap.io import method_of
-from asap.report.core import Doc, Rendered, fmt_ratio, pct, pyplot, recorded_command, scalar, table
+from asap.report.core import Doc, Rendered, fmt_ratio, pct, pyplot, save_figure, recorded_command, scalar, table
 from asap.report.generic import render_generic
 
 
@@ -78,10 +78,7 @@ def plot_accuracy_vs_cost(docs: list[Doc], path: Path) -> Path | None:
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def render_compile(docs: list[Doc], results_dir: Path) -> Rendered:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from asap.report.core import Doc, Rendered, fmt_bytes, fmt_ratio, fmt_time, machine_line, pyplot, sinkhorn_key, table
+from asap.report.core import Doc, Rendered, fmt_bytes, fmt_ratio, fmt_time, machine_line, pyplot, save_figure, sinkhorn_key, table
 
 
 OPERATORS_SCHEMA = "asap.bench.operators/1"
@@ -164,11 +164,7 @@ def plot_operators(doc: Doc, out_dir: Path) -> list[Path]:
         cfg = doc.data["config"]
         hardware = machine.get("cpu_model") if cfg["device"] == "cpu" else (machine.get("gpu") or {}).get("name")
         fig.suptitle(f"{stem}: b={cfg['batch']}, h={cfg['heads']}, d={cfg['head_dim']}, {cfg['dtype']}, {hardware}")
-        fig.tight_layout()
-        path = out_dir / f"{stem}_{quantity}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir / f"{stem}_{quantity}.png"))
     return paths
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from asap.report.core import Doc, Rendered, fmt_ratio, machine_line, pyplot, recorded_command, sinkhorn_key, table
+from asap.report.core import Doc, Rendered, fmt_ratio, machine_line, pyplot, save_figure, recorded_command, sinkhorn_key, table
 
 
 TRITON_GPU_SCHEMA = "asap.scripts.bench_triton_gpu/1"
@@ -54,10 +54,7 @@ def plot_triton_gpu(doc: Doc, path: Path) -> Path:
     gpu = (doc.data.get("machine") or {}).get("gpu") or {}
     b, h, _, d = doc.data["settings"][0]["shape"]
     fig.suptitle(f"ASAP on GPU: b={b}, h={h}, d={d}, {gpu.get('name', 'GPU')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def render_triton_gpu(docs: list[Doc], results_dir: Path) -> Rendered:
