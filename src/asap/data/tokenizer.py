@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -28,6 +29,7 @@ _SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, CLS_TOKEN)  # trainers give special tok
 _ENCODE_CHUNK = 4096  # texts per call into the (multi-threaded) Rust encoder: bounds peak memory
 # Only a head of this many characters per kept token is encoded at first (see ``encode_ids``).
 _HEAD_CHARS_PER_TOKEN = 8
+_T = TypeVar("_T", "SubwordTokenizer", "PretrainedTokenizer")
 
 
 def _head(text: str, num_chars: int) -> str:
@@ -104,12 +106,7 @@ class SubwordTokenizer:
             ValueError: the file is not a valid tokenizer (corrupt, truncated,
                 or missing the special tokens).
         """
-        path = pathlib.Path(path)
-        tokenizer = _read_tokenizer(path)
-        try:
-            return cls(tokenizer)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from err
+        return _load(cls, path)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as JSON, atomically: a temporary file beside ``path``, then
@@ -204,12 +201,7 @@ class PretrainedTokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> PretrainedTokenizer:
         """Read a tokenizer written by :meth:`save` (``FileNotFoundError``/``ValueError`` naming the file)."""
-        path = pathlib.Path(path)
-        tokenizer = _read_tokenizer(path)
-        try:
-            return cls(tokenizer)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from err
+        return _load(cls, path)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer (with its padding id) as JSON, atomically."""
@@ -246,13 +238,20 @@ class PretrainedTokenizer:
         return f"PretrainedTokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id})"
 
 
-def _read_tokenizer(path: pathlib.Path) -> Tokenizer:
+def _load(cls: type[_T], path: str | os.PathLike) -> _T:
+    """``cls(tokenizer)`` from the file ``path`` (each tokenizer class's ``load``): ``FileNotFoundError``
+    for no file, ``ValueError`` naming the file for one that is not a tokenizer or that ``cls`` refuses."""
+    path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     try:
-        return Tokenizer.from_str(path.read_text(encoding="utf-8"))
+        tokenizer = Tokenizer.from_str(path.read_text(encoding="utf-8"))
     except Exception as err:  # the Rust side raises a bare Exception for any parse error
         raise ValueError(f"{path} is not a valid tokenizer JSON file: {err}") from err
+    try:
+        return cls(tokenizer)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def _write_atomic(path: str | os.PathLike, text: str) -> None:
