@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from asap.attention.module import AttentionConfig, MultiheadAttention
+from asap.models.config import ModelConfig
 
 
 class MLP(nn.Module):
@@ -60,3 +61,17 @@ class Block(nn.Module):
     def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x), padding_mask=padding_mask)  # dropout inside, on its projection
         return x + self.mlp(self.norm2(x))
+
+
+def add_encoder(model: nn.Module, config: ModelConfig) -> None:
+    """Give a classifier, after its embeddings, the trunk every model here shares: ``dropout`` (on the
+    embeddings), ``config.depth`` :class:`Block` s as ``blocks``, the final LayerNorm ``norm`` and the linear
+    ``head`` to ``config.num_classes`` logits. Registered in this order, which the weight initialisation follows."""
+    c = config
+    model.dropout = nn.Dropout(c.dropout)
+    model.blocks = nn.ModuleList(
+        Block(c.dim, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout, attention=c.attention)
+        for _ in range(c.depth)
+    )
+    model.norm = nn.LayerNorm(c.dim)
+    model.head = nn.Linear(c.dim, c.num_classes)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from asap.models.blocks import Block
+from asap.models.blocks import add_encoder
 from asap.models.config import TextClassifierConfig
 from asap.models.init import init_weights
 
@@ -32,13 +32,7 @@ class TextClassifier(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.pooling == "cls" else None
         num_positions = c.max_length + (1 if c.pooling == "cls" else 0)
         self.position_embedding = nn.Parameter(torch.zeros(1, num_positions, c.dim))
-        self.dropout = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(
-            Block(c.dim, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout, attention=c.attention)
-            for _ in range(c.depth)
-        )
-        self.norm = nn.LayerNorm(c.dim)
-        self.head = nn.Linear(c.dim, c.num_classes)
+        add_encoder(self, c)
         init_weights(self)
 
     def forward(self, input_ids: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from asap.models.blocks import Block
+from asap.models.blocks import add_encoder
 from asap.models.config import ViTConfig
 from asap.models.init import init_weights
 
@@ -29,13 +29,7 @@ class VisionTransformer(nn.Module):
         self.patch_embedding = nn.Conv2d(c.in_channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.position_embedding = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.dim))
-        self.dropout = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(
-            Block(c.dim, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout, attention=c.attention)
-            for _ in range(c.depth)
-        )
-        self.norm = nn.LayerNorm(c.dim)
-        self.head = nn.Linear(c.dim, c.num_classes)
+        add_encoder(self, c)
         init_weights(self)
 
     def forward(self, images: Tensor) -> Tensor:
