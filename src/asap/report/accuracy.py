@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from asap.io import method_of
-from asap.report.core import Doc, Rendered, fmt_ratio, machine_line, pct, pyplot, save_figure, recorded_command, sinkhorn_key, table
+from asap.report.core import Doc, Rendered, fmt_ratio, machine_line, pct, pyplot, save_figure, recorded_command, sinkhorn_key, style_axes, table
 
 
 ACCURACY_SCHEMA = "asap.bench.accuracy/1"
@@ -62,12 +62,8 @@ def plot_accuracy_table(docs: list[Doc], path: Path) -> Path | None:
                 continue
             ax.errorbar([ms[method] / ms["softmax"]], [100 * summary["mean"]], yerr=[100 * (summary["std"] or 0)],
                         marker="o", capsize=3, linestyle="none", label=method)
-        ax.set_xscale("log")
-        ax.set_xlabel("inference time / softmax (same batch)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{doc.data['dataset']} ({len(doc.data['seeds'])} seeds)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        style_axes(ax, xlabel="inference time / softmax (same batch)", ylabel="test accuracy (%)",
+                   title=f"{doc.data['dataset']} ({len(doc.data['seeds'])} seeds)")  # fmt: skip
     return save_figure(fig, path)
 
 

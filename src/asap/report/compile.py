@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from asap.io import method_of
-from asap.report.core import Doc, Rendered, fmt_ratio, pct, pyplot, save_figure, recorded_command, scalar, table
+from asap.report.core import Doc, Rendered, fmt_ratio, pct, pyplot, save_figure, recorded_command, scalar, style_axes, table
 from asap.report.generic import render_generic
 
 
@@ -73,11 +73,7 @@ def plot_accuracy_vs_cost(docs: list[Doc], path: Path) -> Path | None:
         line = ax.plot([p[2] for p in pts], [p[3] for p in pts], ":", alpha=0.5)[0]
         for _, name, ms, acc in pts:
             ax.scatter([ms], [acc], marker=markers[name], color=line.get_color(), label=f"{tag}: {name}")
-    ax.set_xscale("log")
-    ax.set_xlabel("time of one attention call, mean over compiled layers (ms)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    style_axes(ax, xlabel="time of one attention call, mean over compiled layers (ms)", ylabel="test accuracy (%)")
     return save_figure(fig, path)
 
 

@@ -182,6 +182,23 @@ def pyplot() -> Any:
     return plt
 
 
+def style_axes(
+    ax: Any, *, xlabel: str, ylabel: str, title: str | None = None, x_base: int = 10, log_y: bool = False,
+    legend_size: int = 7,
+) -> None:
+    """The report's axes: log ``x`` (base ``x_base``), log ``y`` if ``log_y``, the labels, ``title`` when
+    given, a light grid on major and minor ticks and a small legend (the same style for every plot)."""
+    ax.set_xscale("log", base=x_base)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def save_figure(fig: Any, path: Path) -> Path:
     """Lay out, write (PNG, 110 dpi, the same for every plot of the report) and close ``fig``; returns ``path``."""
     fig.tight_layout()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from asap.report.core import Doc, Rendered, fmt_bytes, fmt_ratio, fmt_time, machine_line, pyplot, save_figure, sinkhorn_key, table
+from asap.report.core import Doc, Rendered, fmt_bytes, fmt_ratio, fmt_time, machine_line, pyplot, save_figure, sinkhorn_key, style_axes, table
 
 
 OPERATORS_SCHEMA = "asap.bench.operators/1"
@@ -153,13 +153,8 @@ def plot_operators(doc: Doc, out_dir: Path) -> list[Path]:
             if quantity == "memory":
                 ax.plot([g["n"] for g in groups], [g["dense_fp32_bytes"] / 2**20 for g in groups], "k--",
                         label="one (b,h,n,m) fp32 tensor")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length n = m")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{mode.replace('_', ' + ')}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            style_axes(ax, xlabel="sequence length n = m", ylabel=ylabel, title=f"{mode.replace('_', ' + ')}",
+                       x_base=2, log_y=True, legend_size=8)  # fmt: skip
         machine = doc.data.get("machine", {})
         cfg = doc.data["config"]
         hardware = machine.get("cpu_model") if cfg["device"] == "cpu" else (machine.get("gpu") or {}).get("name")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from asap.report.core import Doc, Rendered, fmt_ratio, machine_line, pyplot, save_figure, recorded_command, sinkhorn_key, table
+from asap.report.core import Doc, Rendered, fmt_ratio, machine_line, pyplot, save_figure, recorded_command, sinkhorn_key, style_axes, table
 
 
 TRITON_GPU_SCHEMA = "asap.scripts.bench_triton_gpu/1"
@@ -44,13 +44,8 @@ def plot_triton_gpu(doc: Doc, path: Path) -> Path:
                    if name in s["methods"] and not s["methods"][name].get("oom")]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name, linestyle="--" if name.startswith("sinkhorn") else "-")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length n = m")
-        ax.set_ylabel("median time (ms)")
-        ax.set_title(f"{dtype}, {'padded' if padded else 'unpadded'}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        style_axes(ax, xlabel="sequence length n = m", ylabel="median time (ms)", x_base=2, log_y=True,
+                   title=f"{dtype}, {'padded' if padded else 'unpadded'}")  # fmt: skip
     gpu = (doc.data.get("machine") or {}).get("gpu") or {}
     b, h, _, d = doc.data["settings"][0]["shape"]
     fig.suptitle(f"ASAP on GPU: b={b}, h={h}, d={d}, {gpu.get('name', 'GPU')}")
