@@ -256,3 +256,16 @@ def read_json(path: str | os.PathLike, *, error: type[Exception] = AsapError, wh
         raise error(f"{path}: not a {what} (JSON nested too deeply)") from None
     except OSError as err:
         raise error(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def check_format(
+    doc: Any, *, fmt: str, version: int, source: str | os.PathLike, error: type[Exception] = AsapError,
+    kind: str = "file",
+) -> dict[str, Any]:
+    """``doc``, a parsed JSON file, when it is an object with ``"format": fmt`` and ``"format_version": version``;
+    otherwise ``error`` naming ``source`` (``not an 'FMT' KIND``, or the version found and the one read)."""
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise error(f"{source}: not an {fmt!r} {kind}")
+    if doc.get("format_version") != version:
+        raise error(f"{source}: format version {doc.get('format_version')!r}, this asap reads {version}")
+    return doc

@@ -50,7 +50,7 @@ from asap.attention.dual_map import DUAL_MAPS, EXTRA_FEATURES, SLICE_TYPES, Dual
 from asap.attention.operators import AsapOperator, SinkhornOperator
 from asap.attention.submodules import find_modules, get_module, replace_module
 from asap.errors import ConfigError, UnsafePathError
-from asap.io import atomic_write_json, file_inside, read_json
+from asap.io import atomic_write_json, check_format, file_inside, read_json
 from asap.models import build_model, model_config_from_dict
 from asap.train.checkpoint import (
     CheckpointError,
@@ -173,19 +173,21 @@ def save_compiled(
     return out
 
 
-def read_manifest(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """``(artifact dir, manifest)`` from an artifact directory or its ``manifest.json``; format checked."""
+def locate_manifest(path: str | os.PathLike, *, saved_as: str) -> tuple[Path, Path]:
+    """``(folder, manifest path)`` from a folder or its ``manifest.json``; :class:`ArtifactError` when that file
+    does not exist, asking whether the folder is ``saved_as`` (what writes such manifests)."""
     path = Path(path)
     directory, manifest_path = (path, path / MANIFEST_FILE) if path.is_dir() else (path.parent, path)
     if not manifest_path.is_file():
-        raise ArtifactError(f"{manifest_path}: file not found (is {directory} a compiled model from `asap compile`?)")
-    manifest = read_json(manifest_path, error=ArtifactError, what="manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{manifest_path}: not an {FORMAT!r} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{manifest_path}: format version {manifest.get('format_version')!r}, this asap reads {FORMAT_VERSION}"
-        )
+        raise ArtifactError(f"{manifest_path}: file not found (is {directory} {saved_as}?)")
+    return directory, manifest_path
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """``(artifact dir, manifest)`` from an artifact directory or its ``manifest.json``; format checked."""
+    directory, manifest_path = locate_manifest(path, saved_as="a compiled model from `asap compile`")
+    manifest = check_format(read_json(manifest_path, error=ArtifactError, what="manifest"), fmt=FORMAT,
+                            version=FORMAT_VERSION, source=manifest_path, error=ArtifactError, kind="manifest")  # fmt: skip
     validate_manifest(manifest, source=str(manifest_path))
     return directory, manifest
 

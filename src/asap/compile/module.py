@@ -89,6 +89,7 @@ from asap.compile.artifact import (
     ArtifactError,
     ManifestError,
     artifact_file,
+    locate_manifest,
     read_checked_tensors,
     read_weights_header,
     sha256_file,
@@ -380,10 +381,7 @@ def validate_module_manifest(manifest: Any, *, source: str) -> None:
 
 def read_module_manifest(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """``(folder, manifest)`` of a compiled module: a folder, or its ``manifest.json``; schema validated."""
-    path = Path(path)
-    directory, manifest_path = (path, path / MANIFEST_FILE) if path.is_dir() else (path.parent, path)
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{manifest_path}: file not found (is {directory} saved by save_compiled_module?)")
+    directory, manifest_path = locate_manifest(path, saved_as="saved by save_compiled_module")
     manifest = read_json(manifest_path, error=ManifestError, what="manifest")
     validate_module_manifest(manifest, source=str(manifest_path))
     return directory, manifest

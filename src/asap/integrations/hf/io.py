@@ -38,7 +38,7 @@ from asap.attention import OPERATORS
 from asap.attention.dual_map import SliceDualMap
 from asap.data.tokenizer import PretrainedTokenizer
 from asap.errors import ConfigError
-from asap.io import atomic_write_json, read_json
+from asap.io import atomic_write_json, check_format, read_json
 from asap.integrations.hf.convert import architecture, conversion, converted_operators, convert
 
 FORMAT = "asap-hf-converted"
@@ -121,10 +121,7 @@ def _read_record(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found (is {folder} a model saved by save_converted?)")
     record = read_json(path, error=ConfigError, what="asap attention record")
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ConfigError(f"{path}: not an {FORMAT!r} file")
-    if record.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"{path}: format version {record.get('format_version')!r}, this asap reads {FORMAT_VERSION}")
+    check_format(record, fmt=FORMAT, version=FORMAT_VERSION, source=path, error=ConfigError)
     attention = record.get("attention")
     if not isinstance(attention, dict) or not isinstance(attention.get("options", {}), dict):
         raise ConfigError(f"{path}: field 'attention' must be {{'method': ..., 'options': {{...}}}}")
