@@ -258,6 +258,16 @@ def read_json(path: str | os.PathLike, *, error: type[Exception] = AsapError, wh
         raise error(f"{path}: cannot read ({err.strerror or err})") from None
 
 
+def is_int(value: Any) -> bool:
+    """``value`` is a JSON integer: an ``int`` and not a ``bool`` (``true`` is not ``1`` in a file we read)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """``value`` is a finite JSON number: an ``int`` or ``float``, not a ``bool``, neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_format(
     doc: Any, *, fmt: str, version: int, source: str | os.PathLike, error: type[Exception] = AsapError,
     kind: str = "file",

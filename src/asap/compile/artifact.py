@@ -37,9 +37,9 @@ half-written weights.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from asap.attention.dual_map import DUAL_MAPS, EXTRA_FEATURES, SLICE_TYPES, Dual
 from asap.attention.operators import AsapOperator, SinkhornOperator
 from asap.attention.submodules import find_modules, get_module, replace_module
 from asap.errors import ConfigError, UnsafePathError
-from asap.io import atomic_write_json, check_format, file_inside, read_json
+from asap.io import atomic_write_json, check_format, file_inside, is_finite_number, is_int, read_json
 from asap.models import build_model, model_config_from_dict
 from asap.train.checkpoint import (
     CheckpointError,
@@ -192,12 +192,20 @@ def read_manifest(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     return directory, manifest
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return is_finite_number(value) and value > 0
+
+
+def json_objects(
+    entries: list[Any], field: str, bad: Callable[[str, str], Exception]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, entry)`` for each entry of the manifest list ``field``, ``where`` naming it (``field[i]``);
+    an entry that is not a JSON object raises ``bad(where, problem)``."""
+    for i, entry in enumerate(entries):
+        where = f"{field}[{i}]"
+        if not isinstance(entry, dict):
+            raise bad(where, f"must be a JSON object, got {entry!r:.60}")
+        yield where, entry
 
 
 def validate_weights_entry(weights: Any, *, source: str) -> None:
@@ -255,10 +263,7 @@ def validate_manifest(manifest: Any, *, source: str) -> None:
     if len(layers) > MAX_COMPILED_LAYERS:
         raise bad("compiled_layers", f"has {len(layers)} entries, at most {MAX_COMPILED_LAYERS} allowed")
     names: set[str] = set()
-    for i, layer in enumerate(layers):
-        where = f"compiled_layers[{i}]"
-        if not isinstance(layer, dict):
-            raise bad(where, f"must be a JSON object, got {layer!r:.60}")
+    for where, layer in json_objects(layers, "compiled_layers", bad):
         name = layer.get("name")
         if not isinstance(name, str) or not name:
             raise bad(f"{where}.name", f"must be a module name, got {name!r:.60}")
@@ -274,13 +279,13 @@ def validate_manifest(manifest: Any, *, source: str) -> None:
             raise bad(f"{where}.slices", f"must be a JSON object, got {slices!r:.60}")
         sizes = {"num_heads": layer.get("num_heads"), "head_dim": layer.get("head_dim"), "slices.num": slices.get("num")}
         for key, value in sizes.items():
-            if not _is_int(value) or not 1 <= value <= MAX_LAYER_SIZES[key]:
+            if not is_int(value) or not 1 <= value <= MAX_LAYER_SIZES[key]:
                 raise bad(f"{where}.{key}", f"must be an integer in [1, {MAX_LAYER_SIZES[key]}], got {value!r:.60}")
         if slices.get("type") not in SLICE_TYPES:
             raise bad(f"{where}.slices.type", f"must be one of {list(SLICE_TYPES)}, got {slices.get('type')!r:.60}")
         if slices["type"] == "axis" and slices["num"] > layer["head_dim"]:
             raise bad(f"{where}.slices.num", f"({slices['num']}) cannot exceed head_dim ({layer['head_dim']}) for axis slices")
-        if not _is_int(slices.get("seed")) or not 0 <= slices["seed"] < 2**63:
+        if not is_int(slices.get("seed")) or not 0 <= slices["seed"] < 2**63:
             raise bad(f"{where}.slices.seed", f"must be an integer in [0, 2**63), got {slices.get('seed')!r:.60}")
         extra = layer.get("extra_features", [])
         if (not isinstance(extra, list) or not all(isinstance(f, str) and f in EXTRA_FEATURES for f in extra)
@@ -294,7 +299,7 @@ def validate_manifest(manifest: Any, *, source: str) -> None:
         except ValueError as err:
             raise bad(f"{where}.map.options", f"are invalid ({err})") from None
         steps = layer.get("extra_steps", 0)
-        if not _is_int(steps) or not 0 <= steps <= MAX_EXTRA_STEPS:
+        if not is_int(steps) or not 0 <= steps <= MAX_EXTRA_STEPS:
             raise bad(f"{where}.extra_steps", f"must be an integer in [0, {MAX_EXTRA_STEPS}], got {steps!r:.60}")
         if layer.get("teacher") is not None and not isinstance(layer["teacher"], dict):
             raise bad(f"{where}.teacher", f"must be a JSON object or null, got {layer['teacher']!r:.60}")

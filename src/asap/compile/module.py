@@ -89,6 +89,7 @@ from asap.compile.artifact import (
     ArtifactError,
     ManifestError,
     artifact_file,
+    json_objects,
     locate_manifest,
     read_checked_tensors,
     read_weights_header,
@@ -98,7 +99,7 @@ from asap.compile.artifact import (
 from asap.compile.calibrate import Selection, model_device, select_layers, sinkhorn_layers
 from asap.compile.maps import DEFAULT_EXTRA_FEATURES
 from asap.compile.swap import CompileOptions, compile_selected
-from asap.io import atomic_write_json, read_json
+from asap.io import atomic_write_json, is_int, read_json
 from asap.train.checkpoint import save_tensors
 
 FORMAT = "asap-compiled-module"
@@ -294,10 +295,6 @@ def save_compiled_module(
     return out
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_module_name(value: Any) -> bool:
     return isinstance(value, str) and bool(value) and all(value.split(".")) and len(value) <= 4096
 
@@ -339,10 +336,7 @@ def validate_module_manifest(manifest: Any, *, source: str) -> None:
     if not isinstance(operators, list) or not 1 <= len(operators) <= MAX_COMPILED_LAYERS:
         raise bad("operators", f"must be a list of 1 to {MAX_COMPILED_LAYERS} entries, got {operators!r:.60}")
     names: set[str] = set()
-    for i, entry in enumerate(operators):
-        where = f"operators[{i}]"
-        if not isinstance(entry, dict):
-            raise bad(where, f"must be a JSON object, got {entry!r:.60}")
+    for where, entry in json_objects(operators, "operators", bad):
         aliases = entry.get("aliases", [])
         if not isinstance(aliases, list):
             raise bad(f"{where}.aliases", f"must be a list of module names, got {aliases!r:.60}")
@@ -364,7 +358,7 @@ def validate_module_manifest(manifest: Any, *, source: str) -> None:
         sizes = {"num_heads": entry.get("num_heads"), "head_dim": entry.get("head_dim"), "slices.num": parsed.num_slices}
         for key, value in sizes.items():
             field = "options.num_slices" if key == "slices.num" else key
-            if not _is_int(value) or not 1 <= value <= MAX_LAYER_SIZES[key]:
+            if not is_int(value) or not 1 <= value <= MAX_LAYER_SIZES[key]:
                 raise bad(f"{where}.{field}", f"must be an integer in [1, {MAX_LAYER_SIZES[key]}], got {value!r:.60}")
         if parsed.slice_type == "axis" and parsed.num_slices > entry["head_dim"]:
             raise bad(f"{where}.options.num_slices", f"({parsed.num_slices}) cannot exceed head_dim "

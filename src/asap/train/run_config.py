@@ -5,7 +5,6 @@ and a trained model rebuilt from a run directory (:func:`load_model`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -17,7 +16,7 @@ from torch import nn
 
 from asap.errors import AsapError, ConfigError
 from asap.integrations import provide_model_type
-from asap.io import atomic_write_json, file_inside, read_json
+from asap.io import atomic_write_json, file_inside, is_finite_number, is_int, read_json
 from asap.models import ModelConfig, build_model, model_config_from_dict
 from asap.models.config import MODEL_CONFIGS
 from asap.train.config import TrainConfig
@@ -122,14 +121,6 @@ def _schema_error(source: str, where: str, problem: str) -> CheckpointError:
     return CheckpointError(f"{source}: {where} {problem}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def validate_run_config(d: Any, *, source: str) -> None:
     """Check the structure of a run config (``config.json``, or the copy inside a compiled manifest).
 
@@ -140,7 +131,7 @@ def validate_run_config(d: Any, *, source: str) -> None:
     """
     if not isinstance(d, dict):
         raise _schema_error(source, "the run config", f"must be a JSON object, got {type(d).__name__}")
-    if not _is_int(d.get("format_version")) or d["format_version"] != FORMAT_VERSION:
+    if not is_int(d.get("format_version")) or d["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"{source}: format version {d.get('format_version')!r}, this asap reads {FORMAT_VERSION}")
     for key in ("model", "train", "data"):
         if not isinstance(d.get(key), dict):
@@ -177,12 +168,12 @@ def _validate_model_dict(model: dict[str, Any], *, source: str) -> None:
             if not isinstance(value.get("options", {}), dict):
                 raise _schema_error(source, "model.attention.options", f"must be a JSON object, got {value['options']!r:.60}")
         elif f.name in ("mlp_ratio", "dropout"):
-            if not _is_number(value):
+            if not is_finite_number(value):
                 raise _schema_error(source, f"model.{f.name}", f"must be a finite number, got {value!r:.60}")
         elif f.name == "pooling":
             if not isinstance(value, str):
                 raise _schema_error(source, "model.pooling", f"must be a string, got {value!r:.60}")
-        elif not _is_int(value) or value < 1 or value > MAX_MODEL_SIZES.get(f.name, 2**31):
+        elif not is_int(value) or value < 1 or value > MAX_MODEL_SIZES.get(f.name, 2**31):
             bound = MAX_MODEL_SIZES.get(f.name, 2**31)
             raise _schema_error(source, f"model.{f.name}", f"must be an integer in [1, {bound}], got {value!r:.60}")
     unknown = sorted(set(model) - {f.name for f in dataclasses.fields(cls)} - {"model_type"}, key=str)
@@ -204,16 +195,16 @@ def _validate_data_dict(data: dict[str, Any], *, source: str) -> None:
             raise _schema_error(source, "data.tokenizer", f"must be a file name, got {data.get('tokenizer')!r:.60}")
         if data.get("tokenizer_type", SUBWORD_TOKENIZER) not in TOKENIZER_TYPES:
             raise _schema_error(source, "data.tokenizer_type", f"must be one of {TOKENIZER_TYPES}, got {data['tokenizer_type']!r:.60}")
-        if not _is_int(data.get("max_length")) or data["max_length"] < 1:
+        if not is_int(data.get("max_length")) or data["max_length"] < 1:
             raise _schema_error(source, "data.max_length", f"must be a positive integer, got {data.get('max_length')!r:.60}")
     elif kind == "image":
         for key in ("image_size", "in_channels"):
-            if not _is_int(data.get(key)) or data[key] < 1:
+            if not is_int(data.get(key)) or data[key] < 1:
                 raise _schema_error(source, f"data.{key}", f"must be a positive integer, got {data.get(key)!r:.60}")
         for key in ("mean", "std"):
             values = data.get(key)
             if (not isinstance(values, list) or len(values) != data["in_channels"]
-                    or not all(_is_number(v) for v in values)):  # fmt: skip
+                    or not all(is_finite_number(v) for v in values)):  # fmt: skip
                 raise _schema_error(source, f"data.{key}", f"must be {data['in_channels']} finite number(s), got {values!r:.60}")
         if not all(v > 0 for v in data["std"]):
             raise _schema_error(source, "data.std", f"must be positive, got {data['std']!r:.60}")
