@@ -30,8 +30,10 @@ def _logits(model, batch):
 
 def test_teacher_and_sequential_modes(teacher, batches):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    teacher_mode, report_t = compile_model(teacher, batches, num_slices=6, mode="teacher")
-    sequential, report_s = compile_model(teacher, batches, num_slices=6, mode="sequential")
+    from asap.bench.measure import time_operators_ms  # the benchmarks' timer: compile times nothing itself
+
+    teacher_mode, report_t = compile_model(teacher, batches, num_slices=6, mode="teacher", timer=time_operators_ms)
+    sequential, report_s = compile_model(teacher, batches, num_slices=6, mode="sequential", timer=time_operators_ms)
     # The teacher is left untouched; the copies run ASAP in every layer and keep all teacher weights.
     assert _operators(teacher) == [SinkhornOperator] * 2
     assert _operators(teacher_mode) == _operators(sequential) == [AsapOperator] * 2
@@ -48,6 +50,7 @@ def test_teacher_and_sequential_modes(teacher, batches):
         assert layer["fidelity_split"] == "held_out" and layer["sequences"] == {"fit": 18, "held_out": 6}
         assert len(layer["r2_held_out"]) == 2 and all(r <= 1 for r in layer["r2_held_out"])
         assert set(layer["time_ms"]) == {"teacher", "truncated", "asap"}
+        assert all(ms > 0 for ms in layer["time_ms"].values())
     # The fitted maps beat the same operators with a zero map (f_hat = 0) at reproducing the teacher's logits.
     zero_map = copy.deepcopy(teacher_mode)
     for op in zero_map.modules():
@@ -139,3 +142,15 @@ def test_single_batch_reports_on_fit_data():
     model = TextClassifier(tiny_text_config(depth=1))
     _, report = compile_model(model, make_batches(1), num_slices=3)
     assert report["layers"][0]["fidelity_split"] == "fit" and report["layers"][0]["r2_held_out"] is None
+
+
+def test_compiling_times_nothing_without_a_timer(teacher, batches, monkeypatch):
+    """The fidelity report is maths only: without a timer there is no ``time_ms`` and no clock is read."""
+    import time as time_module
+
+    def no_clock():
+        raise AssertionError("compile_model read the clock")
+
+    monkeypatch.setattr(time_module, "perf_counter", no_clock)
+    _, report = compile_model(teacher, batches, num_slices=6)
+    assert all("time_ms" not in layer for layer in report["layers"])

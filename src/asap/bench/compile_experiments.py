@@ -43,13 +43,17 @@ from torch import Tensor
 
 from asap.argtypes import int_list, name_list, nonnegative_int
 from asap.bench.compile_report import layer_summary, plot_report
-from asap.compile.options import add_compile_options
+from asap.bench.measure import time_operators_ms
+from asap.compile.options import add_compile_options, compile_options
 from asap.compile.swap import compile_model, sinkhorn_layers, truncate_sinkhorn
 from asap.io import atomic_write_bytes, command_line, method_key, method_of, write_result
 from asap.runs import TeacherRun, calibration_batches, load_data, load_teacher, predict
 
 #: How the driver is run (what its recorded commands and summaries name).
 PROG = "python -m asap.bench.compile_experiments"
+#: The fit options recorded as every experiment's starting point (``base_options`` in the JSON).
+BASE_OPTIONS = ("num_slices", "slice_type", "extra_features", "seed", "ridge", "refine", "refine_iters", "mode",
+                "holdout_fraction", "reservoir_size", "truncated_iters")  # fmt: skip
 EXPERIMENTS = ("frozen", "downstream", "slices", "slice_type", "refine", "calibration", "mode", "features")
 
 
@@ -98,7 +102,7 @@ class Bench:
                 batches.append(batch)
                 total += len(batch["labels"])
         start = time.perf_counter()
-        compiled, report = compile_model(self.teacher.model, batches, **options)
+        compiled, report = compile_model(self.teacher.model, batches, timer=time_operators_ms, **options)
         seconds = time.perf_counter() - start
         truncated = self.truncated_predictions(options.get("layers"), options["truncated_iters"])
         asap = self.predict(compiled)[0]
@@ -162,12 +166,8 @@ def run_experiments(args: argparse.Namespace, command: str) -> None:
     largest = max([args.calibration, *(args.calibration_grid if "calibration" in args.experiments else [])])
     batches = calibration_batches(teacher, num_samples=largest, batch_size=args.batch_size, seed=args.seed)
     eval_data = load_data(teacher, split=args.eval_split, limit=args.eval_limit)
-    base = dict(
-        num_slices=args.slices, slice_type=args.slice_type, extra_features=args.extra_features, seed=args.seed,
-        ridge=args.ridge, refine=args.refine,
-        refine_iters=args.refine_iters, mode=args.mode, holdout_fraction=args.holdout,
-        reservoir_size=args.reservoir, truncated_iters=args.truncated_iters,
-    )  # fmt: skip
+    # the fit options every experiment starts from (the grids vary one of them; layers are set per experiment)
+    base = {name: value for name, value in compile_options(args).items() if name in BASE_OPTIONS}
     bench = Bench(teacher, batches=batches, eval_data=eval_data, eval_batch_size=args.eval_batch_size, base=base)
     context = {
         "teacher_run": str(teacher.run_dir),

@@ -28,7 +28,7 @@ def layer_summary(report: dict[str, Any]) -> list[dict[str, Any]]:
         for key in ("r2_held_out", "r2_fit", "row_tv_asap", "row_tv_truncated", "kl_asap", "kl_truncated",
                     "col_err_teacher", "col_err_asap", "col_err_truncated"):  # fmt: skip
             row[key] = _mean(layer.get(key))
-        row.update({f"ms_{name}": value for name, value in layer["time_ms"].items()})
+        row.update({f"ms_{name}": value for name, value in layer.get("time_ms", {}).items()})
         rows.append(row)
     return rows
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 # Messages of the CPU allocator when malloc fails (c10/core/impl/alloc_cpu.cpp); CUDA raises torch.OutOfMemoryError.
 _CPU_OOM_MESSAGES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
@@ -326,3 +327,18 @@ def speedups(run: BenchmarkRun, *, reference: str) -> dict[str, float | None]:
         ok = ref_s is not None and result.timing is not None and result.timing.median_s > 0
         out[name] = ref_s / result.timing.median_s if ok else None
     return out
+
+
+def time_operators_ms(operators: Mapping[str, nn.Module], inputs: tuple, *, repeats: int = 5) -> dict[str, float]:
+    """Median milliseconds of one call ``op(q, k, k, attn_mask=mask)`` of each operator, interleaved round-robin.
+
+    ``inputs = (q, k, attn_mask)`` (the values are the keys: same shape, and the time does not depend on them).
+    One warm-up round, then ``repeats`` timed rounds (:func:`benchmark`, no memory probe), so that the load of
+    a shared machine affects every operator alike. The timer :func:`asap.compile.compile_model` takes.
+    """
+    q, k, mask = inputs
+    device = q.device
+    with torch.no_grad():
+        run = benchmark({name: (lambda op=op: op(q, k, k, attn_mask=mask)) for name, op in operators.items()},
+                        device=device, warmup=1, repeats=repeats, min_repeats=repeats, measure_memory=False)  # fmt: skip
+    return {name: 1e3 * result.timing.median_s for name, result in run.results.items()}

@@ -130,7 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device, help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--batch", type=positive_int, help="b (default 8)")
+    parser.add_argument("--batch-size", dest="batch", type=positive_int, help="b (default 8)")
+    parser.add_argument("--batch", dest="batch", type=positive_int, help=argparse.SUPPRESS)  # the old spelling
     parser.add_argument("--heads", type=positive_int, help="h (default 8)")
     parser.add_argument("--head-dim", type=positive_int, help="d (default 64)")
     parser.add_argument("--lengths", type=int_list(), help="comma-separated n = m, e.g. 64,128,256 (default: by device)")
@@ -186,7 +187,7 @@ def command_for(config: OperatorBenchConfig, out: Path) -> str:
         return ",".join(str(x) for x in values)
 
     args = [
-        "--device", config.device, "--dtype", config.dtype, "--batch", str(config.batch), "--heads", str(config.heads),
+        "--device", config.device, "--dtype", config.dtype, "--batch-size", str(config.batch), "--heads", str(config.heads),
         "--head-dim", str(config.head_dim), "--lengths", ints(config.lengths), "--iters", ints(config.sinkhorn_iters),
         "--teacher-iters", str(config.teacher_iters), "--slices", str(config.num_slices),
         "--extra-features", ",".join(config.extra_features) or "none", "--padding", repr(config.padding),

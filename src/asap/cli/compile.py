@@ -30,8 +30,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from asap.cli.options import positive_int
-from asap.compile.options import _features, _layers, add_compile_options, compile_options  # noqa: F401 (kept here too)
+from asap.argtypes import cli_fields, option_flag, positive_int
+from asap.compile.options import add_compile_options, compile_options
 from asap.errors import AsapError
 
 
@@ -43,18 +43,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("run_dir", metavar="RUN_DIR", help="directory written by asap train (a Sinkhorn model)")
     parser.add_argument("--calibration", type=positive_int, required=True, metavar="N", help="number of calibration examples")
     parser.add_argument("--out", required=True, metavar="OUT_DIR", help="directory for the compiled model and report")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="calibration batch size (default 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="calibration batch size (default: 32)")
     add_compile_options(parser)
     group = parser.add_argument_group("evaluation")
     group.add_argument("--no-eval", action="store_true", help="skip the accuracy comparison")
-    group.add_argument("--eval-split", default="test", help="split for accuracy (default test)")
-    group.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on at most this many examples")
-    group.add_argument("--eval-batch-size", type=positive_int, default=128)
+    group.add_argument("--eval-split", default="test", help="split for accuracy (default: test)")
+    group.add_argument("--eval-limit", type=positive_int, default=None,
+                       help="evaluate on at most this many examples (class-stratified; default: all)")
+    group.add_argument("--eval-batch-size", type=positive_int, default=128, help="default: 128")
     parser.add_argument("--data-dir", default=None, help="data directory (default: the run's, then $ASAP_DATA_DIR)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda[:i]")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda[:i] (default: cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_compile)
     return parser
+
+
+def _named_by_flag(message: str) -> str:
+    """A refused CompileOptions field's message, led by the option that set it (``--ridge: ridge must be >= 0``)."""
+    from asap.compile.swap import CompileOptions
+
+    name = message.split(" ", 1)[0]
+    return f"{option_flag(CompileOptions, name)}: {message}" if name in cli_fields(CompileOptions) else message
 
 
 def run_compile(args: argparse.Namespace) -> int:
@@ -63,6 +72,7 @@ def run_compile(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from asap.bench.compile_report import fidelity_table, plot_report
+    from asap.bench.measure import time_operators_ms
     from asap.compile import compile_model, save_compiled
     from asap.runs import accuracies, calibration_batches, check_output_dir, load_data, load_teacher
     from asap.compile.calibrate import check_holdout_fraction
@@ -74,7 +84,7 @@ def run_compile(args: argparse.Namespace) -> int:
         CompileOptions(**{**options, "layers": None if options["layers"] is None else tuple(options["layers"])})
         check_holdout_fraction(options["holdout_fraction"])
     except ValueError as err:
-        print(f"asap compile: {err}", file=sys.stderr)
+        print(f"asap compile: error: {_named_by_flag(str(err))}", file=sys.stderr)
         return 2
     try:
         teacher = load_teacher(args.run_dir, device=args.device)
@@ -83,15 +93,15 @@ def run_compile(args: argparse.Namespace) -> int:
         check_output_dir(args.out, run_dir=args.run_dir)
         extra_files = teacher.extra_files()
     except AsapError as err:
-        print(f"asap compile: {err}", file=sys.stderr)
+        print(f"asap compile: error: {err}", file=sys.stderr)
         return 2
     progress = None if args.quiet else (lambda it, total: tqdm(it, total=total, desc="calibrating", leave=False))
     batches = calibration_batches(teacher, num_samples=args.calibration, batch_size=args.batch_size, seed=args.seed,
                                   data_dir=args.data_dir)  # fmt: skip
     try:
-        compiled, report = compile_model(teacher.model, batches, progress=progress, **options)
+        compiled, report = compile_model(teacher.model, batches, progress=progress, timer=time_operators_ms, **options)
     except ValueError as err:
-        print(f"asap compile: {err}", file=sys.stderr)
+        print(f"asap compile: error: {err}", file=sys.stderr)
         return 2
     report["calibration"].update(examples=sum(len(b["labels"]) for b in batches), split="train", batch_size=args.batch_size)
     report["source"] = {"run_dir": str(teacher.run_dir), "sha256": teacher.source_sha256}

@@ -72,6 +72,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from asap.bench.model_timing import time_models, time_operator_scaling
     from asap.bench.compare import attention_maps, attention_operators, plot_attention_maps
     from asap.bench.compile_report import fidelity_table, format_table, plot_report
+    from asap.bench.measure import time_operators_ms
     from asap.runs import calibration_batches, load_data, load_teacher
     from asap.train import TrainConfig, train
     from asap.io import atomic_write_bytes, atomic_write_json, method_key
@@ -104,7 +105,7 @@ def run_demo(args: argparse.Namespace) -> int:
     batches = calibration_batches(teacher, num_samples=args.calibration, batch_size=64, seed=args.seed)
     compiled, report = compile_model(
         teacher.model, batches, num_slices=args.slices, refine=args.refine, seed=args.seed,
-        progress=bar and bar("calibrating"),
+        progress=bar and bar("calibrating"), timer=time_operators_ms,
     )  # fmt: skip
     truncated = truncate_sinkhorn(teacher.model, n_iters=3)
     models = {f"teacher (Sinkhorn K={args.n_iters})": teacher.model, "Sinkhorn K=3 (same cost)": truncated, "ASAP": compiled}

@@ -4,7 +4,7 @@
     asap eval runs/imdb_sk11 --method-override sinkhorn --n-iters 3
     asap eval runs/imdb_sk11 --method-override softmax --split test
 
-Prints the result as JSON and writes it to ``RUN_DIR/eval_<split>[_<method>...].json`` (or ``--output``).
+Prints the result as JSON and writes it to ``RUN_DIR/eval_<split>[_<method>...].json`` (or ``--out FILE``).
 A model with ASAP layers whose dual map was never fitted (``--method-override asap``
 on a teacher) is refused unless ``--allow-unfitted``.
 """
@@ -27,11 +27,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("run_dir", metavar="RUN_DIR", help="directory written by asap train")
     parser.add_argument("--split", default="test", help="data split (default: test)")
     parser.add_argument("--data-dir", default=None, help="data directory (default: the run's, then $ASAP_DATA_DIR)")
-    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate on at most this many examples")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="default 256")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    parser.add_argument("--output", default=None, help="JSON file to write (default: in RUN_DIR)")
-    add_attention_options(parser, method_flag="--method-override")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="evaluate on at most this many examples (class-stratified; default: all)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="default: 256")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
+    parser.add_argument("--out", dest="output", metavar="FILE", default=None,
+                        help="JSON file to write (default: RUN_DIR/eval_<split>[_<method>...].json)")
+    parser.add_argument("--output", dest="output", help=argparse.SUPPRESS)  # the old spelling, still accepted
+    add_attention_options(parser, method_flag="--method-override", method_default="the run's own method")
     parser.add_argument("--allow-unfitted", action="store_true",
                         help="evaluate ASAP layers whose dual map was never fitted (a zero map)")
     parser.set_defaults(func=run_eval)

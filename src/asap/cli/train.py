@@ -8,9 +8,10 @@
                --lr 5e-5 --max-length 128 --out runs/minilm_sk3    # fine-tune a local pretrained encoder
     torchrun --nproc_per_node=2 -m asap.cli.main train ...      # data-parallel
 
-Every option maps to a field of :class:`asap.train.TrainConfig` (``--heads`` ->
-``num_heads``, ``--out`` -> ``out_dir``, ``--model`` -> ``pretrained``); options
-not given keep the config's defaults. Your own data and ``--model`` folders are
+Every option is generated from a field of :class:`asap.train.TrainConfig`
+(``--heads`` -> ``num_heads``, ``--out`` -> ``out_dir``, ``--model`` ->
+``pretrained``), with the field's help and real default; options not given keep
+the config's defaults. Your own data and ``--model`` folders are
 recorded with absolute paths, with the data options, so ``asap eval RUN`` and
 ``asap compile RUN`` read the same data without repeating them. With
 ``--resume`` the run's own ``config.json`` is used: options that would change
@@ -33,22 +34,32 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from asap.cli.options import finite_float, nonnegative_int, positive_int
+from asap.argtypes import add_field_options, option_flag
 from asap.errors import ConfigError
 from asap.io import command_line
 
-#: command-line dest -> TrainConfig field, where the names differ.
-RENAMED = {"out": "out_dir", "heads": "num_heads", "no_progress": "progress", "model": "pretrained"}
-#: repeatable KEY=VALUE options -> their flag (the field holds a mapping).
-KEY_VALUE_FLAGS = {"attention_options": "--attention-option", "data_options": "--data-option"}
 #: command-line dests that are not TrainConfig fields.
 NOT_FIELDS = ("command", "func", "resume", "allow_unfitted")
+#: TrainConfig fields on the command line, by option group (every option is generated from its field).
+GROUPS = {
+    "run": ("dataset", "data_dir", "out_dir"),
+    "model": ("pretrained", "preset", "dim", "depth", "num_heads", "mlp_ratio", "dropout", "pooling", "patch_size"),
+    "attention": ("method", "n_iters", "eps", "attention_options"),
+    "data": ("text_column", "label_column", "data_options", "max_length", "vocab_size", "val_fraction", "limit",
+             "augment"),
+    "optimisation": ("epochs", "batch_size", "lr", "weight_decay", "betas", "warmup_fraction", "min_lr_ratio",
+                     "grad_clip", "seed"),
+    "run time": ("num_workers", "device", "compile", "checkpoint_every", "stop_after_steps", "eval_batch_size",
+                 "log_every", "progress"),
+}  # fmt: skip
+ATTENTION_FIELDS = GROUPS["attention"]
 
 
 def flag_for(field_name: str) -> str:
     """The ``asap train`` option that sets TrainConfig field ``field_name`` (``num_heads`` -> ``--heads``)."""
-    dest = {v: k for k, v in RENAMED.items()}.get(field_name, field_name)
-    return KEY_VALUE_FLAGS.get(dest, "--" + dest.replace("_", "-"))
+    from asap.train.config import TrainConfig
+
+    return option_flag(TrainConfig, field_name)
 
 
 def _train_config(build, *args):
@@ -61,27 +72,13 @@ def _train_config(build, *args):
         raise ConfigError(f"{flag_for(err.field)}: {err.problem}") from None
 
 
-def _key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE parsed as JSON when it is JSON (``grad_mode=unroll``, ``tau=0.01``)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+def add_attention_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, method_flag: str = "--method",
+                          method_default: str | None = None) -> None:  # fmt: skip
+    """The attention method switch and its options, generated from TrainConfig (shared with ``asap eval``)."""
+    from asap.train.config import TrainConfig
 
-
-def add_attention_options(parser: argparse.ArgumentParser, *, method_flag: str = "--method") -> None:
-    """The attention method switch and its options (shared with ``asap eval``)."""
-    parser.add_argument(method_flag, dest="method", default=argparse.SUPPRESS,
-                        help="attention method: softmax | sinkhorn | esp | asap (default: softmax)")
-    parser.add_argument("--n-iters", type=positive_int, default=argparse.SUPPRESS,
-                        help="Sinkhorn half-steps K (odd: rows exact; K=1 is softmax)")
-    parser.add_argument("--eps", type=finite_float, default=argparse.SUPPRESS, help="entropic regularisation (default 1)")
-    parser.add_argument("--attention-option", dest="attention_options", type=_key_value, action="append",
-                        default=argparse.SUPPRESS, metavar="KEY=VALUE",
-                        help="any other option of the attention operator (repeatable), e.g. grad_mode=unroll")
+    add_field_options(parser, TrainConfig, ATTENTION_FIELDS, use_defaults=False, flags={"method": method_flag},
+                      default_texts={"method": method_default} if method_default else None)  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -89,71 +86,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "train", help="train a model (text: TextClassifier, images: ViT)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    S = argparse.SUPPRESS
-    run = parser.add_argument_group("run")
-    run.add_argument("--dataset", default=S,
-                     help="a built-in data set (see asap.data.DATASETS; default: digits), or your own: csv:PATH, "
-                          "jsonl:PATH (a file with a split column, or a folder of train/test files), "
-                          "imagefolder:PATH (class subfolders), hf:PATH (a datasets folder or local Parquet/CSV files)")
-    run.add_argument("--data-dir", default=S, help="data directory (default: $ASAP_DATA_DIR)")
-    run.add_argument("--out", default=S, help="run directory to create (default: runs/run)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR exactly")
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", metavar="hf:PATH", default=S,
-                       help="fine-tune the pretrained transformers encoder in the local folder PATH (BERT, MiniLM, "
-                            "RoBERTa, DistilBERT; ViT for images) with a new classification head, under --method; "
-                            "its tokenizer and size are its own (default: train the project's model from scratch)")
-    model.add_argument("--preset", choices=("tiny", "small", "base"), default=S, help="model size (default: tiny)")
-    model.add_argument("--dim", type=positive_int, default=S, help="width (overrides the preset)")
-    model.add_argument("--depth", type=positive_int, default=S, help="number of blocks (overrides the preset)")
-    model.add_argument("--heads", type=positive_int, default=S, help="attention heads (overrides the preset)")
-    model.add_argument("--mlp-ratio", type=finite_float, default=S, help="MLP hidden width / dim (overrides the preset)")
-    model.add_argument("--dropout", type=finite_float, default=S, help="dropout (default 0)")
-    model.add_argument("--pooling", choices=("mean", "cls"), default=S, help="text pooling (default: mean)")
-    model.add_argument("--patch-size", type=positive_int, default=S, help="ViT patch size (default: 4, or 2 for small images)")
-    add_attention_options(model)
-    model.add_argument("--allow-unfitted", action="store_true", default=S,
-                       help="allow --method asap, whose dual map is then never fitted (a zero map)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--text-column", default=S, help="your own data: the column/key holding the text (default: text)")
-    data.add_argument("--label-column", default=S,
-                      help="your own data: the column/key holding the label, strings or integers (default: label)")
-    data.add_argument("--data-option", dest="data_options", type=_key_value, action="append", default=S,
-                      metavar="KEY=VALUE",
-                      help="any other option of your own data (repeatable; see asap.data.DataOptions), e.g. "
-                           "split_column=part, test_fraction=0.2, image_size=32, image_column=img")
-    data.add_argument("--max-length", type=positive_int, default=S, help="subword tokens per text (default 256)")
-    data.add_argument("--vocab-size", type=positive_int, default=S, help="tokenizer vocabulary (default 8000)")
-    data.add_argument("--val-fraction", type=finite_float, default=S, help="held-out part of train (default 0.1)")
-    data.add_argument("--limit", type=positive_int, default=S, help="at most this many examples per split (quick runs)")
-    data.add_argument("--augment", action="store_true", default=S, help="random shifts (and flips) of images")
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=positive_int, default=S, help="default 3")
-    optim.add_argument("--batch-size", type=positive_int, default=S, help="global batch, split across processes (default 64)")
-    optim.add_argument("--lr", type=finite_float, default=S, help="peak AdamW learning rate (default 1e-3)")
-    optim.add_argument("--weight-decay", type=finite_float, default=S, help="default 0.05")
-    optim.add_argument("--betas", type=finite_float, nargs=2, default=S, help="AdamW betas (default 0.9 0.999)")
-    optim.add_argument("--warmup-fraction", type=finite_float, default=S, help="linear warm-up share of all steps (default 0.05)")
-    optim.add_argument("--min-lr-ratio", type=finite_float, default=S, help="cosine floor, as a fraction of --lr (default 0)")
-    optim.add_argument("--grad-clip", type=finite_float, default=S, help="gradient norm clip, 0 = none (default 1)")
-    optim.add_argument("--seed", type=nonnegative_int, default=S, help="default 0")
-    runtime = parser.add_argument_group("run time")
-    runtime.add_argument("--num-workers", type=nonnegative_int, default=S, help="DataLoader workers (default 0)")
-    runtime.add_argument("--device", default=S, help="auto | cpu | cuda[:i] (default: auto)")
-    runtime.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
-    runtime.add_argument("--checkpoint-every", type=nonnegative_int, default=S, help="also checkpoint every N steps (default: epoch ends only)")
-    runtime.add_argument("--stop-after-steps", type=positive_int, default=S, help="stop (resumably) once this global step is reached")
-    runtime.add_argument("--eval-batch-size", type=positive_int, default=S, help="default: 2 x batch size")
-    runtime.add_argument("--log-every", type=positive_int, default=S, help="progress-bar refresh, in steps (default 10)")
-    runtime.add_argument("--no-progress", action="store_false", default=S, help="no progress bars")
+    from asap.train.config import TrainConfig
+
+    groups = {title: parser.add_argument_group(title) for title in GROUPS}
+    groups["run"].add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR exactly")
+    for title, names in GROUPS.items():
+        add_field_options(groups[title], TrainConfig, names, use_defaults=False)
+    groups["attention"].add_argument("--allow-unfitted", action="store_true", default=argparse.SUPPRESS,
+                                     help="allow --method asap, whose dual map is then never fitted (a zero map)")
     parser.set_defaults(func=partial(run_train, parser=parser))
     return parser
 
 
 def options_to_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig fields given on the command line (and only those)."""
-    fields = {RENAMED.get(k, k): v for k, v in vars(args).items() if k not in NOT_FIELDS}
-    for name in KEY_VALUE_FLAGS:
+    """The TrainConfig fields given on the command line (and only those): the options' dests are field names."""
+    fields = {k: v for k, v in vars(args).items() if k not in NOT_FIELDS}
+    for name in ("attention_options", "data_options"):  # repeated KEY=VALUE pairs -> a mapping
         if name in fields:
             fields[name] = dict(fields[name])
     if fields.get("grad_clip") == 0:
@@ -196,7 +144,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         flag = max(action.option_strings, key=len)
         if action.nargs == 0:  # store_true / store_false
             parts.append(flag)
-        elif action.dest in KEY_VALUE_FLAGS:
+        elif action.dest in ("attention_options", "data_options"):
             for key, option in value:
                 parts += [flag, f"{key}={option if isinstance(option, str) else json.dumps(option)}"]
         elif isinstance(value, list):

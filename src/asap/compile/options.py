@@ -1,16 +1,25 @@
 """The fit options of ``asap compile`` as command-line options (shared by the CLI and the experiment driver).
 
-They live in the compile stage, beside :class:`~asap.compile.swap.CompileOptions`
-which they fill, so that the experiment driver (compile stage) does not import
-the command line (the top stage); :mod:`asap.cli.compile` re-exports them.
+Every option is generated from a field of :class:`~asap.compile.swap.CompileOptions` (its flag, type, help and
+real default live there), and the map-specific flags from the dual-map registry (their defaults are the map
+classes' :data:`~asap.attention.dual_map.DualMap.OPTIONS`). They live in the compile stage, beside the dataclass
+they fill, so that the experiment driver does not import the command line; :mod:`asap.cli.compile` uses them.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from asap.argtypes import finite_float, nonnegative_int, positive_float, positive_int
-from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES
+from asap.argtypes import add_field_options, positive_int
+from asap.attention.dual_map import dual_map_class
+from asap.compile.swap import CompileOptions
+
+#: CompileOptions fields on the command line with their defaults, by option group. ``map_kind`` (``--map``) is
+#: left out of the namespace when not given, so that ``--map`` and ``--target-tv`` together can be refused.
+FIT_FIELDS = ("num_slices", "slice_type", "extra_features", "seed", "ridge", "refine", "refine_iters", "mode",
+              "layers", "holdout_fraction", "reservoir_size", "truncated_iters")  # fmt: skip
+MAP_FIELDS = ("map_steps", "map_lr", "target_tv")
 
 #: The flags of each map kind's options: ``flag dest -> (kind, option name)``.
 MAP_OPTION_FLAGS: dict[str, tuple[str, str]] = {
@@ -18,50 +27,24 @@ MAP_OPTION_FLAGS: dict[str, tuple[str, str]] = {
     "relu_stacks": ("relu", "num_stacks"),
     "mlp_hidden": ("mlp", "hidden"),
 }
-
-
-def _layers(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated layer indices like 0,1; got {text!r}") from None
-
-
-def _features(text: str) -> tuple[str, ...]:
-    return () if text == "none" else tuple(f for f in text.split(",") if f)
+_MAP_OPTION_HELP = {
+    "relu_depth": ("K", "relu map: depth k of each network (2^k linear pieces)"),
+    "relu_stacks": ("M", "relu map: signed convex stacks per slice"),
+    "mlp_hidden": ("H", "mlp map: hidden width"),
+}
 
 
 def add_compile_options(parser: argparse.ArgumentParser) -> None:
-    """The fit options (shared with the experiment driver)."""
-    group = parser.add_argument_group("fit")
-    group.add_argument("--slices", type=positive_int, default=16, help="number L of slice directions per head (default 16)")
-    group.add_argument("--slice-type", choices=("random", "axis"), default="random", help="slice directions")
-    group.add_argument("--extra-features", type=_features, default=DEFAULT_EXTRA_FEATURES,
-                       help="O(n d) per-token features added to the slice potentials, or 'none' (default qk_mean,q_norm)")
-    group.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random directions (layer l uses seed + l)")
-    group.add_argument("--ridge", type=finite_float, default=1e-3, help="ridge, relative to the Gram trace (default 1e-3)")
-    group.add_argument("--refine", choices=("none", "kl"), default="none", help="second stage: KL refinement of the map")
-    group.add_argument("--refine-iters", type=positive_int, default=30, help="L-BFGS iterations of the KL refinement")
-    group.add_argument("--mode", choices=("teacher", "sequential"), default="teacher", help="calibration activations")
-    group.add_argument("--layers", type=_layers, default=None, help="compile only these Sinkhorn layers, e.g. 0,1")
-    group.add_argument("--holdout", type=finite_float, default=0.25, help="fraction of calibration batches held out")
-    group.add_argument("--reservoir", type=positive_int, default=64, help="sequences kept per layer for refinement/figures")
-    group.add_argument("--truncated-iters", type=positive_int, default=3, help="half-steps of the same-cost Sinkhorn baseline")
+    """The fit and dual-map options (shared with the experiment driver)."""
+    add_field_options(parser.add_argument_group("fit"), CompileOptions, FIT_FIELDS, use_defaults=True)
     maps = parser.add_argument_group("dual map")
-    maps.add_argument("--map", choices=("linear", "relu", "mlp"), default=None,
-                      help="dual map kind: linear (default), relu (per-slice triangle-wave ReLU networks, "
-                           "arXiv 2311.18022) or mlp (one hidden layer with a linear skip)")  # fmt: skip
-    maps.add_argument("--relu-depth", type=positive_int, default=None, metavar="K",
-                      help="relu map: depth k of each network (2^k linear pieces; default 4)")
-    maps.add_argument("--relu-stacks", type=positive_int, default=None, metavar="M",
-                      help="relu map: signed convex stacks per slice (default 2)")
-    maps.add_argument("--mlp-hidden", type=positive_int, default=None, metavar="H", help="mlp map: hidden width (default 32)")
-    maps.add_argument("--map-steps", type=positive_int, default=300,
-                      help="Adam steps of the relu/mlp fit (early-stopped on held-out data; default 300)")
-    maps.add_argument("--map-lr", type=positive_float, default=1e-2, help="Adam step of the relu/mlp fit (default 0.01)")
-    maps.add_argument("--target-tv", type=finite_float, default=None, metavar="X",
-                      help="per layer, compile the cheapest of linear/relu/mlp x 0/1/2 extra steps whose mean held-out "
-                           "row TV to the teacher is <= X (else the lowest-TV one); replaces --map")  # fmt: skip
+    add_field_options(maps, CompileOptions, ("map_kind",), use_defaults=False, default_texts={"map_kind": "linear"})
+    for dest, (kind, name) in MAP_OPTION_FLAGS.items():
+        metavar, text = _MAP_OPTION_HELP[dest]
+        default = dual_map_class(kind).OPTIONS[name][0]
+        maps.add_argument("--" + dest.replace("_", "-"), type=positive_int, default=None, metavar=metavar,
+                          help=f"{text} (default: {default})")  # fmt: skip
+    add_field_options(maps, CompileOptions, MAP_FIELDS, use_defaults=True)
 
 
 def map_options_from_flags(args: argparse.Namespace) -> dict[str, dict[str, int]]:
@@ -72,9 +55,9 @@ def map_options_from_flags(args: argparse.Namespace) -> dict[str, dict[str, int]
             or ``--target-tv``), or ``--map`` together with ``--target-tv``.
     """
     target = getattr(args, "target_tv", None) is not None
-    if target and getattr(args, "map", None) is not None:
+    if target and getattr(args, "map_kind", None) is not None:
         raise ValueError("--map and --target-tv exclude each other (--target-tv chooses the map of each layer)")
-    kinds = ("linear", "relu", "mlp") if target else (getattr(args, "map", None) or "linear",)
+    kinds = ("linear", "relu", "mlp") if target else (getattr(args, "map_kind", None) or "linear",)
     options: dict[str, dict[str, int]] = {}
     for dest, (kind, name) in MAP_OPTION_FLAGS.items():
         value = getattr(args, dest, None)
@@ -87,18 +70,12 @@ def map_options_from_flags(args: argparse.Namespace) -> dict[str, dict[str, int]
     return options
 
 
-def compile_options(args: argparse.Namespace) -> dict:
-    """Keyword options of :func:`asap.compile.compile_model` from parsed arguments.
+def compile_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword options of :func:`asap.compile.compile_model` from parsed arguments (dests are field names).
 
     Raises ``ValueError`` (one line naming the flag) for map flags that do not go
     together (:func:`map_options_from_flags`).
     """
-    return dict(
-        num_slices=args.slices, slice_type=args.slice_type, extra_features=args.extra_features, seed=args.seed,
-        ridge=args.ridge, refine=args.refine,
-        refine_iters=args.refine_iters, mode=args.mode, layers=args.layers, holdout_fraction=args.holdout,
-        reservoir_size=args.reservoir, truncated_iters=args.truncated_iters,
-        map_kind=getattr(args, "map", None) or "linear", map_options=map_options_from_flags(args),
-        map_steps=getattr(args, "map_steps", 300), map_lr=getattr(args, "map_lr", 1e-2),
-        target_tv=getattr(args, "target_tv", None),
-    )  # fmt: skip
+    options = {name: getattr(args, name) for name in (*FIT_FIELDS, *MAP_FIELDS)}
+    options.update(map_kind=getattr(args, "map_kind", None) or "linear", map_options=map_options_from_flags(args))
+    return options

@@ -12,9 +12,10 @@ none, which the report then says):
   reservoir sequences.
 * ``col_err_*``: L1 column-marginal error ``sum_j |sum_i a_i A_ij - b_j|`` of
   the teacher, ASAP and truncated Sinkhorn (0 = doubly stochastic).
-* ``time_ms``: median wall time (round-robin) of one call of each operator on one held-out
-  chunk (values: the keys, which have the right shape; the time does not
-  depend on them).
+* ``time_ms`` (only when the caller passes a ``timer``, as ``asap compile`` does with
+  :func:`asap.bench.measure.time_operators_ms`): median wall time of one call of the teacher,
+  truncated Sinkhorn and ASAP on one held-out chunk. This module times nothing itself; it only
+  hands the three operators and their inputs to the timer (:func:`layer_operators`).
 
 **Same cost.** An odd-K Sinkhorn layer runs K log-sum-exp passes over the
 ``n x m`` scores (K - 1 alternating c-transforms, then the row softmax of the
@@ -24,13 +25,11 @@ numbers (``O(L (n d + n log n))``, no ``n x m`` work). The cheapest Sinkhorn
 that uses the column constraint at all is ``K = 3`` (row, column, row): one
 more ``n x m`` pass than ASAP, and exactly ASAP with its predicted dual
 replaced by ``f_1 = crow(0)``. It is the default truncated baseline; the
-measured times are reported beside it.
+measured times, where a timer was given, are reported beside it.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -109,18 +108,13 @@ def layer_fidelity(
     coef: Tensor,
     *,
     truncated_iters: int = 3,
-    asap_operator: nn.Module | None = None,
     predict: Predict | None = None,
     r2: tuple[list[float], list[float] | None] | None = None,
     extra_steps: int = 0,
 ) -> dict[str, Any]:
     """Per-head fidelity figures of one fitted layer (see the module docstring).
 
-    ``asap_operator`` is the fitted operator that replaces the layer (built by
-    the caller, :func:`asap.compile.swap.asap_operator_for`, so that this module
-    does not import the pipeline that imports it); with it, ``time_ms`` times
-    the three operators, without it ``time_ms`` is omitted. The map is the
-    linear one of ``coef (h, F)`` unless ``predict`` is given (a nonlinear map,
+    The map is the linear one of ``coef (h, F)`` unless ``predict`` is given (a nonlinear map,
     whose ``r2 = (fit, held_out)`` the caller then supplies); ``extra_steps`` is
     the operator's warm-start half-steps.
     """
@@ -157,30 +151,20 @@ def layer_fidelity(
     order = ("kl_asap", "kl_truncated", "row_tv_asap", "row_tv_truncated", "col_err_teacher", "col_err_asap",
              "col_err_truncated")  # fmt: skip
     out.update({key: _to_list(sums[key]) for key in order})
-    if asap_operator is not None:
-        out["time_ms"] = time_operators(calib, asap_operator, chunk=chunks[0], truncated_iters=truncated_iters)
     return out
 
 
-@torch.no_grad()
-def time_operators(
-    calib: "LayerCalibration", asap_operator: nn.Module, *, chunk: tuple, truncated_iters: int, repeats: int = 5
-) -> dict[str, float]:
-    """Median milliseconds of one call of the teacher, truncated Sinkhorn and ``asap_operator`` on ``chunk``.
+#: ``timer(operators, (q, k, attn_mask)) -> {name: median ms}``: times each operator called as ``op(q, k, k,
+#: attn_mask=mask)``; the benchmarks provide it (:func:`asap.bench.measure.time_operators_ms`).
+OperatorTimer = Callable[[dict[str, nn.Module], tuple], dict[str, float]]
 
-    Round-robin (each round calls every operator once, after one warm-up round), so that the load of a
-    shared machine affects the three alike.
-    """
-    q, k, mask = chunk
+
+def layer_operators(
+    calib: "LayerCalibration", asap_operator: nn.Module, *, truncated_iters: int
+) -> tuple[dict[str, nn.Module], tuple]:
+    """The operators a timer compares on one layer, and the inputs they receive: ``({"teacher", "truncated",
+    "asap"}, (q, k, attn_mask))`` on the first fidelity chunk (values: the keys, which have the right shape)."""
+    chunks, _ = fidelity_chunks(calib)
     teacher = calib.layer.operator
     truncated = SinkhornOperator(n_iters=truncated_iters, eps=teacher.eps, scale=teacher.scale)
-    asap = asap_operator.cpu()
-    ops = {"teacher": teacher, "truncated": truncated, "asap": asap}
-    samples: dict[str, list[float]] = {name: [] for name in ops}
-    for round_index in range(repeats + 1):
-        for name, op in ops.items():
-            start = time.perf_counter()
-            op(q, k, k, attn_mask=mask)
-            if round_index > 0:
-                samples[name].append(1e3 * (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {"teacher": teacher, "truncated": truncated, "asap": asap_operator.cpu()}, chunks[0]

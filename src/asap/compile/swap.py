@@ -43,8 +43,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from asap.argtypes import cli, finite_float, int_list, name_list, nonnegative_int, positive_float, positive_int
 from asap.attention.dual_map import DUAL_MAPS, SLICE_TYPES, build_dual_map, dual_map_class
 from asap.attention.operators import AsapOperator, SinkhornOperator
 from asap.attention.submodules import replace_module
@@ -61,10 +63,24 @@ from asap.compile.calibrate import (
 from asap.compile.fit import kl_problems, refine_kl, solve_ridge
 from asap.compile.map_fit import chunks_r2, fit_mlp, fit_relu
 from asap.compile.maps import DEFAULT_EXTRA_FEATURES, EXTRA_FEATURES, set_coefficients
-from asap.compile.report import Predict, asap_fidelity, fidelity_chunks, layer_fidelity, linear_predict, prepare_problems
+from asap.compile.report import (
+    OperatorTimer,
+    Predict,
+    asap_fidelity,
+    fidelity_chunks,
+    layer_fidelity,
+    layer_operators,
+    linear_predict,
+    prepare_problems,
+)
 
 MODES = ("teacher", "sequential")
 REFINE = ("none", "kl")
+
+
+def _feature_names(text: str) -> tuple[str, ...]:
+    """``--extra-features``: comma-separated names among :data:`EXTRA_FEATURES`, or ``none``."""
+    return () if text == "none" else name_list(EXTRA_FEATURES)(text)
 #: The map kinds and warm-start steps ``target_tv`` tries (every combination, cheapest first).
 TARGET_TV_KINDS: tuple[str, ...] = ("linear", "relu", "mlp")
 TARGET_TV_EXTRA_STEPS: tuple[int, ...] = (0, 1, 2)
@@ -139,23 +155,38 @@ class CompileOptions:
     and ``map_options`` may hold options of every candidate kind).
     """
 
-    num_slices: int = 16
-    slice_type: str = "random"
-    extra_features: tuple[str, ...] = DEFAULT_EXTRA_FEATURES
-    seed: int = 0
-    ridge: float = 1e-3
-    refine: str = "none"
-    refine_iters: int = 30
-    mode: str = "teacher"
-    layers: tuple[int, ...] | None = None
-    holdout_fraction: float = 0.25
-    reservoir_size: int = 64
-    truncated_iters: int = 3
-    map_kind: str = "linear"
+    num_slices: int = field(default=16, metadata=cli(
+        "number L of slice directions per head", flag="--slices", type=positive_int))
+    slice_type: str = field(default="random", metadata=cli("slice directions", choices=SLICE_TYPES))
+    extra_features: tuple[str, ...] = field(default=DEFAULT_EXTRA_FEATURES, metadata=cli(
+        "O(n d) per-token features added to the slice potentials (comma-separated), or 'none'",
+        type=_feature_names, default_text=",".join(DEFAULT_EXTRA_FEATURES)))
+    seed: int = field(default=0, metadata=cli(
+        "seed of the random directions (layer l uses seed + l) and of the calibration sample", type=nonnegative_int))
+    ridge: float = field(default=1e-3, metadata=cli("ridge, relative to the Gram trace", type=finite_float))
+    refine: str = field(default="none", metadata=cli("second stage: KL refinement of the linear map", choices=REFINE))
+    refine_iters: int = field(default=30, metadata=cli("L-BFGS iterations of the KL refinement", type=positive_int))
+    mode: str = field(default="teacher", metadata=cli(
+        "calibration activations: the teacher's, or sequential (layers below already compiled)", choices=MODES))
+    layers: tuple[int, ...] | None = field(default=None, metadata=cli(
+        "compile only these Sinkhorn layers, e.g. 0,1", type=int_list(nonnegative_int), default_text="all"))
+    holdout_fraction: float = field(default=0.25, metadata=cli(
+        "fraction of calibration batches held out", flag="--holdout", type=finite_float))
+    reservoir_size: int = field(default=64, metadata=cli(
+        "sequences kept per layer for refinement and figures", flag="--reservoir", type=positive_int))
+    truncated_iters: int = field(default=3, metadata=cli(
+        "half-steps of the same-cost truncated Sinkhorn baseline", type=positive_int))
+    map_kind: str = field(default="linear", metadata=cli(
+        "dual map kind: linear, relu (per-slice triangle-wave ReLU networks, arXiv 2311.18022) or mlp (one hidden "
+        "layer with a linear skip)", flag="--map", choices=tuple(DUAL_MAPS)))
     map_options: dict[str, dict[str, int]] = field(default_factory=dict)
-    map_steps: int = 300
-    map_lr: float = 1e-2
-    target_tv: float | None = None
+    map_steps: int = field(default=300, metadata=cli(
+        "Adam steps of the relu/mlp fit (early-stopped on held-out data)", type=positive_int))
+    map_lr: float = field(default=1e-2, metadata=cli("Adam step of the relu/mlp fit", type=positive_float))
+    target_tv: float | None = field(default=None, metadata=cli(
+        "per layer, compile the cheapest of linear/relu/mlp x 0/1/2 extra steps whose mean held-out row TV to the "
+        "teacher is <= X (else the lowest-TV one); replaces --map", type=finite_float, metavar="X",
+        default_text="off, every layer gets --map"))
 
     @property
     def map_kinds(self) -> tuple[str, ...]:
@@ -369,8 +400,12 @@ def compile_selected(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     stop_early: bool = True,
     progress: Any = None,
+    timer: OperatorTimer | None = None,
 ) -> dict[str, Any]:
     """Calibrate, fit and swap the ``selected`` Sinkhorn layers of ``model`` IN PLACE; return the report.
+
+    ``timer`` (optional, from the benchmarks: :func:`asap.bench.measure.time_operators_ms`) adds each
+    layer's ``time_ms``: teacher, truncated Sinkhorn and ASAP on one held-out chunk.
 
     The pipeline of :func:`compile_model` (which calls it on a copy) and of
     :func:`asap.compile.module.compile_module` (on the user's model). ``data`` is
@@ -410,7 +445,7 @@ def compile_selected(
                 swap_in(model, layer, fit.operator)
                 swapped.append(layer)
                 fitted.append(fit)
-        report_layers = [_layer_report(fit, options) for fit in fitted]
+        report_layers = [_layer_report(fit, options, timer=timer) for fit in fitted]
     except BaseException:
         for layer in swapped:
             swap_in(model, layer, layer.operator)
@@ -425,7 +460,7 @@ def compile_selected(
     return report
 
 
-def _layer_report(fit: LayerFit, options: CompileOptions) -> dict[str, Any]:
+def _layer_report(fit: LayerFit, options: CompileOptions, *, timer: OperatorTimer | None = None) -> dict[str, Any]:
     calib, coef, info, operator = fit.calib, fit.coef, fit.info, fit.operator
     dual_map = operator.dual_map
     entry = {
@@ -441,9 +476,13 @@ def _layer_report(fit: LayerFit, options: CompileOptions) -> dict[str, Any]:
         "tokens": {"fit": int(calib.fit.count[0]), "held_out": int(calib.held_out.count[0])},
         "map": {"kind": dual_map.kind, "options": dual_map.map_options},
         "extra_steps": operator.extra_steps,
-        **layer_fidelity(calib, coef, truncated_iters=options.truncated_iters, asap_operator=copy.deepcopy(operator),
-                         predict=fit.predict, r2=fit.r2, extra_steps=operator.extra_steps),  # fmt: skip
+        **layer_fidelity(calib, coef, truncated_iters=options.truncated_iters, predict=fit.predict, r2=fit.r2,
+                         extra_steps=operator.extra_steps),  # fmt: skip
     }
+    if timer is not None:  # the benchmarks' timer, handed in from above: this stage times nothing itself
+        with torch.no_grad():
+            entry["time_ms"] = dict(timer(*layer_operators(calib, copy.deepcopy(operator),
+                                                           truncated_iters=options.truncated_iters)))  # fmt: skip
     if len(calib.layer.names) > 1:
         entry["aliases"] = list(calib.layer.names)
     if info:
@@ -475,6 +514,7 @@ def compile_model(
     map_lr: float = 1e-2,
     target_tv: float | None = None,
     progress: Any = None,
+    timer: OperatorTimer | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compile the Sinkhorn layers of a trained model to ASAP without retraining; the model is not modified.
 
@@ -489,6 +529,8 @@ def compile_model(
         other options: see :class:`CompileOptions` (the dual map: ``map_kind``,
             ``map_options``, ``map_steps``, ``map_lr``; ``target_tv`` chooses it per layer).
         progress: optional ``tqdm``-like callable wrapping each calibration pass.
+        timer: optional operator timer (:func:`asap.bench.measure.time_operators_ms`): adds each layer's
+            ``time_ms`` to the report (this stage times nothing itself).
 
     Returns:
         ``(compiled, report)``: a deep copy of ``model`` with ASAP operators in
@@ -509,7 +551,7 @@ def compile_model(
         raise ValueError("calibration needs at least one batch")
     compiled = copy.deepcopy(model).eval()
     selected = select_layers(compiled, options.layers)
-    report = compile_selected(compiled, calibration_batches, selected, options, progress=progress)
+    report = compile_selected(compiled, calibration_batches, selected, options, progress=progress, timer=timer)
     report["num_sinkhorn_layers"] = len(sinkhorn_layers(model))
     return compiled.eval(), report
 

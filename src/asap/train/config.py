@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from asap.argtypes import cli, finite_float, key_value, nonnegative_int, positive_int
 from asap.attention.module import AttentionConfig
 from asap.errors import ConfigError
 
@@ -128,52 +129,77 @@ class TrainConfig:
     that ``resume`` continues exactly as if it had never stopped.
     """
 
-    dataset: str = "digits"
-    data_dir: str | None = None
-    out_dir: str = "runs/run"
+    dataset: str = field(default="digits", metadata=cli(
+        "a built-in data set (see asap.data.DATASETS), or your own: csv:PATH, jsonl:PATH (a file with a split "
+        "column, or a folder of train/test files), imagefolder:PATH (class subfolders), hf:PATH (a datasets folder "
+        "or local Parquet/CSV files)"))
+    data_dir: str | None = field(default=None, metadata=cli("data directory", default_text="$ASAP_DATA_DIR"))
+    out_dir: str = field(default="runs/run", metadata=cli("run directory to create", flag="--out"))
     # model
-    preset: str = "tiny"
-    dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float | None = None
-    dropout: float = 0.0
-    pooling: str = "mean"
-    patch_size: int | None = None
-    pretrained: str | None = None
+    preset: str = field(default="tiny", metadata=cli("model size", choices=("tiny", "small", "base")))
+    dim: int | None = field(default=None, metadata=cli(
+        "width, overriding the preset", type=positive_int, default_text="the preset's"))
+    depth: int | None = field(default=None, metadata=cli(
+        "number of blocks, overriding the preset", type=positive_int, default_text="the preset's"))
+    num_heads: int | None = field(default=None, metadata=cli(
+        "attention heads, overriding the preset", flag="--heads", type=positive_int, default_text="the preset's"))
+    mlp_ratio: float | None = field(default=None, metadata=cli(
+        "MLP hidden width / dim, overriding the preset", type=finite_float, default_text="the preset's"))
+    dropout: float = field(default=0.0, metadata=cli("dropout", type=finite_float))
+    pooling: str = field(default="mean", metadata=cli("text pooling", choices=("mean", "cls")))
+    patch_size: int | None = field(default=None, metadata=cli(
+        "ViT patch size", type=positive_int, default_text="the largest of 4, 2, 1 that leaves at least 4 x 4 patches"))
+    pretrained: str | None = field(default=None, metadata=cli(
+        "fine-tune the pretrained transformers encoder in the local folder PATH (BERT, MiniLM, RoBERTa, DistilBERT; "
+        "ViT for images) with a new classification head, under --method; its tokenizer and size are its own",
+        flag="--model", metavar="hf:PATH", default_text="train the project's model from scratch"))
     # attention
-    method: str = "softmax"
-    n_iters: int | None = None
-    eps: float | None = None
-    attention_options: dict[str, Any] = field(default_factory=dict)
+    method: str = field(default="softmax", metadata=cli("attention method: softmax | sinkhorn | esp | asap"))
+    n_iters: int | None = field(default=None, metadata=cli(
+        "Sinkhorn half-steps K (odd: rows exact; K=1 is softmax)", type=positive_int,
+        default_text="the method's own; sinkhorn needs it"))
+    eps: float | None = field(default=None, metadata=cli(
+        "entropic regularisation", type=finite_float, default_text="the method's own, 1"))
+    attention_options: dict[str, Any] = field(default_factory=dict, metadata=cli(
+        "any other option of the attention operator (repeatable), e.g. grad_mode=unroll",
+        flag="--attention-option", type=key_value, action="append", metavar="KEY=VALUE"))
     # data
-    text_column: str = "text"
-    label_column: str = "label"
-    data_options: dict[str, Any] = field(default_factory=dict)
-    max_length: int = 256
-    vocab_size: int = 8000
-    val_fraction: float = 0.1
-    limit: int | None = None
-    augment: bool = False
+    text_column: str = field(default="text", metadata=cli("your own data: the column/key holding the text"))
+    label_column: str = field(default="label", metadata=cli(
+        "your own data: the column/key holding the label, strings or integers"))
+    data_options: dict[str, Any] = field(default_factory=dict, metadata=cli(
+        "any other option of your own data (repeatable; see asap.data.DataOptions), e.g. split_column=part, "
+        "test_fraction=0.2, image_size=32, image_column=img",
+        flag="--data-option", type=key_value, action="append", metavar="KEY=VALUE"))
+    max_length: int = field(default=256, metadata=cli("subword tokens per text", type=positive_int))
+    vocab_size: int = field(default=8000, metadata=cli("tokenizer vocabulary", type=positive_int))
+    val_fraction: float = field(default=0.1, metadata=cli("held-out part of train", type=finite_float))
+    limit: int | None = field(default=None, metadata=cli(
+        "at most this many examples per split (class-stratified; quick runs)", type=positive_int,
+        default_text="all"))
+    augment: bool = field(default=False, metadata=cli("random shifts (and flips) of images", action="store_true"))
     # optimisation
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_fraction: float = 0.05
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
-    seed: int = 0
+    epochs: int = field(default=3, metadata=cli("passes over the training split", type=positive_int))
+    batch_size: int = field(default=64, metadata=cli("global batch, split across processes", type=positive_int))
+    lr: float = field(default=1e-3, metadata=cli("peak AdamW learning rate", type=finite_float))
+    weight_decay: float = field(default=0.05, metadata=cli("AdamW weight decay (matrices only)", type=finite_float))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=cli("AdamW betas", type=finite_float, nargs=2))
+    warmup_fraction: float = field(default=0.05, metadata=cli("linear warm-up share of all steps", type=finite_float))
+    min_lr_ratio: float = field(default=0.0, metadata=cli("cosine floor, as a fraction of --lr", type=finite_float))
+    grad_clip: float | None = field(default=1.0, metadata=cli("gradient norm clip, 0 = none", type=finite_float))
+    seed: int = field(default=0, metadata=cli("seed of initialisation, split and order", type=nonnegative_int))
     # runtime
-    num_workers: int = 0
-    device: str = "auto"
-    compile: bool = False
-    checkpoint_every: int = 0
-    stop_after_steps: int | None = None
-    eval_batch_size: int | None = None
-    log_every: int = 10
-    progress: bool = True
+    num_workers: int = field(default=0, metadata=cli("DataLoader workers", type=nonnegative_int))
+    device: str = field(default="auto", metadata=cli("auto | cpu | cuda[:i]"))
+    compile: bool = field(default=False, metadata=cli("torch.compile the model", action="store_true"))
+    checkpoint_every: int = field(default=0, metadata=cli(
+        "also checkpoint every N steps", type=nonnegative_int, default_text="0, epoch ends only"))
+    stop_after_steps: int | None = field(default=None, metadata=cli(
+        "stop (resumably) once this global step is reached", type=positive_int, default_text="never"))
+    eval_batch_size: int | None = field(default=None, metadata=cli(
+        "evaluation batch", type=positive_int, default_text="2 x batch size"))
+    log_every: int = field(default=10, metadata=cli("progress-bar refresh, in steps", type=positive_int))
+    progress: bool = field(default=True, metadata=cli("no progress bars", flag="--no-progress", action="store_false"))
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
