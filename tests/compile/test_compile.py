@@ -154,3 +154,11 @@ def test_compiling_times_nothing_without_a_timer(teacher, batches, monkeypatch):
     monkeypatch.setattr(time_module, "perf_counter", no_clock)
     _, report = compile_model(teacher, batches, num_slices=6)
     assert all("time_ms" not in layer for layer in report["layers"])
+
+
+def test_label_free_semi_dual_fit_through_compile_model(teacher, batches):
+    _, report = compile_model(teacher, batches, num_slices=4, refine="dual", refine_iters=5)
+    info = report["layers"][0]["refine"]
+    assert set(info) == {"semi_dual_zero", "semi_dual_fit", "kl_zero", "kl_fit", "kl_ridge"}
+    assert all(fit >= zero for fit, zero in zip(info["semi_dual_fit"], info["semi_dual_zero"]))
+    assert report["options"]["refine"] == "dual"

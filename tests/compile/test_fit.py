@@ -86,3 +86,54 @@ def test_bad_inputs_are_refused():
         solve_ridge(normal, ridge=1e-3)
     with pytest.raises(ValueError, match="features of shape"):
         normal.add(torch.zeros(1, 2, 4, 5), torch.zeros(1, 2, 5), valid=None)
+
+
+def _semi_dual_problem(*, lengths=None, n=9, seed=0):
+    """One KLProblem whose only feature is the converged Sinkhorn query dual f* (centred), and f* itself."""
+    from asap.compile.fit import KLProblem
+    from asap.compile.plans import scores_and_support, sinkhorn_log_attention
+    from asap.transport.sinkhorn import sinkhorn
+
+    torch.manual_seed(seed)
+    q, k, _ = rand_qkv(b=3, h=2, n=n, d=4, scale=1.5)
+    mask = None if lengths is None else padding_mask(lengths, n)
+    scores, supp = scores_and_support(q, k, scale=1.0, attn_mask=mask)
+    f_star = sinkhorn(scores, n_iters=301, eps=1.0, supp=supp).target  # f_{K-2} of a converged run: f*
+    teacher = sinkhorn_log_attention(scores, supp, n_iters=301, eps=1.0)
+    return KLProblem(scores, f_star.unsqueeze(2), teacher, supp), f_star
+
+
+@pytest.mark.parametrize("lengths", [None, [9, 6, 4]])
+def test_semi_dual_fit_recovers_the_converged_dual_without_labels(lengths):
+    """With f* itself as the feature, the label-free fit must find coefficient 1: the semi-dual's maximiser."""
+    from asap.compile.fit import fit_semi_dual, mean_semi_dual
+
+    problem, _ = _semi_dual_problem(lengths=lengths)
+    held, _ = _semi_dual_problem(lengths=lengths, seed=1)
+    coef, info = fit_semi_dual(1, [problem], [held], eps=1.0, max_iter=50)
+    torch.testing.assert_close(coef, torch.ones_like(coef), atol=2e-3, rtol=0)  # L-BFGS tolerance
+    assert all(fit > zero for fit, zero in zip(info["semi_dual_fit"], info["semi_dual_zero"]))
+    assert all(kl < 1e-4 < zero for kl, zero in zip(info["kl_fit"], info["kl_zero"]))  # the converged teacher's rows, reached without its duals
+    # the objective is concave with its maximum at f*: moving the coefficient either way lowers it
+    best = mean_semi_dual([problem], coef, eps=1.0)
+    for delta in (-0.2, 0.2):
+        assert (mean_semi_dual([problem], coef + delta, eps=1.0) < best).all()
+
+
+def test_semi_dual_ignores_a_constant_shift_of_the_dual():
+    problem, f_star = _semi_dual_problem(lengths=[9, 6, 4])
+    ones = problem.supp.zero_rows(torch.ones_like(f_star)).unsqueeze(2)
+    shifted = type(problem)(problem.scores, torch.cat([problem.phi, ones], dim=2), problem.teacher_log_attn,
+                            problem.supp)  # fmt: skip
+    coef = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(shifted.semi_dual(coef, eps=1.0), shifted.semi_dual(coef + torch.tensor([0.0, 3.0]), eps=1.0))
+
+
+def test_semi_dual_fit_is_refused_with_nonlinear_maps():
+    from asap.compile.swap import CompileOptions
+
+    CompileOptions(refine="dual")
+    with pytest.raises(ValueError, match="linear map only"):
+        CompileOptions(refine="dual", map_kind="mlp")
+    with pytest.raises(ValueError, match="linear map only"):
+        CompileOptions(refine="dual", target_tv=0.05)

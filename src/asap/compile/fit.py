@@ -24,6 +24,12 @@ valid query of every calibration sequence.
   divergence between the teacher's attention rows and ASAP's, directly on
   the quantity that matters downstream (the least-squares fit weights every
   dual error equally, while the attention is insensitive to some of them).
+* :func:`fit_semi_dual` is the label-free alternative (the objective-based fit
+  of amortised OT, arXiv 2604.15114): it maximises the entropic semi-dual
+  ``D(f) = <a, f> + <b, ccol(f)>`` of the predicted dual, averaged over the
+  calibration sequences, with no Sinkhorn target at all. ``D`` is concave and
+  its maximiser is the *converged* Sinkhorn dual, so this fit aims at the
+  fully balanced plan rather than at the K-step teacher.
 
 Features and targets are centred per sequence before they arrive here (the
 1-D potentials and the closure target are both centred over valid queries),
@@ -41,6 +47,7 @@ from torch import Tensor
 
 from asap.attention.least_squares import check_training_r2, residual_and_r2, solve_normal_equations
 from asap.compile.plans import asap_log_attention, row_kl, scores_and_support, sinkhorn_log_attention
+from asap.transport.ctransform import c_transform_cols
 from asap.transport.masks import Support
 
 
@@ -173,11 +180,27 @@ class KLProblem:
     teacher_log_attn: Tensor
     supp: Support
 
+    def f_hat(self, coef: Tensor) -> Tensor:
+        """The linear map's predicted query dual ``(b, h, n)`` for coefficients ``coef (h, L)``."""
+        return torch.einsum("bhln,hl->bhn", self.phi, coef.to(self.phi.dtype))
+
     def kl(self, coef: Tensor, *, eps: float) -> Tensor:
         """Mean row KL per head ``(h,)`` for coefficients ``coef (h, L)``."""
-        f_hat = torch.einsum("bhln,hl->bhn", self.phi, coef.to(self.phi.dtype))
-        log_attn = asap_log_attention(self.scores, f_hat, eps=eps, supp=self.supp)
+        log_attn = asap_log_attention(self.scores, self.f_hat(coef), eps=eps, supp=self.supp)
         return row_kl(self.teacher_log_attn, log_attn, rows=self.supp.rows)
+
+    def semi_dual(self, coef: Tensor, *, eps: float) -> Tensor:
+        """Entropic semi-dual ``D(f) = <a, f> + <b, ccol(f)>`` per head ``(h,)``, averaged over the sequences.
+
+        ``ccol(f)`` makes the column marginal exact, so the plan's mass is 1 and the ``-eps (mass - 1)``
+        term of the full dual (:func:`asap.transport.dual_objective`) vanishes. Shifting ``f`` by a
+        constant leaves ``D`` unchanged (``ccol`` shifts back), as it leaves the attention unchanged.
+        """
+        f = self.supp.zero_rows(self.f_hat(coef))
+        g = c_transform_cols(self.scores, f, eps=eps, supp=self.supp)
+        a = self.supp.zero_rows(self.supp.log_a.exp().expand_as(f))
+        b = self.supp.zero_cols(self.supp.log_b.exp().expand_as(g))
+        return ((f * a).sum(-1) + (g * b).sum(-1)).mean(0)
 
 
 @torch.no_grad()
@@ -242,3 +265,46 @@ def refine_kl(
     out = torch.where(improved.unsqueeze(-1), refined, start)
     info = {"kl_ridge": before.tolist(), "kl_refined": after.tolist(), "refined_kept": improved.tolist()}
     return out.to(coef.dtype), info
+
+
+def mean_semi_dual(problems: list[KLProblem], coef: Tensor, *, eps: float) -> Tensor:
+    """Semi-dual per head ``(h,)`` averaged over chunks, weighted by their number of sequences."""
+    total = sum(p.semi_dual(coef, eps=eps) * p.scores.shape[0] for p in problems)
+    return total / sum(p.scores.shape[0] for p in problems)
+
+
+def fit_semi_dual(
+    num_features: int, train: list[KLProblem], held_out: list[KLProblem], *, eps: float, max_iter: int = 30
+) -> tuple[Tensor, dict[str, list[float]]]:
+    """Label-free fit of the linear map: maximise the mean entropic semi-dual by L-BFGS, from ``coef = 0``.
+
+    No teacher dual is used (``KLProblem.teacher_log_attn`` is read only to *report* the held-out row KL
+    of the result beside the zero map's). Heads are independent; their objectives are summed so one
+    L-BFGS run optimises all of them. Returns ``(coef (h, num_features), info)``, ``info`` holding the
+    held-out semi-dual and row KL per head at the zero map and at the fit.
+    """
+    if not train:
+        raise ValueError("the semi-dual fit needs at least one calibration chunk")
+    check = held_out or train
+    start = train[0].phi.new_zeros(train[0].phi.shape[1], num_features)
+    param = start.clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS([param], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimiser.zero_grad()
+        loss = -mean_semi_dual(train, param, eps=eps).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    coef = param.detach()
+    if not bool(torch.isfinite(coef).all()):
+        raise ValueError("the semi-dual fit diverged (non-finite coefficients); use refine='none' or 'kl'")
+    with torch.no_grad():
+        info = {
+            "semi_dual_zero": mean_semi_dual(check, start, eps=eps).tolist(),
+            "semi_dual_fit": mean_semi_dual(check, coef, eps=eps).tolist(),
+            "kl_zero": mean_kl(check, start, eps=eps).tolist(),
+            "kl_fit": mean_kl(check, coef, eps=eps).tolist(),
+        }
+    return coef, info

@@ -60,7 +60,7 @@ from asap.compile.calibrate import (
     select_layers,
     sinkhorn_layers,
 )
-from asap.compile.fit import kl_problems, refine_kl, solve_ridge
+from asap.compile.fit import KLProblem, fit_semi_dual, kl_problems, mean_kl, refine_kl, solve_ridge
 from asap.compile.map_fit import chunks_r2, fit_mlp, fit_relu
 from asap.compile.maps import DEFAULT_EXTRA_FEATURES, EXTRA_FEATURES, set_coefficients
 from asap.compile.report import (
@@ -75,7 +75,7 @@ from asap.compile.report import (
 )
 
 MODES = ("teacher", "sequential")
-REFINE = ("none", "kl")
+REFINE = ("none", "kl", "dual")
 
 
 def _feature_names(text: str) -> tuple[str, ...]:
@@ -138,7 +138,9 @@ class CompileOptions:
     :mod:`asap.compile.maps`; ``()`` gives the plain linear slice map); ``seed``
     draws random directions (layer ``l`` uses ``seed + l``,
     so layers do not share directions); ``ridge`` is relative to the Gram trace;
-    ``refine="kl"`` adds the KL stage (``refine_iters`` L-BFGS iterations);
+    ``refine="kl"`` adds the KL stage (``refine_iters`` L-BFGS iterations),
+    ``refine="dual"`` replaces the ridge fit by the label-free semi-dual fit
+    (:func:`asap.compile.fit.fit_semi_dual`; linear map only);
     ``holdout_fraction`` of the calibration batches (the last ones) is held out
     for the fidelity figures and to accept or reject the refinement;
     ``reservoir_size`` caps the sequences kept per layer and split for the
@@ -164,7 +166,9 @@ class CompileOptions:
     seed: int = field(default=0, metadata=cli(
         "seed of the random directions (layer l uses seed + l) and of the calibration sample", type=nonnegative_int))
     ridge: float = field(default=1e-3, metadata=cli("ridge, relative to the Gram trace", type=finite_float))
-    refine: str = field(default="none", metadata=cli("second stage: KL refinement of the linear map", choices=REFINE))
+    refine: str = field(default="none", metadata=cli(
+        "how the linear map is fitted beyond ridge: kl (second stage, L-BFGS on the teacher's row KL) or dual "
+        "(label-free: maximise the entropic semi-dual, no Sinkhorn target)", choices=REFINE))
     refine_iters: int = field(default=30, metadata=cli("L-BFGS iterations of the KL refinement", type=positive_int))
     mode: str = field(default="teacher", metadata=cli(
         "calibration activations: the teacher's, or sequential (layers below already compiled)", choices=MODES))
@@ -205,6 +209,9 @@ class CompileOptions:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         if self.refine not in REFINE:
             raise ValueError(f"refine must be one of {REFINE}, got {self.refine!r}")
+        if self.refine == "dual" and (self.map_kind != "linear" or self.target_tv is not None):
+            raise ValueError("refine 'dual' (the label-free semi-dual fit) fits the linear map only: "
+                             "use it without a relu/mlp map and without target_tv")  # fmt: skip
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.reservoir_size < 1 or self.refine_iters < 1:
@@ -239,14 +246,22 @@ def fit_coefficients(calib: LayerCalibration, options: CompileOptions) -> tuple[
     coef = solve_ridge(calib.fit, ridge=options.ridge, what=f"layer {calib.layer.index} ({calib.layer.name})")
     info: dict[str, Any] = {}
     if options.refine == "kl":
-        prepare = lambda chunks: kl_problems(  # noqa: E731
-            chunks, calib.features, scale=calib.scale, n_iters=calib.n_iters, eps=calib.eps
-        )
-        coef, info = refine_kl(
-            coef.float(), prepare(calib.fit_reservoir.chunks), prepare(calib.held_out_reservoir.chunks),
-            eps=calib.eps, max_iter=options.refine_iters,
-        )  # fmt: skip
+        train, held = reservoir_problems(calib)
+        coef, info = refine_kl(coef.float(), train, held, eps=calib.eps, max_iter=options.refine_iters)
+    elif options.refine == "dual":  # label-free: the ridge solution above is kept only for comparison
+        train, held = reservoir_problems(calib)
+        ridge_kl = mean_kl(held or train, coef.float(), eps=calib.eps).tolist()
+        coef, info = fit_semi_dual(coef.shape[-1], train, held, eps=calib.eps, max_iter=options.refine_iters)
+        info["kl_ridge"] = ridge_kl
     return coef.float(), info
+
+
+def reservoir_problems(calib: LayerCalibration) -> tuple[list[KLProblem], list[KLProblem]]:
+    """The layer's fit and held-out reservoir chunks prepared for the row-KL and semi-dual objectives."""
+    prepare = lambda chunks: kl_problems(  # noqa: E731
+        chunks, calib.features, scale=calib.scale, n_iters=calib.n_iters, eps=calib.eps
+    )
+    return prepare(calib.fit_reservoir.chunks), prepare(calib.held_out_reservoir.chunks)
 
 
 def asap_operator_for(calib: LayerCalibration, coef: Tensor, *, extra_steps: int = 0, dual_map: nn.Module | None = None) -> AsapOperator:
@@ -307,12 +322,8 @@ def fit_kind(calib: LayerCalibration, options: CompileOptions, kind: str) -> Lay
     )  # fmt: skip
     kl = None
     if options.refine == "kl":
-        prepare = lambda chunks: kl_problems(  # noqa: E731
-            chunks, calib.features, scale=calib.scale, n_iters=calib.n_iters, eps=calib.eps
-        )
-        train = prepare(calib.fit_reservoir.chunks)
-        held = prepare(calib.held_out_reservoir.chunks) or train
-        kl = (train, held)
+        train, held = reservoir_problems(calib)
+        kl = (train, held or train)
     fit, held_store = calib.stores["fit"], calib.stores["held_out"]
     if kind == "relu":
         info = fit_relu(dual_map, fit, held_store, ridge=options.ridge, steps=options.map_steps, lr=options.map_lr,
