@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +106,24 @@ def key_value(text: str) -> tuple[str, Any]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def module_main(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run_from_args: Callable[[argparse.Namespace, list[str]], int],
+) -> int:
+    """The ``python -m`` entry of a command that ``asap`` also runs: its own parser (``prog``, the
+    ``description`` shown as written, the options of ``add_arguments``), then ``run_from_args(args, argv)``,
+    ``argv`` defaulting to ``sys.argv[1:]`` (the command it records)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_from_args(parser.parse_args(argv), argv)
 
 
 # --- command-line options generated from dataclass fields ------------------------------------------------------

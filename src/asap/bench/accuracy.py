@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from asap.argtypes import int_list, name_list, nonnegative_int
+from asap.argtypes import int_list, module_main, name_list, nonnegative_int
 from asap.bench.measure import benchmark
 from asap.env import machine_info
 from asap.io import command_line, method_key, write_result
@@ -356,11 +356,8 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m asap.bench.accuracy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_arguments(parser)
-    argv = sys.argv[1:] if argv is None else argv
-    return run_from_args(parser.parse_args(argv), argv)
+    return module_main(argv, prog="python -m asap.bench.accuracy", description=__doc__, add_arguments=add_arguments,
+                       run_from_args=run_from_args)  # fmt: skip
 
 
 if __name__ == "__main__":

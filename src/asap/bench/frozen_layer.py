@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from asap.argtypes import int_list, nonnegative_int
+from asap.argtypes import int_list, module_main, nonnegative_int
 from asap.attention.operators import call_mask
 from asap.bench.measure import benchmark, speedups
 from asap.env import machine_info
@@ -233,11 +233,8 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m asap.bench.frozen_layer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_arguments(parser)
-    argv = sys.argv[1:] if argv is None else argv
-    return run_from_args(parser.parse_args(argv), argv)
+    return module_main(argv, prog="python -m asap.bench.frozen_layer", description=__doc__, add_arguments=add_arguments,
+                       run_from_args=run_from_args)  # fmt: skip
 
 
 if __name__ == "__main__":
