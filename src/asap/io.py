@@ -19,7 +19,9 @@ Reading. Every file name read from a config or a manifest (a tokenizer, a weight
 is untrusted: a run folder or an artifact may come from someone else. Such a
 name must be a plain file name that stays inside its folder; anything else
 (``..``, an absolute path, a separator, a symlink pointing out) is refused
-before any file is opened.
+before any file is opened. A JSON file is parsed by :func:`read_json` (size and
+depth bounded), its ``format``/``format_version`` checked by :func:`check_format`,
+and its values by :func:`is_int` / :func:`is_finite_number` (``true`` is no integer).
 """
 
 from __future__ import annotations
