@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,22 @@ def _dataset_key(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum()).replace("and", "")
 
 
+#: Separates a data set key from the pretrained model of a fine-tuned teacher in :func:`_our_accuracies`.
+PRETRAINED_SUFFIX = "@"
+
+
+def _pretrained_name(doc: Doc) -> str | None:
+    """The pretrained encoder a teacher was fine-tuned from (its folder's name), from the run's ``config.json``."""
+    try:
+        spec = json.loads((doc.path.parent / "config.json").read_text()).get("train", {}).get("pretrained")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    if not spec:
+        return None
+    parts = [part for part in Path(spec.partition(":")[2]).parts if part not in ("model", "models", "/")]
+    return parts[-1] if parts else spec
+
+
 def _our_accuracies(all_docs: dict[str, list[Doc]]) -> dict[str, dict[str, Any]]:
     """Data set key -> {"name": data set, method: test accuracy} from the trained models, else the compile results."""
     found: dict[str, dict[str, Any]] = {}
@@ -61,7 +78,14 @@ def _our_accuracies(all_docs: dict[str, list[Doc]]) -> dict[str, dict[str, Any]]
         name, acc = doc.data.get("dataset"), doc.data.get("accuracy")
         method = doc.data.get("attention", {}).get("method")
         if name and acc is not None and method and doc.data.get("split", "test") == "test":
-            found.setdefault(_dataset_key(name), {"name": name}).setdefault(method, acc)
+            model = _pretrained_name(doc)
+            if model is None:
+                found.setdefault(_dataset_key(name), {"name": name}).setdefault(method, acc)
+            else:  # a fine-tuned pretrained encoder: its own row, beside the paper's row of the data set
+                entry = found.setdefault(f"{_dataset_key(name)}{PRETRAINED_SUFFIX}{model}",
+                                         {"name": f"{name}, fine-tuned from {model}", "test_examples": {}})
+                entry.setdefault(method, acc)
+                entry["test_examples"].setdefault(method, doc.data.get("num_samples"))
     for doc in all_docs.get("compile", []):
         records = doc.data.get("results") or [doc.data]
         acc = (records[0] if records else {}).get("accuracy", {}).get("teacher")
@@ -123,6 +147,18 @@ def render_paper(all_docs: dict[str, list[Doc]], results_dir: Path) -> Rendered:
         for d in all_docs.get("compile", [])
         if d.data.get("experiment") == "downstream_replacement" and d.data.get("asap_fraction_of_teacher") is not None
     ]
+    for path in sorted(results_dir.glob("teachers/*/compiled_asap/fidelity.json")):  # `asap compile` of a teacher
+        try:
+            acc = json.loads(path.read_text()).get("accuracy") or {}
+        except (OSError, json.JSONDecodeError):
+            continue
+        if acc.get("teacher") and acc.get("asap") is not None:
+            trunc = next((f", Sinkhorn K={k.rsplit('k', 1)[1]} {pct(v)}" for k, v in acc.items()
+                          if k.startswith("sinkhorn_k") and isinstance(v, float)), "")  # fmt: skip
+            kept_lines.append(
+                f"  - ours (`{path.relative_to(results_dir).as_posix()}`, {acc.get('num_samples', '?')} test examples): "
+                f"ASAP keeps {100 * acc['asap'] / acc['teacher']:.1f} % of the teacher's accuracy "
+                f"({pct(acc['asap'])} vs {pct(acc['teacher'])}{trunc}).")
     lines += kept_lines or ["  - ours: not measured yet (no downstream-replacement JSON under results/compile/)."]
     lines.append("- **Training cost**: paper: ESP needs substantially more training memory and time than Sinkhorn.")
     cost_lines = []
@@ -146,6 +182,11 @@ def render_paper(all_docs: dict[str, list[Doc]], results_dir: Path) -> Rendered:
         mine = ours.pop(_dataset_key(name), {})
         rows.append([name, f"{sink:.2f}", "-" if esp is None else f"{esp:.2f}",
                      *(pct(mine.get(m)) if m in mine else "not measured yet" for m in methods)])
+        for key in sorted(k for k in ours if k.startswith(_dataset_key(name) + PRETRAINED_SUFFIX)):
+            tuned = ours.pop(key)
+            cells = [f"{pct(tuned[m])} (n={tuned['test_examples'][m]})" if m in tuned else "-" for m in methods]
+            rows.append([f"{name}: ours {tuned['name'].split(', ', 1)[1]}", f"{sink:.2f}",
+                         "-" if esp is None else f"{esp:.2f}", *cells])
     rows += [[f"{mine['name']} (not in the paper)", "-", "-", *(pct(mine.get(m)) for m in methods)]
              for mine in ours.values()]
     lines += table(["data set", "Sinkformer (paper)", "ESPFormer (paper)", "ours: Sinkhorn", "ours: ESP",
