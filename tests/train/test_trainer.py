@@ -160,3 +160,15 @@ def test_loop_options_of_a_train_config(tmp_path):
     options = LoopOptions.from_config(config)
     assert (options.epochs, options.batch_size, options.seed, options.grad_clip) == (2, 8, 3, None)
     assert options.resolved_eval_batch_size == config.resolved_eval_batch_size == 16
+
+
+def test_without_progress_bars_a_log_line_is_printed_every_log_every_steps(tmp_path, capsys):
+    """``--no-progress`` is for log files: a plain line per ``log_every`` steps, not silence until the epoch ends."""
+    from asap.train import TrainConfig, train
+
+    config = TrainConfig(dataset="digits", limit=96, epochs=1, batch_size=16, log_every=2, progress=False,
+                         device="cpu", out_dir=str(tmp_path / "run"))  # fmt: skip
+    train(config)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch 1/1 step ")]
+    assert [line.split()[3] for line in lines] == ["2/5", "4/5"]  # 96 images, 10 % held out: 86 -> 5 batches
+    assert all(" loss " in line and " acc " in line and " lr " in line for line in lines)

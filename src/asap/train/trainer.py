@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -504,7 +505,11 @@ class Trainer:
         """Show this process's running loss/accuracy; a non-finite loss stops the run with a clear error."""
         self._check_finite()
         loss_sum, correct, count = self.sums.tolist()  # the one host sync, every log_every steps
-        bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.3f}", lr=f"{self._lr():.2e}")
+        figures = {"loss": f"{loss_sum / count:.4f}", "acc": f"{correct / count:.3f}", "lr": f"{self._lr():.2e}"}
+        bar.set_postfix(**figures)
+        if not self.options.progress and self.dist.is_main:  # no bar (a log file): one plain line instead
+            print(f"epoch {self.epoch + 1}/{self.options.epochs} step {self.batch_in_epoch}/{self.steps_per_epoch} "
+                  + " ".join(f"{k} {v}" for k, v in figures.items()), file=sys.stderr, flush=True)  # fmt: skip
 
     def _check_finite(self, *, weights: bool = False) -> None:
         """Raise :class:`TrainingDiverged` if any process saw a non-finite loss (or, with ``weights``, holds
