@@ -46,6 +46,12 @@ def test_each_layer_is_compiled_alone_scored_and_timed(teacher_run, result):
         ratio = record["speedup_of_asap_over"]["sinkhorn_k9"]
         assert ratio == pytest.approx(record["median_ms"]["sinkhorn_k9"] / record["median_ms"]["asap"])
         assert record["shape"]["q"][0] == 8  # the timing batch
+        # the whole model, interleaved: teacher, this layer compiled, this layer truncated (K = 5 is the teacher)
+        whole = record["whole_model"]
+        assert set(whole["models"]) == {"teacher", "asap", "sinkhorn_k3"} and whole["reference"] == "teacher"
+        assert whole["models"]["teacher"]["model_speedup"] == pytest.approx(1.0)
+        assert all(m["model_ms"] > 0 for m in whole["models"].values()) and whole["batches"] == 1
+    assert doc["truncated_iters"] == [3, 5]
 
 
 def test_captured_inputs_are_what_the_layer_sees(teacher_run):

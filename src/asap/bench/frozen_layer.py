@@ -8,14 +8,19 @@ This is the paper's main benchmark. For each chosen Sinkhorn layer, in turn:
 * **accuracy**: the test accuracy of the model with that layer compiled
   (calibrated on ``--calibration`` training examples, the defaults of
   ``asap compile``), of the teacher, and of the teacher with that layer
-  truncated to ``--truncated-iters`` half-steps (the same-cost baseline by
-  number of passes); plus each one's agreement with the teacher's predictions;
+  truncated to each of ``--truncated-iters`` half-steps (K = 3, the same-cost
+  baseline by number of passes, and K = 5); plus each one's agreement with
+  the teacher's predictions;
 * **speed**: the layer's attention on *the same inputs*: the ``q, k, v`` (and
   padding mask) that layer receives on ``--timing-batch`` test examples. Timed
   round-robin in one run (median): ASAP, the teacher at its trained K, the
   teacher at ``--teacher-iters`` (K = 21 in the paper), truncated Sinkhorn and
   softmax ``scaled_dot_product_attention``. Reported as ratios measured side
-  by side; absolute times only mean something for the machine recorded.
+  by side; absolute times only mean something for the machine recorded;
+* **whole model**: the forward time of the whole model on the same
+  ``--timing-batch`` examples, teacher, layer compiled and layer truncated to
+  each K, interleaved per round (:func:`asap.bench.model_timing.time_models`,
+  ``--model-rounds`` rounds): what the one compiled layer saves end to end.
 
 Before timing, the captured ASAP output is checked against the fp64 reference
 of the same operator (a wrong fast path is not timed). Writes
@@ -33,13 +38,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from asap.argtypes import int_list, module_main, nonnegative_int
+from asap.argtypes import int_list, module_main, nonnegative_int, positive_float, positive_int
 from asap.attention.operators import call_mask
 from asap.bench.measure import benchmark, speedups
 from asap.env import machine_info
 from asap.io import command_line, method_key, write_result
 
-SCHEMA = "asap.bench.frozen_layer/1"
+SCHEMA = "asap.bench.frozen_layer/2"  # /2: truncated_iters is a list, each layer has whole_model timings
 
 
 def capture_layer_inputs(model: nn.Module, operator: nn.Module, inputs: dict[str, Tensor]) -> tuple:
@@ -118,9 +123,14 @@ def time_layer(
     }  # fmt: skip
 
 
-def run_frozen_layer(args: argparse.Namespace, command: str, *, log=print) -> dict[str, Any]:
+def _log(line: str) -> None:
+    print(line, flush=True)  # a long run's log file shows each layer as it finishes
+
+
+def run_frozen_layer(args: argparse.Namespace, command: str, *, log=_log) -> dict[str, Any]:
     from asap.attention import SinkhornOperator, SoftmaxOperator
     from asap.compile import compile_model
+    from asap.bench.model_timing import time_models
     from asap.compile.swap import sinkhorn_layers, truncate_sinkhorn
     from asap.runs import calibration_batches, load_data, load_teacher, predict
     from asap.train.data import batch_inputs
@@ -149,10 +159,14 @@ def run_frozen_layer(args: argparse.Namespace, command: str, *, log=print) -> di
         layer = layers[index]
         start = time.perf_counter()
         compiled, report = compile_model(teacher.model, batches, layers=[index], seed=args.seed,
-                                         truncated_iters=args.truncated_iters)  # fmt: skip
+                                         truncated_iters=args.truncated_iters[0])  # fmt: skip
         compile_seconds = time.perf_counter() - start
         asap_pred = predict(compiled, data)[0]
-        truncated_pred = predict(truncate_sinkhorn(teacher.model, n_iters=args.truncated_iters, layers=[index]), data)[0]
+        # the truncations cheaper than this layer's teacher (K = 5 of a K = 5 teacher would be the teacher)
+        kept_iters = [k for k in args.truncated_iters if k < layer.operator.n_iters]
+        truncated = {method_key("sinkhorn", n_iters=k): truncate_sinkhorn(teacher.model, n_iters=k, layers=[index])
+                     for k in kept_iters}  # fmt: skip
+        truncated_pred = {key: predict(model, data)[0] for key, model in truncated.items()}
 
         q, k, v, call_kwargs = capture_layer_call(teacher.model, layer.operator, inputs)
         mask, padding = call_mask(call_kwargs), call_kwargs.get("padding_mask")
@@ -162,37 +176,43 @@ def run_frozen_layer(args: argparse.Namespace, command: str, *, log=print) -> di
             raise RuntimeError(f"layer {index}: ASAP differs from its fp64 reference by {error:.3g}; not timing it")
         teacher_op = layer.operator
         reference_key = method_key("sinkhorn", n_iters=args.teacher_iters)
-        truncated_key = method_key("sinkhorn", n_iters=args.truncated_iters)
         operators = {
             "asap": asap_op,
             method_key("sinkhorn", n_iters=teacher_op.n_iters): teacher_op,
             reference_key: SinkhornOperator(n_iters=args.teacher_iters, eps=teacher_op.eps, scale=teacher_op.scale),
-            truncated_key: SinkhornOperator(n_iters=args.truncated_iters, eps=teacher_op.eps, scale=teacher_op.scale),
+            **{method_key("sinkhorn", n_iters=k): SinkhornOperator(n_iters=k, eps=teacher_op.eps, scale=teacher_op.scale)
+               for k in kept_iters},
             "softmax": SoftmaxOperator(scale=teacher_op.scale),
         }  # fmt: skip
         timing = time_layer(operators, q, k, v, mask, budget_s=args.budget, padding=padding)
+        whole = time_models({"teacher": teacher.model, "asap": compiled, **truncated}, [timing_examples],
+                            rounds=args.model_rounds, reference="teacher")  # fmt: skip
         fit = report["layers"][0]
         record = {
             "layer": index, "name": layer.name, "teacher_iters": teacher_op.n_iters, "eps": teacher_op.eps,
             "shape": {"q": list(q.shape), "k": list(k.shape)}, "padded": mask is not None,
             "accuracy": {"teacher": accuracy(teacher_pred), "asap": accuracy(asap_pred),
-                         truncated_key: accuracy(truncated_pred)},
-            "agreement_with_teacher": {"asap": agreement(asap_pred), truncated_key: agreement(truncated_pred)},
+                         **{key: accuracy(pred) for key, pred in truncated_pred.items()}},
+            "agreement_with_teacher": {"asap": agreement(asap_pred),
+                                       **{key: agreement(pred) for key, pred in truncated_pred.items()}},
             "r2_held_out": _mean(fit.get("r2_held_out")), "row_tv_asap": _mean(fit.get("row_tv_asap")),
             "row_tv_truncated": _mean(fit.get("row_tv_truncated")),
             "asap_max_abs_error_vs_fp64": error, "compile_seconds": compile_seconds, **timing,
+            "whole_model": whole,
         }  # fmt: skip
         results.append(record)
         ratio = timing["speedup_of_asap_over"]
         log(f"layer {index}: teacher {100 * record['accuracy']['teacher']:.2f} asap {100 * record['accuracy']['asap']:.2f} "
-            f"K{args.truncated_iters} {100 * record['accuracy'][truncated_key]:.2f} | "
+            + " ".join(f"{key} {100 * record['accuracy'][key]:.2f}" for key in truncated_pred) + " | "
             + ", ".join(f"{name} {ms:.2f} ms" for name, ms in timing["median_ms"].items())
-            + f" | ASAP {ratio[reference_key]:.2f}x over K={args.teacher_iters}")  # fmt: skip
+            + f" | ASAP {ratio[reference_key]:.2f}x over K={args.teacher_iters}"
+            + f" | whole model: ASAP {whole['models']['asap']['model_speedup']:.2f}x the teacher's speed")  # fmt: skip
     return {
         "schema": SCHEMA, "run_dir": str(args.run_dir), "teacher_sha256": teacher.source_sha256,
         "dataset": teacher.data_info["dataset"], "eval_split": args.eval_split, "eval_examples": len(labels),
         "calibration_examples": args.calibration, "timing_batch": len(timing_examples["labels"]),
-        "reference_iters": args.teacher_iters, "truncated_iters": args.truncated_iters,
+        "reference_iters": args.teacher_iters, "truncated_iters": list(args.truncated_iters),
+        "model_rounds": args.model_rounds,
         "layers": results, "machine": machine_info("cpu"), "command": command,
     }  # fmt: skip
 
@@ -204,15 +224,20 @@ def _mean(values: list[float] | None) -> float | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained Sinkhorn run (asap train)")
     parser.add_argument("--layers", type=int_list(nonnegative_int), default=None, help="Sinkhorn layers to compile, one at a time (default all)")
-    parser.add_argument("--teacher-iters", type=int, default=21, help="K of the timed reference teacher (default 21)")
-    parser.add_argument("--truncated-iters", type=int, default=3, help="K of the same-cost baseline (default 3)")
-    parser.add_argument("--calibration", type=int, default=512, help="calibration examples (default 512)")
-    parser.add_argument("--seed", type=int, default=0, help="calibration sample and slice directions")
-    parser.add_argument("--eval-split", default="test")
-    parser.add_argument("--eval-limit", type=int, default=None, help="at most this many evaluation examples")
-    parser.add_argument("--timing-batch", type=int, default=32, help="test examples whose layer inputs are timed")
-    parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed calls per operator")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest ASAP error vs fp64 accepted")
+    parser.add_argument("--teacher-iters", type=positive_int, default=21, help="K of the timed reference teacher (default 21)")
+    parser.add_argument("--truncated-iters", type=int_list(), default=[3, 5],
+                        help="K of the truncated baselines, odd, the first one also in the fit report (default 3,5)")
+    parser.add_argument("--calibration", type=positive_int, default=512, help="calibration examples (default 512)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="calibration sample and slice directions (default 0)")
+    parser.add_argument("--eval-split", default="test", help="default: test")
+    parser.add_argument("--eval-limit", type=positive_int, default=None,
+                        help="at most this many evaluation examples (class-stratified; default: all)")
+    parser.add_argument("--timing-batch", type=positive_int, default=32,
+                        help="test examples whose layer inputs (and whole-model forward) are timed (default 32)")
+    parser.add_argument("--budget", type=positive_float, default=20.0, help="seconds of timed calls per operator (default 20)")
+    parser.add_argument("--model-rounds", type=positive_int, default=10,
+                        help="interleaved rounds of the whole-model timing (default 10)")
+    parser.add_argument("--tolerance", type=positive_float, default=1e-4, help="largest ASAP error vs fp64 accepted (default 1e-4)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--data-dir", default=None, help="data directory (default: the run's, then $ASAP_DATA_DIR)")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write (default results/frozen_layer/RUN.json)")
@@ -222,6 +247,10 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     argv = sys.argv[1:] if argv is None else argv
     command = command_line("asap bench frozen-layer", argv)
     out = args.out or Path("results") / "frozen_layer" / f"{Path(args.run_dir).resolve().name}.json"
+    bad = [k for k in args.truncated_iters if k % 2 == 0]
+    if bad:
+        print(f"asap bench frozen-layer: --truncated-iters must be odd (rows exact), got {bad}", file=sys.stderr)
+        return 2
     try:
         doc = run_frozen_layer(args, command)
     except (ValueError, FileNotFoundError) as err:

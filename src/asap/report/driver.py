@@ -17,7 +17,7 @@ from asap.report.asap_paths import ASAP_PATHS_SCHEMA, render_asap_paths
 from asap.report.compile import render_compile
 from asap.report.core import Doc, Section, load_docs
 from asap.report.fidelity import FIDELITY_SCHEMA, render_fidelity
-from asap.report.frozen_layer import FROZEN_LAYER_SCHEMA, render_frozen_layer
+from asap.report.frozen_layer import FROZEN_LAYER_SCHEMAS, render_frozen_layer
 from asap.report.operators import OPERATORS_SCHEMA, render_operators
 from asap.report.paper import render_paper
 from asap.report.reliability import RELIABILITY_SCHEMA, render_reliability
@@ -43,7 +43,7 @@ SECTIONS: tuple[Section, ...] = (
             render_accuracy, "`asap bench accuracy --suite <data set>`", schemas=(ACCURACY_SCHEMA,), method_keys=True),
     Section("frozen_layer", "Frozen-layer benchmark: speed and accuracy in one layer of a trained teacher",
             ("frozen_layer/*.json",), render_frozen_layer, "`asap bench frozen-layer RUN_DIR`",
-            schemas=(FROZEN_LAYER_SCHEMA,), method_keys=True),
+            schemas=FROZEN_LAYER_SCHEMAS, method_keys=True),
     Section("fidelity", "Fidelity plane: ASAP with warm-start steps against truncated Sinkhorn, per layer",
             ("fidelity/*.json",), render_fidelity, "`asap bench fidelity`", schemas=(FIDELITY_SCHEMA,)),
     Section("asap_paths", "ASAP's CPU paths: closure backends, dual map, whole operator",
