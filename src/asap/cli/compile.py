@@ -81,7 +81,7 @@ def run_compile(args: argparse.Namespace) -> int:
 
     try:  # the fit options' ranges (--ridge >= 0, --holdout in [0, 1), odd --truncated-iters, ...), before any work
         options = compile_options(args)
-        CompileOptions(**{**options, "layers": None if options["layers"] is None else tuple(options["layers"])})
+        CompileOptions.build(**options)
         check_holdout_fraction(options["holdout_fraction"])
     except ValueError as err:
         print(f"asap compile: error: {_named_by_flag(str(err))}", file=sys.stderr)

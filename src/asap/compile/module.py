@@ -69,7 +69,7 @@ then left as it was.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,6 @@ from asap.compile.artifact import (
     validate_weights_entry,
 )
 from asap.compile.calibrate import Selection, model_device, select_layers, sinkhorn_layers
-from asap.compile.maps import DEFAULT_EXTRA_FEATURES
 from asap.compile.swap import CompileOptions, compile_selected
 from asap.io import atomic_write_json, is_int, read_json
 from asap.train.checkpoint import save_tensors
@@ -113,27 +112,13 @@ MAX_TIED = 2**16
 def compile_module(
     model: nn.Module,
     data: Iterable[Any],
+    options: CompileOptions | None = None,
     *,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     select: Selection = None,
-    num_slices: int = 16,
-    slice_type: str = "random",
-    extra_features: tuple[str, ...] = DEFAULT_EXTRA_FEATURES,
-    seed: int = 0,
-    ridge: float = 1e-3,
-    refine: str = "none",
-    refine_iters: int = 30,
-    mode: str = "teacher",
-    holdout_fraction: float = 0.25,
-    reservoir_size: int = 64,
-    truncated_iters: int = 3,
-    map_kind: str = "linear",
-    map_options: Mapping[str, Mapping[str, int]] | None = None,
-    map_steps: int = 300,
-    map_lr: float = 1e-2,
-    target_tv: float | None = None,
     stop_early: bool = True,
     progress: Any = None,
+    **fields: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compile the Sinkhorn attention operators of any ``model`` to ASAP, **in place**.
 
@@ -164,12 +149,14 @@ def compile_module(
             shared by several layers, or called several times, included).
         progress: optional ``tqdm``-like callable wrapping each pass (``total``
             is ``len(data)`` or None).
-        other options: :class:`~asap.compile.swap.CompileOptions` (features,
+        options, fields: a :class:`~asap.compile.swap.CompileOptions` (default: its
+            defaults) and fields replacing some of them (features,
             ridge, KL refinement, calibration mode, held-out fraction: the last
             batches when ``len(data)`` is known, else every ``1/fraction``-th;
             the dual map ``map_kind`` with ``map_options = {kind: {option: value}}``
             and its fit's ``map_steps``, ``map_lr``; ``target_tv`` to choose the
-            map and warm-start steps of each layer by measurement).
+            map and warm-start steps of each layer by measurement); ``layers`` is
+            refused here (``select`` chooses the operators).
 
     Returns:
         ``(model, report)``: ``model`` itself, its selected Sinkhorn operators
@@ -186,12 +173,9 @@ def compile_module(
     """
     if forward is not None and not callable(forward):
         raise TypeError(f"compile_module: forward must be a callable (model, item) -> Any, got {forward!r:.80}")
-    options = CompileOptions(
-        num_slices=num_slices, slice_type=slice_type, extra_features=tuple(extra_features), seed=seed, ridge=ridge,
-        refine=refine, refine_iters=refine_iters, mode=mode, holdout_fraction=holdout_fraction,
-        reservoir_size=reservoir_size, truncated_iters=truncated_iters, map_kind=map_kind,
-        map_options=dict(map_options or {}), map_steps=map_steps, map_lr=map_lr, target_tv=target_tv,
-    )  # fmt: skip
+    if "layers" in fields or (options is not None and options.layers is not None):
+        raise ValueError("compile_module chooses operators with select= (names, indices or a predicate), not layers")
+    options = CompileOptions.build(options, **fields)
     selected = select_layers(model, select)
     total = len(sinkhorn_layers(model))
     report = compile_selected(model, data, selected, options, forward=forward, stop_early=stop_early, progress=progress)

@@ -38,6 +38,7 @@ candidate's held-out TV is slightly optimistic.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -197,7 +198,21 @@ class CompileOptions:
         """The map kinds this compilation may fit: ``(map_kind,)``, or every candidate of ``target_tv``."""
         return TARGET_TV_KINDS if self.target_tv is not None else (self.map_kind,)
 
+    @classmethod
+    def build(cls, options: CompileOptions | None = None, **fields: Any) -> CompileOptions:
+        """``options`` (default: every default) with ``fields`` replaced, checked once: the one way the public
+        functions turn their keyword options into a :class:`CompileOptions` (an unknown name is a ``TypeError``)."""
+        if options is not None and not isinstance(options, cls):
+            raise TypeError(f"options must be a CompileOptions, got {type(options).__name__}")
+        return dataclasses.replace(options or cls(), **fields)
+
     def __post_init__(self) -> None:
+        # sequences from Python callers and JSON: one canonical form (layers sorted and unique, tuples, a dict)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+        object.__setattr__(self, "extra_features", tuple(self.extra_features))
+        if self.map_options is None or isinstance(self.map_options, Mapping):  # anything else is refused below
+            object.__setattr__(self, "map_options", dict(self.map_options or {}))
         if self.num_slices < 1:
             raise ValueError(f"num_slices must be >= 1, got {self.num_slices}")
         if self.slice_type not in SLICE_TYPES:
@@ -506,26 +521,11 @@ def _layer_report(fit: LayerFit, options: CompileOptions, *, timer: OperatorTime
 def compile_model(
     model: nn.Module,
     calibration_batches: Iterable[Any],
+    options: CompileOptions | None = None,
     *,
-    num_slices: int = 16,
-    slice_type: str = "random",
-    extra_features: tuple[str, ...] = DEFAULT_EXTRA_FEATURES,
-    seed: int = 0,
-    ridge: float = 1e-3,
-    refine: str = "none",
-    mode: str = "teacher",
-    layers: Iterable[int] | None = None,
-    holdout_fraction: float = 0.25,
-    reservoir_size: int = 64,
-    refine_iters: int = 30,
-    truncated_iters: int = 3,
-    map_kind: str = "linear",
-    map_options: Mapping[str, Mapping[str, int]] | None = None,
-    map_steps: int = 300,
-    map_lr: float = 1e-2,
-    target_tv: float | None = None,
     progress: Any = None,
     timer: OperatorTimer | None = None,
+    **fields: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compile the Sinkhorn layers of a trained model to ASAP without retraining; the model is not modified.
 
@@ -535,10 +535,11 @@ def compile_model(
         calibration_batches: unlabelled inputs, iterated once per pass: dicts of
             keyword inputs (filtered by ``model.input_names`` when present),
             tensors or tuples of positional inputs (a list, a ``DataLoader``).
-        layers: indices among the model's Sinkhorn layers to compile (``None``:
-            all); the others stay Sinkhorn (the frozen-layer experiment).
-        other options: see :class:`CompileOptions` (the dual map: ``map_kind``,
-            ``map_options``, ``map_steps``, ``map_lr``; ``target_tv`` chooses it per layer).
+        options: a :class:`CompileOptions` (default: its defaults), ``fields`` replacing some of them
+            (``compile_model(m, data, num_slices=64, refine="kl")``): ``layers`` (indices among the
+            model's Sinkhorn layers, ``None``: all; the others stay Sinkhorn, the frozen-layer
+            experiment), the features, the fit and the dual map (``map_kind``, ``map_options``,
+            ``map_steps``, ``map_lr``; ``target_tv`` chooses it per layer).
         progress: optional ``tqdm``-like callable wrapping each calibration pass.
         timer: optional operator timer (:func:`asap.bench.measure.time_operators_ms`): adds each layer's
             ``time_ms`` to the report (this stage times nothing itself).
@@ -551,13 +552,7 @@ def compile_model(
     :func:`asap.compile.module.compile_module` is the same pipeline for any
     model, in place, with a custom forward and selection by name.
     """
-    options = CompileOptions(
-        num_slices=num_slices, slice_type=slice_type, extra_features=tuple(extra_features), seed=seed, ridge=ridge,
-        refine=refine,
-        refine_iters=refine_iters, mode=mode, layers=None if layers is None else tuple(sorted(set(layers))),
-        holdout_fraction=holdout_fraction, reservoir_size=reservoir_size, truncated_iters=truncated_iters,
-        map_kind=map_kind, map_options=dict(map_options or {}), map_steps=map_steps, map_lr=map_lr, target_tv=target_tv,
-    )  # fmt: skip
+    options = CompileOptions.build(options, **fields)
     if batch_count(calibration_batches) == 0:
         raise ValueError("calibration needs at least one batch")
     compiled = copy.deepcopy(model).eval()
