@@ -22,7 +22,7 @@ command line, all else equal):
 * ``downstream``: every layer compiled;
 * ``slices``: number of slices L in ``--slice-grid``;
 * ``slice_type``: random vs axis-aligned directions;
-* ``refine``: ridge only vs ridge + KL refinement vs the label-free semi-dual fit;
+* ``refine``: ridge only vs ridge + KL refinement vs the label-free semi-dual fit vs learned directions;
 * ``calibration``: calibration set sizes in ``--calibration-grid`` (subsets of the largest);
 * ``mode``: teacher-activation vs sequential calibration;
 * ``features``: the linear slice map alone vs with cheap extra per-token features.
@@ -219,7 +219,7 @@ def run_experiments(args: argparse.Namespace, command: str) -> None:
         elif name == "slice_type":
             grid("slice_type", "slice_type", ["random", "axis"])
         elif name == "refine":
-            grid("refine", "refine", ["none", "kl", "dual"])
+            grid("refine", "refine", ["none", "kl", "dual", "directions"])
         elif name == "calibration":
             grid("calibration", "num_examples", args.calibration_grid)
         elif name == "mode":

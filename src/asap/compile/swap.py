@@ -61,6 +61,7 @@ from asap.compile.calibrate import (
     select_layers,
     sinkhorn_layers,
 )
+from asap.compile.directions import direction_problems, fit_directions, reservoir_r2
 from asap.compile.fit import KLProblem, fit_semi_dual, kl_problems, mean_kl, refine_kl, solve_ridge
 from asap.compile.map_fit import chunks_r2, fit_mlp, fit_relu
 from asap.compile.maps import DEFAULT_EXTRA_FEATURES, EXTRA_FEATURES, set_coefficients
@@ -76,7 +77,7 @@ from asap.compile.report import (
 )
 
 MODES = ("teacher", "sequential")
-REFINE = ("none", "kl", "dual")
+REFINE = ("none", "kl", "dual", "directions")
 
 
 def _feature_names(text: str) -> tuple[str, ...]:
@@ -141,7 +142,9 @@ class CompileOptions:
     so layers do not share directions); ``ridge`` is relative to the Gram trace;
     ``refine="kl"`` adds the KL stage (``refine_iters`` L-BFGS iterations),
     ``refine="dual"`` replaces the ridge fit by the label-free semi-dual fit
-    (:func:`asap.compile.fit.fit_semi_dual`; linear map only);
+    (:func:`asap.compile.fit.fit_semi_dual`; linear map only), ``refine="directions"``
+    learns the slice directions with the coefficients (:mod:`asap.compile.directions`,
+    ``map_steps`` Adam steps of size ``map_lr``; linear map only);
     ``holdout_fraction`` of the calibration batches (the last ones) is held out
     for the fidelity figures and to accept or reject the refinement;
     ``reservoir_size`` caps the sequences kept per layer and split for the
@@ -168,8 +171,9 @@ class CompileOptions:
         "seed of the random directions (layer l uses seed + l) and of the calibration sample", type=nonnegative_int))
     ridge: float = field(default=1e-3, metadata=cli("ridge, relative to the Gram trace", type=finite_float))
     refine: str = field(default="none", metadata=cli(
-        "how the linear map is fitted beyond ridge: kl (second stage, L-BFGS on the teacher's row KL) or dual "
-        "(label-free: maximise the entropic semi-dual, no Sinkhorn target)", choices=REFINE))
+        "how the linear map is fitted beyond ridge: kl (second stage, L-BFGS on the teacher's row KL), dual "
+        "(label-free: maximise the entropic semi-dual, no Sinkhorn target) or directions (slice directions and "
+        "coefficients learned by Adam on the row KL, --map-steps/--map-lr)", choices=REFINE))
     refine_iters: int = field(default=30, metadata=cli("L-BFGS iterations of the KL refinement", type=positive_int))
     mode: str = field(default="teacher", metadata=cli(
         "calibration activations: the teacher's, or sequential (layers below already compiled)", choices=MODES))
@@ -224,8 +228,8 @@ class CompileOptions:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         if self.refine not in REFINE:
             raise ValueError(f"refine must be one of {REFINE}, got {self.refine!r}")
-        if self.refine == "dual" and (self.map_kind != "linear" or self.target_tv is not None):
-            raise ValueError("refine 'dual' (the label-free semi-dual fit) fits the linear map only: "
+        if self.refine in ("dual", "directions") and (self.map_kind != "linear" or self.target_tv is not None):
+            raise ValueError(f"refine {self.refine!r} fits the linear map only: "
                              "use it without a relu/mlp map and without target_tv")  # fmt: skip
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -317,6 +321,24 @@ class LayerFit:
     selection: dict[str, Any] | None = None
 
 
+def fit_learned_directions(calib: LayerCalibration, coef: Tensor, options: CompileOptions) -> LayerFit:
+    """The linear map with learned slice directions (:func:`asap.compile.directions.fit_directions`), from the
+    ridge ``coef`` on the random ones. The layer's map takes the kept directions, so the fidelity figures and
+    the operator use them; R2 is measured on the reservoirs (the normal equations hold the random features)."""
+    prepare = lambda chunks: direction_problems(  # noqa: E731
+        chunks, calib.features, num_slices=calib.num_slices, scale=calib.scale, n_iters=calib.n_iters, eps=calib.eps
+    )
+    train, held = prepare(calib.fit_reservoir.chunks), prepare(calib.held_out_reservoir.chunks)
+    start = calib.dual_map.directions.detach().to(train[0].scores.device if train else "cpu")
+    directions, coef, info = fit_directions(start, coef.float(), train, held, scale=calib.scale, eps=calib.eps,
+                                            steps=options.map_steps, lr=options.map_lr)  # fmt: skip
+    with torch.no_grad():
+        calib.dual_map.directions.copy_(directions.to(calib.dual_map.directions))
+    r2 = (reservoir_r2(train, directions, coef, scale=calib.scale),
+          reservoir_r2(held, directions, coef, scale=calib.scale) if held else None)  # fmt: skip
+    return LayerFit(calib, asap_operator_for(calib, coef), coef.float(), info, r2=r2)
+
+
 def fit_kind(calib: LayerCalibration, options: CompileOptions, kind: str) -> LayerFit:
     """Fit the dual map of ``kind`` for one calibrated layer (``extra_steps`` 0).
 
@@ -328,6 +350,8 @@ def fit_kind(calib: LayerCalibration, options: CompileOptions, kind: str) -> Lay
     """
     if kind == "linear":
         coef, info = fit_coefficients(calib, options)
+        if options.refine == "directions":
+            return fit_learned_directions(calib, coef, options)
         return LayerFit(calib, asap_operator_for(calib, coef), coef, info)
     what = f"layer {calib.layer.index} ({calib.layer.name}) {kind} map"
     coef = solve_ridge(calib.fit, ridge=options.ridge, what=what)
