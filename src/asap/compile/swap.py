@@ -190,8 +190,10 @@ class CompileOptions:
         "layer with a linear skip)", flag="--map", choices=tuple(DUAL_MAPS)))
     map_options: dict[str, dict[str, int]] = field(default_factory=dict)
     map_steps: int = field(default=300, metadata=cli(
-        "Adam steps of the relu/mlp fit (early-stopped on held-out data)", type=positive_int))
-    map_lr: float = field(default=1e-2, metadata=cli("Adam step of the relu/mlp fit", type=positive_float))
+        "Adam steps of the relu/mlp fit and of --refine directions (early-stopped on held-out data)",
+        type=positive_int))
+    map_lr: float = field(default=1e-2, metadata=cli(
+        "Adam step of the relu/mlp fit and of --refine directions", type=positive_float))
     target_tv: float | None = field(default=None, metadata=cli(
         "per layer, compile the cheapest of linear/relu/mlp x 0/1/2 extra steps whose mean held-out row TV to the "
         "teacher is <= X (else the lowest-TV one); replaces --map", type=finite_float, metavar="X",
