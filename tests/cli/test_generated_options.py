@@ -14,6 +14,7 @@ import pytest
 
 from asap.argtypes import add_field_options, cli, cli_fields, field_default, option_flag
 from asap.cli.main import build_parser
+from asap.bench.operator_config import OperatorBenchConfig, config_from_args
 from asap.compile.options import add_compile_options, compile_options
 from asap.compile.swap import CompileOptions
 from asap.train.config import TrainConfig
@@ -48,7 +49,8 @@ def _subcommand(name: str) -> argparse.ArgumentParser:
     return dict(_subparsers(build_parser()))[f"asap {name}"]
 
 
-@pytest.mark.parametrize("cls, command", [(TrainConfig, "train"), (CompileOptions, "compile")])
+@pytest.mark.parametrize("cls, command", [(TrainConfig, "train"), (CompileOptions, "compile"),
+                                          (OperatorBenchConfig, "bench operators")])
 def test_every_declared_field_is_an_option_whose_help_states_the_real_default(cls, command):
     parser = _subcommand(command)
     fields = cli_fields(cls)
@@ -120,3 +122,12 @@ def test_retired_spellings_still_work_as_hidden_aliases():
     args = _subcommand("eval").parse_args(["run", "--output", "x.json"])
     assert args.output == "x.json"
     assert "--output" not in _subcommand("eval").format_help()
+
+
+def test_operator_bench_options_not_given_keep_the_device_defaults():
+    parser = _subcommand("bench operators")
+    assert config_from_args(parser.parse_args(["--device", "cpu"])) == OperatorBenchConfig.for_device("cpu")
+    config = config_from_args(parser.parse_args(["--device", "cpu", "--batch", "2", "--iters", "3,21",
+                                                 "--no-backward", "--budget-s", "0", "--extra-features", "none"]))
+    assert (config.batch, config.sinkhorn_iters, config.backward, config.budget_s, config.extra_features) == (
+        2, (3, 21), False, None, ())

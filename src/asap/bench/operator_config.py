@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from asap.argtypes import int_list, name_list, nonnegative_int, positive_int
+from asap.argtypes import add_field_options, cli, finite_float, int_list, name_list, nonnegative_int, positive_int
 from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES
 from asap.io import command_line
 
@@ -23,6 +23,17 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 FAMILIES = ("softmax", "sinkhorn", "asap", "esp")
 CPU_LENGTHS = (128, 256, 512, 1024)
 GPU_LENGTHS = (256, 512, 1024, 2048, 4096)
+
+
+def _limits(text: str) -> dict[str, int]:
+    """``esp=128,sinkhorn=512`` -> ``{"esp": 128, "sinkhorn": 512}``."""
+    out = {}
+    for item in name_list()(text):
+        family, _, value = item.partition("=")
+        if family not in FAMILIES or not value.isdigit():
+            raise argparse.ArgumentTypeError(f"expected FAMILY=N with FAMILY in {FAMILIES}, got {item!r}")
+        out[family] = int(value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -55,30 +66,44 @@ class OperatorBenchConfig:
         verify_length: ``n`` of the fp64 verification input.
     """
 
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch: int = 8
-    heads: int = 8
-    head_dim: int = 64
-    lengths: tuple[int, ...] = CPU_LENGTHS
-    sinkhorn_iters: tuple[int, ...] = (3, 5, 11, 21)
-    teacher_iters: int = 21
-    num_slices: int = 16
-    extra_features: tuple[str, ...] = DEFAULT_EXTRA_FEATURES
-    eps: float = 1.0
-    padding: float = 0.0
-    threads: int | None = None
-    methods: tuple[str, ...] = ("softmax", "sinkhorn", "asap", "esp")
-    backward: bool = True
-    backward_max_length: int | None = 512
-    max_length: Mapping[str, int] = field(default_factory=lambda: {"esp": 128})
-    warmup: int = 1
-    repeats: int = 7
-    min_repeats: int = 1
-    budget_s: float | None = 5.0
-    measure_memory: bool = True
+    device: str = field(default="cpu", metadata=cli("cpu or cuda[:i]", default_text="cuda when available, else cpu"))
+    dtype: str = field(default="float32", metadata=cli("input dtype", choices=tuple(sorted(DTYPES))))
+    batch: int = field(default=8, metadata=cli("b", flag="--batch-size", type=positive_int))
+    heads: int = field(default=8, metadata=cli("h", type=positive_int))
+    head_dim: int = field(default=64, metadata=cli("d", type=positive_int))
+    lengths: tuple[int, ...] = field(default=CPU_LENGTHS, metadata=cli(
+        "comma-separated n = m, e.g. 64,128,256", type=int_list(),
+        default_text=f"{','.join(map(str, CPU_LENGTHS))} on cpu, {','.join(map(str, GPU_LENGTHS))} on cuda"))
+    sinkhorn_iters: tuple[int, ...] = field(default=(3, 5, 11, 21), metadata=cli(
+        "Sinkhorn half-steps K to time", flag="--iters", type=int_list(), default_text="3,5,11,21"))
+    teacher_iters: int = field(default=21, metadata=cli("K of the reference teacher", type=positive_int))
+    num_slices: int = field(default=16, metadata=cli("ASAP slices L", flag="--slices", type=positive_int))
+    extra_features: tuple[str, ...] = field(default=DEFAULT_EXTRA_FEATURES, metadata=cli(
+        "ASAP per-token extras, comma-separated, or 'none'", type=name_list(),
+        default_text=",".join(DEFAULT_EXTRA_FEATURES)))
+    eps: float = field(default=1.0, metadata=cli("entropic regularisation", type=finite_float))
+    padding: float = field(default=0.0, metadata=cli("mean fraction of padded tokens, in [0, 0.5)", type=finite_float))
+    threads: int | None = field(default=None, metadata=cli(
+        "torch threads", type=positive_int, default_text="torch's default"))
+    methods: tuple[str, ...] = field(default=("softmax", "sinkhorn", "asap", "esp"), metadata=cli(
+        f"families to run, from {','.join(FAMILIES)}", type=name_list(FAMILIES), default_text="all"))
+    backward: bool = field(default=True, metadata=cli(
+        "time forward passes only", flag="--no-backward", action="store_false"))
+    backward_max_length: int | None = field(default=512, metadata=cli(
+        "longest n timed with backward, 0: no limit", type=nonnegative_int, default_text="512 on cpu, no limit on cuda"))
+    max_length: Mapping[str, int] = field(default_factory=lambda: {"esp": 128}, metadata=cli(
+        "per-family longest n, e.g. esp=128", type=_limits, default_text="esp=128 on cpu, esp=1024 on cuda"))
+    warmup: int = field(default=1, metadata=cli(
+        "untimed calls per method; the first measures memory", type=nonnegative_int, default_text="1 on cpu, 2 on cuda"))
+    repeats: int = field(default=7, metadata=cli(
+        "most timed calls per method and shape", type=positive_int, default_text="7 on cpu, 10 on cuda"))
+    min_repeats: int = field(default=1, metadata=cli("fewest timed calls per method and shape", type=positive_int))
+    budget_s: float | None = field(default=5.0, metadata=cli(
+        "seconds of timed calls per method and shape, 0: no budget", type=finite_float))
+    measure_memory: bool = field(default=True, metadata=cli(
+        "skip the peak-memory measurement", flag="--no-memory", action="store_false"))
     verify_length: int = 24
-    seed: int = 0
+    seed: int = field(default=0, metadata=cli("seed of the random inputs", type=nonnegative_int))
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -114,71 +139,35 @@ class OperatorBenchConfig:
         return out
 
 
-def _limits(text: str) -> dict[str, int]:
-    """``esp=128,sinkhorn=512`` -> ``{"esp": 128, "sinkhorn": 512}``."""
-    out = {}
-    for item in name_list()(text):
-        family, _, value = item.partition("=")
-        if family not in FAMILIES or not value.isdigit():
-            raise argparse.ArgumentTypeError(f"expected FAMILY=N with FAMILY in {FAMILIES}, got {item!r}")
-        out[family] = int(value)
-    return out
+#: OperatorBenchConfig fields on the command line, in the order of ``--help`` (every option generated from its field).
+OPTION_FIELDS = ("device", "dtype", "batch", "heads", "head_dim", "lengths", "sinkhorn_iters", "teacher_iters",
+                 "num_slices", "extra_features", "padding", "threads", "eps", "methods", "backward",
+                 "backward_max_length", "max_length", "warmup", "repeats", "min_repeats", "budget_s", "measure_memory",
+                 "seed")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``asap bench operators`` (shared with ``python -m asap.bench.operators``)."""
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--device", default=default_device, help="cpu or cuda (default: %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--batch-size", dest="batch", type=positive_int, help="b (default 8)")
-    parser.add_argument("--batch", dest="batch", type=positive_int, help=argparse.SUPPRESS)  # the old spelling
-    parser.add_argument("--heads", type=positive_int, help="h (default 8)")
-    parser.add_argument("--head-dim", type=positive_int, help="d (default 64)")
-    parser.add_argument("--lengths", type=int_list(), help="comma-separated n = m, e.g. 64,128,256 (default: by device)")
-    parser.add_argument("--iters", type=int_list(), help="Sinkhorn half-steps K to time (default 3,5,11,21)")
-    parser.add_argument("--teacher-iters", type=positive_int, help="K of the reference teacher (default 21)")
-    parser.add_argument("--slices", type=positive_int, help="ASAP slices L (default 16)")
-    parser.add_argument("--extra-features", type=name_list(),
-                        help=f"ASAP per-token extras, comma-separated, or 'none' (default {','.join(DEFAULT_EXTRA_FEATURES)})")
-    parser.add_argument("--padding", type=float, help="mean fraction of padded tokens, in [0, 0.5) (default 0)")
-    parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's default)")
-    parser.add_argument("--eps", type=float, help="entropic regularisation (default 1.0)")
-    parser.add_argument("--methods", type=name_list(FAMILIES), help=f"families to run, from {','.join(FAMILIES)} (default: all)")
-    parser.add_argument("--no-backward", action="store_true", help="time forward passes only")
-    parser.add_argument("--backward-max-length", type=nonnegative_int, help="longest n timed with backward (0: no limit)")
-    parser.add_argument("--max-length", type=_limits, help="per-family longest n, e.g. esp=128 (default: by device)")
-    parser.add_argument("--warmup", type=nonnegative_int, help="untimed calls per method (default 1; the first measures memory)")
-    parser.add_argument("--repeats", type=positive_int, help="most timed calls per method and shape (default 7)")
-    parser.add_argument("--min-repeats", type=positive_int, help="fewest timed calls per method and shape (default 1)")
-    parser.add_argument("--budget-s", type=float,
-                        help="seconds of timed calls per method and shape (default 5; 0: no budget)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--seed", type=nonnegative_int)
-    parser.add_argument("--out", type=Path, help="output JSON (default results/bench/operators_<device>.json)")
+    """The options of ``asap bench operators`` (shared with ``python -m asap.bench.operators``), generated from
+    :class:`OperatorBenchConfig`; an option not given keeps the device's default (:meth:`~OperatorBenchConfig.for_device`)."""
+    add_field_options(parser, OperatorBenchConfig, OPTION_FIELDS, use_defaults=False)
+    parser.add_argument("--batch", dest="batch", type=positive_int, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)  # the old spelling of --batch-size
+    parser.add_argument("--out", type=Path, help="output JSON (default: results/bench/operators_<device>.json)")
 
 
 def config_from_args(args: argparse.Namespace) -> OperatorBenchConfig:
-    overrides: dict[str, Any] = {}
-    for attr, key in (("dtype", "dtype"), ("batch", "batch"), ("heads", "heads"), ("head_dim", "head_dim"),
-                      ("lengths", "lengths"), ("iters", "sinkhorn_iters"), ("teacher_iters", "teacher_iters"),
-                      ("slices", "num_slices"), ("eps", "eps"), ("methods", "methods"),
-                      ("max_length", "max_length"), ("warmup", "warmup"), ("repeats", "repeats"),
-                      ("min_repeats", "min_repeats"), ("seed", "seed"), ("padding", "padding"),
-                      ("threads", "threads")):
-        value = getattr(args, attr)
-        if value is not None:
-            overrides[key] = tuple(value) if isinstance(value, list) else value  # the config's sequences are tuples
-    if args.extra_features is not None:
-        overrides["extra_features"] = () if args.extra_features == ("none",) else args.extra_features
-    if args.backward_max_length is not None:
-        overrides["backward_max_length"] = args.backward_max_length or None
-    if args.budget_s is not None:
-        overrides["budget_s"] = args.budget_s or None
-    if args.no_backward:
-        overrides["backward"] = False
-    if args.no_memory:
-        overrides["measure_memory"] = False
-    return OperatorBenchConfig.for_device(args.device, **overrides)
+    """The config of the options given (the namespace holds only those; the others are the device's defaults)."""
+    given = {name: getattr(args, name) for name in OPTION_FIELDS if hasattr(args, name)}
+    device = given.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
+    for name, value in given.items():
+        if isinstance(value, list):
+            given[name] = tuple(value)  # the config's sequences are tuples
+    if given.get("extra_features") == ("none",):
+        given["extra_features"] = ()
+    for name in ("backward_max_length", "budget_s"):  # 0 on the command line: no limit
+        if name in given:
+            given[name] = given[name] or None
+    return OperatorBenchConfig.for_device(device, **given)
 
 
 def command_for(config: OperatorBenchConfig, out: Path) -> str:
