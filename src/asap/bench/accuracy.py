@@ -316,13 +316,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int_list(nonnegative_int), default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--methods", type=name_list(TRAINED_METHODS), default=TRAINED_METHODS,
                         help=f"trained methods (default {','.join(TRAINED_METHODS)})")  # fmt: skip
-    parser.add_argument("--teacher-iters", type=int, default=11, help="Sinkhorn half-steps K of the teacher")
+    parser.add_argument("--teacher-iters", type=int, default=11, help="Sinkhorn half-steps K of the teacher (default: 11)")
     parser.add_argument("--truncated-iters", type=int_list(), default=(3,), help="K of the truncated teachers (default 3)")
     parser.add_argument("--calibration", type=int, default=None, help="ASAP calibration examples (default: suite's)")
     parser.add_argument("--data-dir", default=None, help="data directory (default: $ASAP_DATA_DIR)")
     parser.add_argument("--runs-dir", default="runs/accuracy", help="where the training runs go (default %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write (default results/accuracy/SUITE.json)")
-    parser.add_argument("--timing-batch", type=int, default=64, help="test examples per timed forward")
+    parser.add_argument("--timing-batch", type=int, default=64, help="test examples per timed forward (default: 64)")
     parser.add_argument("--esp-tau-sort", type=float, default=0.01, help="ESP soft-sort temperature (default 0.01)")
     parser.add_argument("--esp-seeds", type=int, default=None,
                         help="train ESP for the first N seeds only (its cost is 10-30x Sinkhorn's; default all)")

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from asap.argtypes import int_list, name_list, nonnegative_int
+from asap.argtypes import int_list, name_list, nonnegative_int, positive_int
 from asap.bench.compile_report import layer_summary, plot_report
 from asap.bench.measure import time_operators_ms
 from asap.compile.options import add_compile_options, compile_options
@@ -285,19 +285,22 @@ def summarize(out: str | Path, *, prog: str = PROG) -> str:
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("run_dir", metavar="RUN_DIR")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a trained Sinkhorn run (asap train)")
+    parser.add_argument("--out", required=True, help="folder of the results (one subfolder per experiment)")
     parser.add_argument("--experiments", type=name_list(EXPERIMENTS), default=list(EXPERIMENTS),
-                        help=f"comma-separated subset of {','.join(EXPERIMENTS)}")  # fmt: skip
-    parser.add_argument("--calibration", type=int, default=512, help="base calibration examples")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--calibration-grid", type=int_list(), default=[64, 128, 256, 512, 1024])
-    parser.add_argument("--slice-grid", type=int_list(), default=[4, 8, 16, 32, 64])
+                        help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all)")  # fmt: skip
+    parser.add_argument("--calibration", type=positive_int, default=512, help="base calibration examples (default: 512)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="calibration batch size (default: 32)")
+    parser.add_argument("--calibration-grid", type=int_list(), default=[64, 128, 256, 512, 1024],
+                        help="calibration sizes of the calibration experiment (default: 64,128,256,512,1024)")
+    parser.add_argument("--slice-grid", type=int_list(), default=[4, 8, 16, 32, 64],
+                        help="L of the slices experiment (default: 4,8,16,32,64)")
     parser.add_argument("--frozen-layers", type=int_list(nonnegative_int), default=None, help="layers for the frozen experiment (default all)")
-    parser.add_argument("--eval-split", default="test")
-    parser.add_argument("--eval-limit", type=int, default=None)
-    parser.add_argument("--eval-batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--eval-split", default="test", help="split for accuracy (default: test)")
+    parser.add_argument("--eval-limit", type=positive_int, default=None,
+                        help="evaluate on at most this many examples (class-stratified; default: all)")
+    parser.add_argument("--eval-batch-size", type=positive_int, default=128, help="default: 128")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads (default: 2)")
     add_compile_options(parser)
     return parser
 
