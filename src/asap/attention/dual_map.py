@@ -370,8 +370,9 @@ class SliceDualMap(DualMap):
         q, k = q.to(dtype), k.to(dtype)
         b, h, n, d = q.shape
         L = self.num_slices
-        f_hat, x = self._extras_and_query_projections(q, k, scale=scale, valid=valid)
-        y = _project_per_head(self.directions.to(dtype), k)  # (b, h, L, n)
+        f_hat = self._extras(q, k, scale=scale, valid=valid)
+        # Unscaled projections: the attention scale folds into the per-slice step factor below.
+        x, y = _project_pair(self.directions.to(dtype), q, k)  # (b, h, L, n) each
         zero = torch.zeros((), dtype=dtype, device=q.device)
         if valid is not None:  # padding sorts last: the valid prefixes are then matched rank to rank
             rows, inf = valid[:, None, None, :], torch.full((), float("inf"), dtype=dtype, device=q.device)
@@ -381,8 +382,8 @@ class SliceDualMap(DualMap):
         else:
             perm, ys = argsort_and_sort_last(x, y)
         xs = torch.gather(x, -1, perm)
-        # f_(r+1) - f_(r) = -y_(r) (x_(r+1) - x_(r)); each slice's steps pre-multiplied by its coefficient.
-        step = torch.diff(xs, dim=-1).mul_(ys[..., :-1]).mul_((-self.coef.to(dtype))[:, :, None])
+        # f_(r+1) - f_(r) = -y_(r) (x_(r+1) - x_(r)); each slice's steps pre-multiplied by -scale * its coefficient.
+        step = torch.diff(xs, dim=-1).mul_(ys[..., :-1]).mul_(torch.mul(self.coef.to(dtype), -scale)[:, :, None])
         if valid is not None:  # a step from the last valid rank on involves padding: dropped
             step = torch.where(ranks[..., 1:], step, zero)
         # f_(0) = 0: the cumulative sum goes into a zero-first buffer, so the full permutation
@@ -395,27 +396,24 @@ class SliceDualMap(DualMap):
         f_hat = f_hat.scatter_add_(-1, perm.view(b, h, -1), f_sorted.view(b, h, -1))
         return _center(f_hat, None if valid is None else valid.unsqueeze(1).expand(b, h, n), center)
 
-    def _extras_and_query_projections(
-        self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """``(sum_e beta_e x_e(i)`` uncentred ``(b, h, n)``, the query projections ``x (b, h, L, n))``.
+    def _extras(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None) -> Tensor:
+        """``sum_e beta_e x_e(i)``, uncentred, ``(b, h, n)`` (a fresh tensor: the slices are added into it).
 
         Both extras are one dot product per token: ``<q_i, beta_1 scale kbar + beta_2 scale^2 q_i>``.
         """
         b, h, n, d = q.shape
-        x = _project_per_head(self.directions.to(q.dtype) * scale, q)
         if not self.extra_features:
-            return q.new_zeros(b, h, n), x
+            return q.new_zeros(b, h, n)
         beta = self.extra_coef.to(q.dtype)
-        partner = torch.zeros((), dtype=q.dtype, device=q.device)
-        if "q_norm" in self.extra_features:
-            e = self.extra_features.index("q_norm")
-            partner = q * (scale**2 * beta[:, e])[None, :, None, None]
+        partner = None
         if "qk_mean" in self.extra_features:
             e = self.extra_features.index("qk_mean")
-            w = _valid_key_mean(k, None if valid is None else valid[:, None, :]) * (scale * beta[:, e])[None, :, None]
-            partner = partner + w.unsqueeze(-2)
-        return torch.linalg.vecdot(q, partner.expand_as(q)), x
+            kbar = _valid_key_mean(k, None if valid is None else valid[:, None, :])
+            partner = (kbar * (scale * beta[:, e])[None, :, None]).unsqueeze(-2)  # (b, h, 1, d)
+        if "q_norm" in self.extra_features:
+            c2 = (scale**2 * beta[:, self.extra_features.index("q_norm")])[None, :, None, None]
+            partner = q * c2 if partner is None else torch.addcmul(partner, q, c2)
+        return torch.linalg.vecdot(q, partner.expand_as(q))
 
 
 #: Longest rows projected with one product per head (scripts/bench_asap_paths.py: faster up to n = 64,
@@ -423,20 +421,22 @@ class SliceDualMap(DualMap):
 PER_HEAD_PROJECTION_MAX_N = 64
 
 
-def _project_per_head(directions: Tensor, t: Tensor) -> Tensor:
-    """``directions (h, L, d)`` applied to every token of ``t (b, h, n, d)``: ``(b, h, L, n)``.
+def _project_pair(directions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """``directions (h, L, d)`` applied to every token of ``q`` and ``k`` (``(b, h, n, d)``): two ``(b, h, L, n)``.
 
     Up to :data:`PER_HEAD_PROJECTION_MAX_N` tokens per row, one product per head over
-    all ``b n`` tokens, ``(L, d) @ (d, b n)``, instead of ``b h`` products of
-    ``(L, d) @ (d, n)`` (broadcast ``matmul``): at small ``n`` the many tiny products
-    cost more than the work. The result is a view whose last
-    tensor is made contiguous: the sorts, gathers and scans that follow read it row by row.
+    all ``2 b n`` query and key tokens, ``(L, d) @ (d, 2 b n)``, instead of ``2 b h``
+    products of ``(L, d) @ (d, n)`` (broadcast ``matmul``): at small ``n`` the many tiny
+    products cost more than the work. The results are then views of one
+    ``(h, L, 2, b, n)`` buffer whose last dim is contiguous (what the sorts, gathers and
+    scans that follow read row by row).
     """
-    b, h, n, d = t.shape
-    if n > PER_HEAD_PROJECTION_MAX_N:  # long rows: the broadcast products are already large enough
-        return torch.matmul(directions, t.transpose(-1, -2))
-    tokens = t.permute(1, 3, 0, 2).reshape(h, d, b * n)  # a view when t comes from a (b, n, ...) projection
-    return torch.bmm(directions, tokens).view(h, -1, b, n).permute(2, 0, 1, 3).contiguous()
+    b, h, n, d = q.shape
+    if n > PER_HEAD_PROJECTION_MAX_N or k.shape != q.shape:  # long rows: the broadcast products are large enough
+        return torch.matmul(directions, q.transpose(-1, -2)), torch.matmul(directions, k.transpose(-1, -2))
+    tokens = torch.stack([q.transpose(0, 1), k.transpose(0, 1)], dim=1)  # (h, 2, b, n, d), one copy
+    proj = torch.bmm(directions, tokens.view(h, 2 * b * n, d).transpose(1, 2)).view(h, -1, 2, b, n)
+    return proj[:, :, 0].permute(2, 0, 1, 3), proj[:, :, 1].permute(2, 0, 1, 3)
 
 
 def _center(f_hat: Tensor, valid: Tensor | None, enabled: bool) -> Tensor:

@@ -404,19 +404,20 @@ def asap_attention(
         return asap_attention_triton(q, k, v, f_hat, eps=eps, scale=scale, attn_mask=mask, query_valid=padding, key_valid=padding)
     rdtype = reduction_dtype(q.dtype)
     out_dtype = v.dtype
-    q, k, v = q.to(rdtype), k.to(rdtype), v.to(rdtype)  # no copy for fp32/fp64
+    q, k, v, f_hat = (t if t.dtype == rdtype else t.to(rdtype) for t in (q, k, v, f_hat))  # no copy for fp32/fp64
+    if backend == "shared" and not extra_steps:  # takes the padding itself: no Support to build (small-n overhead)
+        if mask is not None or _needs_grad(q, k, v, f_hat):
+            raise ValueError("asap attention: backend 'shared' is inference-only and takes no attn_mask (use padding_mask)")
+        out = shared_exp_closure(q, k, v, f_hat, scale=scale, eps=eps, valid=padding)
+        return out if out.dtype == out_dtype else out.to(out_dtype)
     n, m = q.shape[-2], k.shape[-2]
     if padding is not None:
         supp = padding_support(padding, dtype=rdtype)
     else:
         supp = support(mask, n, m, dtype=rdtype, device=q.device, biases=False)
-    f_hat = supp.zero_rows(f_hat.to(rdtype))
+    f_hat = supp.zero_rows(f_hat)
     if extra_steps:
         out = _asap_with_steps(q, k, v, f_hat, mask, padding, scale=scale, eps=eps, extra_steps=extra_steps)
-    elif backend == "shared":
-        if mask is not None or _needs_grad(q, k, v, f_hat):
-            raise ValueError("asap attention: backend 'shared' is inference-only and takes no attn_mask (use padding_mask)")
-        out = shared_exp_closure(q, k, v, f_hat, scale=scale, eps=eps, valid=padding)
     else:
         col_mask = None if mask is None else _open_padding_cols(mask, supp.cols)
         g = c_transform_cols_tiled(q, k, f_hat, scale=scale, eps=eps, supp=supp, col_mask=col_mask, tile_bytes=tile_bytes)
