@@ -67,7 +67,7 @@ def shared_exp_closure(
     m, dv = k.shape[-2], v.shape[-1]
     dtype = q.dtype
     problems = b * h
-    bias = (f / eps).reshape(problems, n, 1)
+    bias = (f if eps == 1.0 else f / eps).reshape(problems, n, 1)
     key_bias = None
     if valid is not None:
         neg_inf = torch.full((), float("-inf"), dtype=dtype, device=q.device)
@@ -75,7 +75,7 @@ def shared_exp_closure(
         bias = torch.where(tokens.unsqueeze(-1), bias, neg_inf)
         key_bias = torch.where(tokens, torch.zeros((), dtype=dtype, device=q.device), neg_inf).unsqueeze(-2)
         key_valid = tokens.unsqueeze(-2)  # (problems, 1, m): m = n for self-attention
-    zero = torch.zeros((), dtype=dtype, device=q.device)
+        zero = torch.zeros((), dtype=dtype, device=q.device)
     qs = q.reshape(problems, n, d)
     kt = k.reshape(problems, m, d).transpose(-1, -2)
     vp = v.reshape(problems, m, dv)

@@ -373,8 +373,8 @@ class SliceDualMap(DualMap):
         f_hat = self._extras(q, k, scale=scale, valid=valid)
         # Unscaled projections: the attention scale folds into the per-slice step factor below.
         x, y = _project_pair(self.directions.to(dtype), q, k)  # (b, h, L, n) each
-        zero = torch.zeros((), dtype=dtype, device=q.device)
         if valid is not None:  # padding sorts last: the valid prefixes are then matched rank to rank
+            zero = torch.zeros((), dtype=dtype, device=q.device)
             rows, inf = valid[:, None, None, :], torch.full((), float("inf"), dtype=dtype, device=q.device)
             perm, ys = argsort_and_sort_last(torch.where(rows, x, inf), torch.where(rows, y, inf))
             ranks = torch.arange(n, device=q.device) < valid.sum(dim=-1)[:, None, None, None]
