@@ -299,17 +299,11 @@ class SliceDualMap(DualMap):
         extra_features: tuple[str, ...] = (),
     ):
         super().__init__()
-        self.num_heads, self.head_dim, self.num_slices = num_heads, head_dim, num_slices
-        self.slice_type = slice_type
-        self.extra_features = _check_extra_features(extra_features)
-        directions = make_directions(
-            num_heads=num_heads, head_dim=head_dim, num_slices=num_slices, slice_type=slice_type, seed=seed
-        )
-        self.register_buffer("directions", directions)
+        self._init_slices(num_heads=num_heads, head_dim=head_dim, num_slices=num_slices, slice_type=slice_type,
+                          seed=seed, extra_features=extra_features)  # fmt: skip
         self.register_buffer("coef", torch.zeros(num_heads, num_slices))
-        if self.extra_features:  # only then: plain maps keep the state dict they always had
+        if self.extra_features:  # only then: plain maps keep the state dict (keys) they always had
             self.register_buffer("extra_coef", torch.zeros(num_heads, len(self.extra_features)))
-        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("fitted", torch.tensor(False))
 
     def extra_repr(self) -> str:
