@@ -74,3 +74,79 @@ def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="extra_steps"):
         FidelityConfig(extra_steps=(-1,))
     assert not (tmp_path / "x.json").exists()
+
+
+def _synthetic_calls(seed: int, count: int, *, b: int = 4, h: int = 2, n: int = 12, d: int = 8) -> list[LayerCall]:
+    """Sharp-ish attention inputs with padding: ``q, k`` scaled up so that the teacher's rows are peaked."""
+    gen = torch.Generator().manual_seed(seed)
+    valid = torch.arange(n)[None] < torch.tensor([n, n - 3, n - 5, n])[:b, None]
+    return [LayerCall(3 * torch.randn(b, h, n, d, generator=gen), 3 * torch.randn(b, h, n, d, generator=gen),
+                      torch.randn(b, h, n, d, generator=gen), valid) for _ in range(count)]  # fmt: skip
+
+
+def test_every_map_kind_is_fitted_scored_and_timed():
+    """--maps linear,relu,mlp: each kind gets its own fit (different points, its own R2), KL and a softmax-unit cost."""
+    calls = _synthetic_calls(1, 6)
+    teacher = SinkhornOperator(n_iters=5, eps=1.0)
+    config = FidelityConfig(slices=(4,), extra_steps=(0, 2), truncated=(1, 3, 5), budget_s=0.01, repeats=2,
+                            maps=("linear", "relu", "mlp"), map_steps=30)  # fmt: skip
+    plane = layer_plane(calls[:4], calls[4:], teacher, config)
+    assert [(m["map"], m["L"]) for m in plane["maps"]] == [("linear", 4), ("relu", 4), ("mlp", 4)]
+    for entry in plane["maps"]:
+        assert len(entry["r2_held_out"]) == 2 and all(-10 < r <= 1 for r in entry["r2_held_out"])
+        assert len(entry["r2_fit"]) == 2
+    assert "fit_info" not in plane["maps"][0] and plane["maps"][1]["fit_info"]["stages"]
+    asap = {p["method"]: p for p in plane["points"] if p["family"] == "asap"}
+    assert set(asap) == {f"{prefix}_l4_j{j}" for prefix in ("asap", "asap_relu", "asap_mlp") for j in (0, 2)}
+    assert {p["map"] for p in asap.values()} == {"linear", "relu", "mlp"}
+    # a kind silently not fitted (or fitted as the linear map) would repeat the linear map's figures
+    for kind in ("relu", "mlp"):
+        assert asap[f"asap_{kind}_l4_j0"]["row_tv"] != asap["asap_l4_j0"]["row_tv"]
+        assert asap[f"asap_{kind}_l4_j0"]["kl"] != asap["asap_l4_j0"]["kl"]
+    assert plane["maps"][1]["r2_fit"] != plane["maps"][0]["r2_fit"] != plane["maps"][2]["r2_fit"]
+    assert plane["softmax_ms"] > 0
+    for p in plane["points"]:
+        assert p["kl"] >= 0 and 0 <= p["row_tv"] <= 1
+        assert p["cost"] == pytest.approx(p["ms"] / plane["softmax_ms"])
+    vs = fidelity.against_truncation(plane["points"])
+    assert set(vs["maps"]) == {"linear", "relu", "mlp"} and vs["K3"]["row_tv"] > vs["K5"]["row_tv"]
+    for m in vs["maps"].values():
+        assert set(m) == {"cheapest", "within_K3", "within_K5"} and m["cheapest"]["row_tv"] >= 0
+
+
+def test_fit_map_linear_is_fit_dual_map_and_richer_maps_are_their_own_fits():
+    """fit_map("linear") is the ridge fit unchanged; relu and mlp are fitted maps of their kind, early-stopped on a split."""
+    from asap.compile.direct import fit_dual_map, fit_map
+
+    calls = _synthetic_calls(2, 8)
+    items = [(c.q, c.k, c.valid) for c in calls[:6]]
+    held = [(c.q, c.k, c.valid) for c in calls[6:]]
+    linear, stats = fit_map(items, kind="linear", n_iters=5, num_slices=4, held_out=held)
+    ref, ref_stats = fit_dual_map(items, n_iters=5, num_slices=4, held_out=held)
+    assert torch.equal(linear.coefficients(), ref.coefficients()) and stats == ref_stats
+    for kind in ("relu", "mlp"):
+        dual_map, kstats = fit_map(items, kind=kind, n_iters=5, num_slices=4, held_out=held, steps=40)
+        assert dual_map.kind == kind and bool(dual_map.fitted)
+        assert all(p.dtype == torch.float32 for p in dual_map.buffers() if p.is_floating_point())
+        assert kstats["fit_items"] == 4 and kstats["early_stopping_items"] == 2
+        assert len(kstats["r2_held_out"]) == 2 and kstats["r2_held_out"] != stats["r2_held_out"]
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        fit_map(items, kind="mlp", n_iters=5, holdout_fraction=1.0)
+
+
+def test_cli_maps_option_and_schema(teacher_run):
+    out = teacher_run / "fid" / "maps.json"
+    argv = [str(teacher_run / "teacher"), "--calibration", "32", "--held-out", "16", "--batch-size", "16",
+            "--extra-steps", "0", "--truncated", "3,5", "--budget", "0.02", "--maps", "linear,mlp", "--map-steps", "20",
+            "--layers", "0", "--out", str(out)]  # fmt: skip
+    assert fidelity.main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "asap.bench.fidelity/2" and doc["config"]["maps"] == ["linear", "mlp"]
+    (layer,) = doc["layers"]
+    assert [m["map"] for m in layer["maps"]] == ["linear", "mlp"]
+    assert {p["method"] for p in layer["points"]} == {"sinkhorn_k3", "sinkhorn_k5", "asap_l16_j0", "asap_mlp_l16_j0"}
+    assert set(layer["against_truncation"]["maps"]) == {"linear", "mlp"}
+    with pytest.raises(SystemExit):
+        fidelity.main([str(teacher_run / "teacher"), "--maps", "linear,cubic"])
+    with pytest.raises(ValueError, match="maps"):
+        FidelityConfig(maps=("linear", "linear"))

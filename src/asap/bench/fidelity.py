@@ -3,21 +3,28 @@
 For each Sinkhorn layer of a teacher, on the ``q, k, v`` the layer really
 receives (captured by a forward pre-hook while the teacher runs on real inputs):
 
-1. the dual map is fitted on calibration inputs (ridge least squares on the
-   closure target ``f_{K-2}``, as ``asap compile`` does) for each number of
-   slices ``L`` asked for;
+1. the dual map of every kind asked for (``--maps``: ``linear``, ``relu``,
+   ``mlp``) is fitted on calibration inputs for each number of slices ``L``,
+   by the fits ``asap compile --map`` uses (:func:`asap.compile.direct.fit_map`:
+   ridge least squares on the closure target ``f_{K-2}``; for ``relu``/``mlp``
+   then the regression fit of :mod:`asap.compile.map_fit`, early-stopped on
+   the last quarter of the calibration batches), and its held-out dual R2 is
+   measured;
 2. on held-out inputs, every candidate's attention matrix is compared with the
    teacher's: the mean row total variation ``1/2 sum_j |A_ij - A*_ij|`` over
-   valid queries (and the L1 column-marginal error). The candidates are ASAP
+   valid queries, the mean row KL(teacher || candidate) and the L1
+   column-marginal error. The candidates are ASAP
    with ``extra_steps = j`` (ASAP as a warm start: ``2 + j`` half-steps from the
    predicted dual) and Sinkhorn truncated to ``K`` half-steps from zero (the
    teacher stopped early: ASAP's real competitor);
 3. the cost of each candidate is measured on the same held-out ``q, k, v``, in
    one interleaved run (:func:`asap.bench.measure.benchmark`), with padding
-   passed as the operators receive it in the model.
+   passed as the operators receive it in the model; softmax attention on the
+   same inputs is timed in the same run, so each cost is also given in
+   softmax-call units (``cost = ms / ms_softmax``).
 
 Each layer is then a set of points (time, TV): one curve for truncation
-(``K = 1, 3, 5, ...``) and one per ``L`` for ASAP (``j = 0, 1, 2, ...``). ASAP
+(``K = 1, 3, 5, ...``) and one per map kind and ``L`` for ASAP (``j = 0, 1, 2, ...``). ASAP
 wins a layer where its curve lies below and left of truncation's. The
 attention matrices come from the production operators (``v`` = identity), so
 what is measured is what users run. Teachers: a run of ``asap train``
@@ -42,15 +49,15 @@ import torch
 from torch import Tensor, nn
 
 from asap.argtypes import int_list, nonnegative_int
-from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES
-from asap.attention.functional import asap_attention, sinkhorn_attention
+from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES, DUAL_MAPS
+from asap.attention.functional import asap_attention, sinkhorn_attention, softmax_attention
 from asap.attention.operators import AttentionOperator, SinkhornOperator, call_mask
 from asap.bench.measure import benchmark
-from asap.compile.direct import fit_dual_map
+from asap.compile.direct import MAP_LR, MAP_STEPS, fit_map
 from asap.env import load_average, machine_info
 from asap.io import atomic_write_json, command_line, method_key, record_command
 
-SCHEMA = "asap.bench.fidelity/1"
+SCHEMA = "asap.bench.fidelity/2"  # /2: map kinds (``maps`` a list), KL, softmax-unit cost
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,17 @@ class FidelityConfig:
     seed: int = 0
     budget_s: float = 3.0
     repeats: int = 15
+    maps: tuple[str, ...] = ("linear",)
+    map_steps: int = MAP_STEPS
+    map_lr: float = MAP_LR
 
     def __post_init__(self) -> None:
+        if not self.maps or len(set(self.maps)) != len(self.maps) or any(m not in DUAL_MAPS for m in self.maps):
+            raise ValueError(f"maps must be distinct dual map kinds among {sorted(DUAL_MAPS)}, got {self.maps}")
+        if isinstance(self.map_steps, bool) or not isinstance(self.map_steps, int) or self.map_steps < 1:
+            raise ValueError(f"map_steps must be an integer >= 1, got {self.map_steps!r}")
+        if not (math.isfinite(self.map_lr) and self.map_lr > 0):
+            raise ValueError(f"map_lr must be a finite number > 0, got {self.map_lr}")
         for name in ("slices", "extra_steps", "truncated"):
             values = getattr(self, name)
             low = 0 if name == "extra_steps" else 1
@@ -134,14 +150,20 @@ def _attention(fn: Callable[..., Tensor], call: LayerCall, **kwargs: Any) -> Ten
 
 
 def _figures(attn: Tensor, teacher: Tensor, call: LayerCall) -> dict[str, float]:
-    """Mean row TV to the teacher over valid queries, and the mean L1 column-marginal error."""
+    """Mean row TV and row KL(teacher || candidate) over valid queries, and the mean L1 column-marginal error.
+
+    The KL's ``log A`` is floored at the smallest normal number of the dtype (an entry that underflowed to 0
+    where the teacher has mass costs ``T log(T / tiny)``, finite).
+    """
     tv = 0.5 * (attn - teacher).abs().sum(-1)  # (b, h, n)
+    tiny = torch.finfo(attn.dtype).tiny
+    kl = torch.where(teacher > 0, teacher * (teacher.clamp(min=tiny).log() - attn.clamp(min=tiny).log()), 0).sum(-1)
     rows = torch.ones_like(tv, dtype=torch.bool) if call.valid is None else call.valid[:, None, :].expand_as(tv)
     n_valid = rows.sum(-1).clamp(min=1).to(attn.dtype)  # (b, h)
     colsum = (attn * rows.unsqueeze(-1)).sum(-2) / n_valid.unsqueeze(-1)  # sum_i a_i A_ij
     cols = rows  # self-attention: the valid keys are the valid queries
     col_err = ((colsum - 1 / n_valid.unsqueeze(-1)).abs() * cols).sum(-1)
-    return {"row_tv": float(tv[rows].mean()), "col_err": float(col_err.mean())}
+    return {"row_tv": float(tv[rows].mean()), "kl": float(kl[rows].mean()), "col_err": float(col_err.mean())}
 
 
 @torch.no_grad()
@@ -167,35 +189,57 @@ def layer_plane(
         points.append({"method": name, "family": "truncated", "K": k_trunc, **figures})
         timed[name] = lambda k_trunc=k_trunc: sinkhorn_attention(
             call0.q, call0.k, call0.v, n_iters=k_trunc, eps=eps, scale=scale, padding_mask=call0.valid)
-    maps = {}
-    for num_slices in config.slices:
-        dual_map, stats = fit_dual_map(
-            [(c.q, c.k, c.valid) for c in fit_calls], n_iters=K, eps=eps, scale=scale, num_slices=num_slices,
-            seed=config.seed, extra_features=config.extra_features, ridge=config.ridge,
-            held_out=[(c.q, c.k, c.valid) for c in held_calls],
-        )  # fmt: skip
-        maps[num_slices] = {"r2_held_out": stats["r2_held_out"], "r2_fit": stats["r2_fit"]}
+    timed["softmax"] = lambda: softmax_attention(call0.q, call0.k, call0.v, scale=scale, padding_mask=call0.valid)
+    maps: list[dict[str, Any]] = []
+    for kind in config.maps:
+        for num_slices in config.slices:
+            started = time.perf_counter()
+            dual_map, stats = fit_map(
+                [(c.q, c.k, c.valid) for c in fit_calls], kind=kind, n_iters=K, eps=eps, scale=scale,
+                num_slices=num_slices, seed=config.seed, extra_features=config.extra_features, ridge=config.ridge,
+                steps=config.map_steps, lr=config.map_lr, held_out=[(c.q, c.k, c.valid) for c in held_calls],
+            )  # fmt: skip
+            entry = {"map": kind, "L": num_slices, "r2_held_out": stats["r2_held_out"], "r2_fit": stats["r2_fit"],
+                     "fit_s": round(time.perf_counter() - started, 2)}  # fmt: skip
+            if "fit_info" in stats:
+                entry.update(fit_info=stats["fit_info"], fit_items=stats["fit_items"],
+                             early_stopping_items=stats["early_stopping_items"])  # fmt: skip
+            maps.append(entry)
+            log(f"{kind} map L={num_slices}: held-out R2 "
+                + " ".join(f"{r:.3f}" for r in stats["r2_held_out"]) + f" ({entry['fit_s']:.1f} s)")  # fmt: skip
 
-        def f_hat(c: LayerCall, dual_map=dual_map) -> Tensor:
-            return dual_map(c.q, c.k, scale=scale, padding_mask=c.valid, center=False)
+            def f_hat(c: LayerCall, dual_map=dual_map) -> Tensor:
+                return dual_map(c.q, c.k, scale=scale, padding_mask=c.valid, center=False)
 
-        for j in config.extra_steps:
-            name = method_key("asap", num_slices=num_slices, extra_steps=j)
-            figures = mean_figures(lambda c, j=j: _attention(
-                asap_attention, c, f_hat=f_hat(c), eps=eps, scale=scale, extra_steps=j))  # fmt: skip
-            points.append({"method": name, "family": "asap", "L": num_slices, "extra_steps": j, **figures})
-            timed[name] = lambda j=j, f_hat=f_hat: asap_attention(
-                call0.q, call0.k, call0.v, f_hat(call0), eps=eps, scale=scale, extra_steps=j, padding_mask=call0.valid)
+            for j in config.extra_steps:
+                name = asap_key(kind, num_slices, j)
+                figures = mean_figures(lambda c, j=j, f_hat=f_hat: _attention(
+                    asap_attention, c, f_hat=f_hat(c), eps=eps, scale=scale, extra_steps=j))  # fmt: skip
+                points.append({"method": name, "family": "asap", "map": kind, "L": num_slices, "extra_steps": j,
+                               **figures})  # fmt: skip
+                timed[name] = lambda j=j, f_hat=f_hat: asap_attention(
+                    call0.q, call0.k, call0.v, f_hat(call0), eps=eps, scale=scale, extra_steps=j,
+                    padding_mask=call0.valid)  # fmt: skip
     load_before = load_average()
     run = benchmark(timed, device="cpu", warmup=2, repeats=config.repeats, min_repeats=min(3, config.repeats), budget_s=config.budget_s,
                     measure_memory=False)  # fmt: skip
+    softmax = run.results["softmax"].timing
+    softmax_ms = None if softmax is None else 1e3 * softmax.median_s
     for point in points:
         timing = run.results[point["method"]].timing
         point["ms"] = None if timing is None else 1e3 * timing.median_s
         point["ms_iqr"] = None if timing is None else 1e3 * (timing.q3_s - timing.q1_s)
+        point["cost"] = None if point["ms"] is None or not softmax_ms else point["ms"] / softmax_ms
     log(" ".join(f"{p['method']}: tv {p['row_tv']:.4f} {p['ms']:.2f} ms" for p in points))
     return {"teacher_iters": K, "eps": eps, "shape": list(call0.q.shape), "maps": maps, "points": points,
+            "softmax_ms": softmax_ms, "softmax_ms_iqr": None if softmax is None else 1e3 * (softmax.q3_s - softmax.q1_s),
             "rounds": run.rounds, "load_average_before": load_before, "load_average_after": load_average()}  # fmt: skip
+
+
+def asap_key(kind: str, num_slices: int, extra_steps: int) -> str:
+    """The method key of an ASAP point: ``asap_l16_j0`` for the linear map (as schema /1), ``asap_relu_l16_j0`` else."""
+    key = method_key("asap", num_slices=num_slices, extra_steps=extra_steps)
+    return key if kind == "linear" else key.replace("asap_", f"asap_{kind}_", 1)
 
 
 def pareto_verdict(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -212,6 +256,44 @@ def pareto_verdict(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"asap_points_on_front": wins, "asap_wins": bool(wins)}
 
 
+def against_truncation(points: Sequence[dict[str, Any]], *, cheap: int = 3, faithful: int = 5) -> dict[str, Any] | None:
+    """Issue 11's test, per map kind: ASAP against truncation at ``cheap`` and ``faithful`` half-steps.
+
+    ``None`` when either K was not measured. Else ``{"K3": {"ms", "cost", "row_tv"}, "K5": {...},
+    "maps": {kind: {"cheapest": point, "within_K3": point | None, "within_K5": point | None}}}``: per kind
+    its fastest ASAP point, and its most faithful point no slower than truncation at K = 3 (resp. 5), each
+    ``{"method", "row_tv", "ms", "cost"}`` plus ``"beats_K3"`` / ``"beats_K5"`` (strictly lower TV than
+    truncation at that K); ``None`` when no point of the kind is that fast.
+    """
+    trunc = {p["K"]: p for p in points if p["family"] == "truncated" and p["ms"] is not None}
+    if cheap not in trunc or faithful not in trunc:
+        return None
+
+    def summary(p: dict[str, Any] | None) -> dict[str, Any] | None:
+        if p is None:
+            return None
+        return {"method": p["method"], "row_tv": p["row_tv"], "ms": p["ms"], "cost": p.get("cost"),
+                f"beats_K{cheap}": p["row_tv"] < trunc[cheap]["row_tv"],
+                f"beats_K{faithful}": p["row_tv"] < trunc[faithful]["row_tv"]}  # fmt: skip
+
+    out: dict[str, Any] = {f"K{k}": {"ms": trunc[k]["ms"], "cost": trunc[k].get("cost"), "row_tv": trunc[k]["row_tv"]}
+                           for k in (cheap, faithful)}  # fmt: skip
+    out["maps"] = {}
+    for kind in dict.fromkeys(p.get("map", "linear") for p in points if p["family"] == "asap"):
+        mine = [p for p in points if p["family"] == "asap" and p.get("map", "linear") == kind and p["ms"] is not None]
+        if not mine:
+            continue
+
+        def best_within(k: int) -> dict[str, Any] | None:
+            fast = [p for p in mine if p["ms"] <= trunc[k]["ms"]]
+            return min(fast, key=lambda p: p["row_tv"]) if fast else None
+
+        out["maps"][kind] = {"cheapest": summary(min(mine, key=lambda p: p["ms"])),
+                             f"within_K{cheap}": summary(best_within(cheap)),
+                             f"within_K{faithful}": summary(best_within(faithful))}  # fmt: skip
+    return out
+
+
 def plot_planes(result: dict[str, Any], path: str | Path) -> None:
     """One panel per layer: row TV to the teacher (log) against ms per call, truncation vs ASAP curves."""
     import matplotlib
@@ -223,24 +305,35 @@ def plot_planes(result: dict[str, Any], path: str | Path) -> None:
     cols = min(3, len(layers))
     rows = math.ceil(len(layers) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    colours = {"linear": "tab:blue", "relu": "tab:orange", "mlp": "tab:green"}
+    markers = ["s", "^", "D", "v", "P"]
     for ax, layer in zip(axes.flat, layers):
         pts = layer["points"]
+        in_softmax = all(p.get("cost") is not None for p in pts)
+        x = (lambda p: p["cost"]) if in_softmax else (lambda p: p["ms"])
         trunc = sorted((p for p in pts if p["family"] == "truncated"), key=lambda p: p["K"])
-        ax.plot([p["ms"] for p in trunc], [max(p["row_tv"], 1e-6) for p in trunc], "o-", color="tab:gray",
+        ax.plot([x(p) for p in trunc], [max(p["row_tv"], 1e-6) for p in trunc], "o-", color="tab:gray",
                 label="Sinkhorn truncated (K)")  # fmt: skip
         for p in trunc:
-            ax.annotate(f"K={p['K']}", (p["ms"], max(p["row_tv"], 1e-6)), fontsize=7, xytext=(3, 3),
+            ax.annotate(f"K={p['K']}", (x(p), max(p["row_tv"], 1e-6)), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
-        for num_slices in sorted({p["L"] for p in pts if p["family"] == "asap"}):
-            curve = sorted((p for p in pts if p.get("L") == num_slices), key=lambda p: p["extra_steps"])
-            ax.plot([p["ms"] for p in curve], [max(p["row_tv"], 1e-6) for p in curve], "s-",
-                    label=f"ASAP L={num_slices} (+j steps)")  # fmt: skip
-            for p in curve:
-                ax.annotate(f"j={p['extra_steps']}", (p["ms"], max(p["row_tv"], 1e-6)), fontsize=7, xytext=(3, -9),
-                            textcoords="offset points")  # fmt: skip
+        asap = [p for p in pts if p["family"] == "asap"]
+        slices = sorted({p["L"] for p in asap})
+        for kind in dict.fromkeys(p.get("map", "linear") for p in asap):
+            for num_slices in slices:
+                curve = sorted((p for p in asap if p.get("map", "linear") == kind and p["L"] == num_slices),
+                               key=lambda p: p["extra_steps"])  # fmt: skip
+                if not curve:
+                    continue
+                ax.plot([x(p) for p in curve], [max(p["row_tv"], 1e-6) for p in curve],
+                        markers[slices.index(num_slices) % len(markers)] + "-", color=colours.get(kind),
+                        label=f"ASAP {kind} L={num_slices} (+j steps)")  # fmt: skip
+                for p in curve:
+                    ax.annotate(f"j={p['extra_steps']}", (x(p), max(p["row_tv"], 1e-6)), fontsize=7, xytext=(3, -9),
+                                textcoords="offset points")  # fmt: skip
         ax.set_yscale("log")
         ax.set_title(f"{layer['name']} (teacher K={layer['teacher_iters']})", fontsize=9)
-        ax.set_xlabel("ms per call (held-out q, k, v)")
+        ax.set_xlabel("cost per call, softmax calls" if in_softmax else "ms per call (held-out q, k, v)")
         ax.set_ylabel("mean row TV to the teacher")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(layers):]:
@@ -310,7 +403,8 @@ def _run_teacher(args: argparse.Namespace) -> tuple[nn.Module, list[tuple[str, S
 def run_fidelity(args: argparse.Namespace, command: str, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     config = FidelityConfig(slices=tuple(args.slices), extra_steps=tuple(args.extra_steps),
                             truncated=tuple(args.truncated), ridge=args.ridge, seed=args.seed,
-                            budget_s=args.budget)  # fmt: skip
+                            budget_s=args.budget, maps=tuple(args.maps), map_steps=args.map_steps,
+                            map_lr=args.map_lr)  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -325,12 +419,21 @@ def run_fidelity(args: argparse.Namespace, command: str, *, log: Callable[[str],
         if args.layers is not None and index not in args.layers:
             continue
         plane = layer_plane(fit, held, op, config, log=lambda line, index=index: log(f"layer {index}: {line}"))
-        results.append({"layer": index, "name": name, **plane, "verdict": pareto_verdict(plane["points"])})
+        results.append({"layer": index, "name": name, **plane, "verdict": pareto_verdict(plane["points"]),
+                        "against_truncation": against_truncation(plane["points"])})  # fmt: skip
     return {
         "schema": SCHEMA, "command": command, "source": source, "config": asdict(config),
         "calibration_examples": args.calibration, "held_out_examples": args.held_out, "layers": results,
         "machine": machine_info("cpu"), "duration_s": round(time.perf_counter() - started, 1),
     }  # fmt: skip
+
+
+def _map_list(text: str) -> list[str]:
+    kinds = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [k for k in kinds if k not in DUAL_MAPS]
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"distinct dual map kinds among {', '.join(sorted(DUAL_MAPS))}, got {text!r}")
+    return kinds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -350,6 +453,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="examples per batch; timing uses one (default 16)")
     parser.add_argument("--layers", type=int_list(nonnegative_int), default=None, help="layer indices (default all)")
     parser.add_argument("--slices", type=int_list(), default=[16], help="slice counts L to fit (default 16)")
+    parser.add_argument("--maps", type=_map_list, default=["linear"],
+                        help="dual map kinds to fit and score, comma-separated, among "
+                             f"{', '.join(sorted(DUAL_MAPS))} (default linear)")  # fmt: skip
+    parser.add_argument("--map-steps", type=int, default=MAP_STEPS,
+                        help=f"Adam steps of the relu/mlp fits (default {MAP_STEPS}, as asap compile)")
+    parser.add_argument("--map-lr", type=float, default=MAP_LR,
+                        help=f"Adam step size of the relu/mlp fits (default {MAP_LR:g}, as asap compile)")
     parser.add_argument("--extra-steps", type=int_list(nonnegative_int), default=[0, 1, 2, 4], help="ASAP warm-start steps j")
     parser.add_argument("--truncated", type=int_list(), default=[1, 3, 5, 7], help="truncated Sinkhorn K")
     parser.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the fit (default 1e-3)")
@@ -365,7 +475,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     argv = sys.argv[1:] if argv is None else argv
     if (args.run_dir is None) == (args.hf is None):
         raise ConfigError("give a RUN_DIR or --hf PATH (one of them)")
-    for name in ("calibration", "held_out", "batch_size", "max_length", "teacher_iters"):
+    for name in ("calibration", "held_out", "batch_size", "max_length", "teacher_iters", "map_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     command = command_line("asap bench fidelity", argv)

@@ -15,10 +15,15 @@ one ``asap compile`` does (docs/method.md sec. 4.4): the design matrix of
 :meth:`~asap.attention.dual_map.SliceDualMap.features` against the teacher's
 closure target ``f_{K-2}``, accumulated in fp64 normal equations (the inputs
 are not kept), then ridge least squares relative to the Gram trace.
+
+:func:`fit_map` fits any kind of the family (``"linear"``, ``"relu"``, ``"mlp"``)
+the way ``asap compile --map`` does, from the same items.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -96,4 +101,102 @@ def fit_dual_map(
         stats["r2_held_out"] = [float(x) for x in explained_variance(held, coef)]
     dual_map = dual_map.float()
     dual_map.set_coefficients(coef.float())
+    return dual_map, stats
+
+
+#: Adam steps and step size of a nonlinear map's fit when the caller names none: ``asap compile``'s defaults.
+MAP_STEPS, MAP_LR = 300, 1e-2
+
+
+def _stores(features_map, items: Iterable[tuple], *, n_iters: int, eps: float, scale: float | None, dtype: torch.dtype
+            ) -> list[tuple[Tensor, Tensor, Tensor | None]]:  # fmt: skip
+    """The per-token chunks ``(x (b, h, F, n), t (b, h, n), valid (b, 1, n) | None)`` a nonlinear fit works on.
+
+    As :class:`asap.compile.calibrate.LayerCalibration` keeps them with ``keep_features``: the map's inputs
+    and the ``n_iters``-step closure target, computed in fp64 (``features_map``: an fp64 map of the same
+    slices), stored in ``dtype``.
+    """
+    chunks = []
+    for item in items:
+        q, k = item[0].detach().double(), item[1].detach().double()
+        mask = _as_mask(item[2] if len(item) == 3 else None)
+        s = q.shape[-1] ** -0.5 if scale is None else scale
+        scores, supp = scores_and_support(q, k, scale=s, attn_mask=mask)
+        target = closure_target(scores, supp, n_iters=n_iters, eps=eps)
+        x = features_map.features(q, k, scale=s, attn_mask=mask)
+        rows = None if supp.rows is None else supp.rows.expand(q.shape[0], *supp.rows.shape[1:])
+        chunks.append((x.to(dtype), target.to(dtype), rows))
+    return chunks
+
+
+def fit_map(
+    items: Iterable[tuple],
+    *,
+    kind: str = "linear",
+    n_iters: int,
+    eps: float = 1.0,
+    scale: float | None = None,
+    num_slices: int = 16,
+    slice_type: str = "random",
+    seed: int = 0,
+    extra_features: tuple[str, ...] = DEFAULT_EXTRA_FEATURES,
+    ridge: float = 1e-3,
+    map_options: dict[str, Any] | None = None,
+    steps: int = MAP_STEPS,
+    lr: float = MAP_LR,
+    holdout_fraction: float = 0.25,
+    held_out: Iterable[tuple] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """A fitted fp32 dual map of family ``kind`` (``"linear" | "relu" | "mlp"``) and its per-head R2.
+
+    ``"linear"`` is :func:`fit_dual_map` (all ``items`` enter the ridge fit).
+    ``"relu"`` and ``"mlp"`` are fitted as ``asap compile --map`` fits them
+    (:func:`asap.compile.map_fit.fit_relu` / :func:`~asap.compile.map_fit.fit_mlp`,
+    regression objective, ``steps`` Adam steps at ``lr``): the ridge solution
+    on the first items, then the nonlinear fit, whose early stopping and
+    kept stages are judged on the last ``holdout_fraction`` of ``items``
+    (at least one item when there are two or more; none: judged on the fit
+    items). ``held_out`` (same form) never enters the fit: it only gives
+    ``"r2_held_out"``. The stats add ``"fit_info"`` (the fit's stages) for a
+    nonlinear kind.
+    """
+    if kind == "linear":
+        return fit_dual_map(items, n_iters=n_iters, eps=eps, scale=scale, num_slices=num_slices,
+                            slice_type=slice_type, seed=seed, extra_features=extra_features, ridge=ridge,
+                            held_out=held_out)  # fmt: skip
+    from asap.compile.map_fit import chunks_r2, fit_mlp, fit_relu
+
+    items = list(items)
+    if not items:
+        raise ValueError("fit_map: no inputs to fit on")
+    if not 0 <= holdout_fraction < 1:
+        raise ValueError(f"fit_map: holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    q0 = items[0][0]
+    dual_map = build_dual_map(num_heads=q0.shape[1], head_dim=q0.shape[-1], num_slices=num_slices,
+                              slice_type=slice_type, seed=seed, extra_features=tuple(extra_features), kind=kind,
+                              map_options=map_options)  # fmt: skip
+    stop = min(len(items) - 1, math.ceil(len(items) * holdout_fraction)) if holdout_fraction > 0 else 0
+    fit_items, stop_items = items[: len(items) - stop], items[len(items) - stop :]
+    coef = solve_ridge(accumulate(dual_map, fit_items, n_iters=n_iters, eps=eps, scale=scale), ridge=ridge,
+                       what=f"fit_map ({kind})")  # fmt: skip
+    features_map = copy.deepcopy(dual_map).double()  # the slices and extras only: the fit leaves them as they are
+    dual_map = dual_map.float()
+    as_chunks = lambda part: _stores(features_map, part, n_iters=n_iters, eps=eps, scale=scale, dtype=torch.float32)  # noqa: E731
+    fit_chunks, stop_chunks = as_chunks(fit_items), as_chunks(stop_items)
+    what = f"fit_map ({kind})"
+    with torch.enable_grad():  # the fits are gradient fits, also when called under no_grad
+        if kind == "relu":
+            info = fit_relu(dual_map, fit_chunks, stop_chunks, ridge=ridge, steps=steps, lr=lr, eps=eps, what=what)
+        elif kind == "mlp":
+            info = fit_mlp(dual_map, coef.float(), fit_chunks, stop_chunks, steps=steps, lr=lr, eps=eps, what=what)
+        else:
+            raise ValueError(f"fit_map: no fit for dual map kind {kind!r} (linear, relu, mlp)")
+
+    def predict(x: Tensor, valid: Tensor | None) -> Tensor:
+        return dual_map.predict(x, valid=valid)
+
+    stats: dict[str, Any] = {"r2_fit": chunks_r2(predict, fit_chunks), "r2_held_out": None, "fit_info": info,
+                             "fit_items": len(fit_items), "early_stopping_items": len(stop_items)}  # fmt: skip
+    if held_out is not None:
+        stats["r2_held_out"] = chunks_r2(predict, as_chunks(list(held_out)))
     return dual_map, stats

@@ -16,7 +16,7 @@ from asap.report.accuracy import ACCURACY_SCHEMA, render_accuracy
 from asap.report.asap_paths import ASAP_PATHS_SCHEMA, render_asap_paths
 from asap.report.compile import render_compile
 from asap.report.core import Doc, Section, load_docs
-from asap.report.fidelity import FIDELITY_SCHEMA, render_fidelity
+from asap.report.fidelity import FIDELITY_SCHEMAS, render_fidelity
 from asap.report.frozen_layer import FROZEN_LAYER_SCHEMAS, render_frozen_layer
 from asap.report.operators import OPERATORS_SCHEMA, render_operators
 from asap.report.paper import render_paper
@@ -45,7 +45,7 @@ SECTIONS: tuple[Section, ...] = (
             ("frozen_layer/*.json",), render_frozen_layer, "`asap bench frozen-layer RUN_DIR`",
             schemas=FROZEN_LAYER_SCHEMAS, method_keys=True),
     Section("fidelity", "Fidelity plane: ASAP with warm-start steps against truncated Sinkhorn, per layer",
-            ("fidelity/*.json",), render_fidelity, "`asap bench fidelity`", schemas=(FIDELITY_SCHEMA,)),
+            ("fidelity/*.json",), render_fidelity, "`asap bench fidelity`", schemas=FIDELITY_SCHEMAS),
     Section("asap_paths", "ASAP's CPU paths: closure backends, dual map, whole operator",
             ("bench/asap_paths_*.json",), render_asap_paths, "`python scripts/bench_asap_paths.py --out ...`",
             schemas=(ASAP_PATHS_SCHEMA,)),
