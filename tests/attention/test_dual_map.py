@@ -105,3 +105,17 @@ def test_both_projection_layouts_match_the_reference(n):
     valid = torch.arange(n)[None] < torch.tensor([n, n // 2])[:, None]
     expected = _reference(m, q, k, scale=0.3, attn_mask=key_padding_to_attn_mask(valid))
     torch.testing.assert_close(m(q, k, scale=0.3, padding_mask=valid), expected, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_forward_long_fp32_rows_match_the_fp64_reference(padded):
+    """Rows of PACKED_ARGSORT_MIN_N tokens or more sort through the packed fp32 argsort (padding as +inf)."""
+    from asap.transport.sliced import PACKED_ARGSORT_MIN_N
+
+    n = PACKED_ARGSORT_MIN_N + 3
+    m = _map(("qk_mean", "q_norm"))
+    q, k = torch.randn(2, 3, n, 5, dtype=torch.float64), torch.randn(2, 3, n, 5, dtype=torch.float64)
+    valid = torch.arange(n)[None] < torch.tensor([n, n // 3])[:, None] if padded else None
+    expected = _reference(m, q, k, scale=0.4, attn_mask=None if valid is None else key_padding_to_attn_mask(valid))
+    got = m.float()(q.float(), k.float(), scale=0.4, padding_mask=valid)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)

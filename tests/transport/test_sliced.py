@@ -159,3 +159,29 @@ def test_cpu_sort_fast_path_matches_torch_sort(dtype):
         y = torch.randn(4, 9, 6, dtype=dtype).transpose(-1, -2)
         y[..., 0] = float("inf")
         assert torch.equal(torch.gather(y, -1, argsort_last(y)), torch.sort(y, dim=-1).values)
+
+
+@pytest.mark.parametrize("n", [1, 17, 256, 600])
+def test_packed_argsort_is_a_sorting_permutation(n):
+    """The fp32 packed-key argsort (index in the low fp64 mantissa bits): ties, +-0, +-inf and NaN included."""
+    from asap.transport.sliced import PACKED_ARGSORT_MIN_N, _packed_argsort_f32, argsort_last
+
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(3, 5, n, generator=gen)
+    x[0, 0, : n // 2] = 0.25  # ties
+    x[0, 1, ::3] = float("inf")  # the dual map's padding sentinel
+    x[0, 2, ::4] = -0.0
+    x[0, 2, 1::4] = 0.0
+    x[0, 3, ::5] = -float("inf")
+    x[1] = torch.tensor(3.0e38) * torch.sign(x[1])  # near the fp32 range
+    perm = torch.from_numpy(_packed_argsort_f32(x.numpy()))
+    assert perm.dtype == torch.int64
+    assert torch.equal(perm.sort(dim=-1).values, torch.arange(n).expand_as(perm))  # a permutation of each row
+    assert torch.equal(torch.gather(x, -1, perm), torch.sort(x, dim=-1).values)
+    x[2, 0, 0] = float("nan")  # garbage in: still a permutation, NaN last
+    perm = torch.from_numpy(_packed_argsort_f32(x.numpy()))
+    assert torch.equal(perm.sort(dim=-1).values, torch.arange(n).expand_as(perm))
+    assert int(perm[2, 0, -1]) == 0
+    if n >= PACKED_ARGSORT_MIN_N:  # argsort_last takes this path for such rows
+        y = torch.randn(4, n, generator=gen)
+        assert torch.equal(torch.gather(y, -1, argsort_last(y)), torch.sort(y, dim=-1).values)

@@ -72,8 +72,39 @@ def argsort_last(x: Tensor) -> Tensor:
     optimal dual pair.
     """
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
-        return torch.from_numpy(np.argsort(x.detach().numpy(), axis=-1)).to(torch.int64)
+        values = x.detach().numpy()
+        if x.dtype == torch.float32 and PACKED_ARGSORT_MIN_N <= x.shape[-1] <= _PACKED_INDEX_MASK:
+            return torch.from_numpy(_packed_argsort_f32(values))
+        return torch.from_numpy(np.argsort(values, axis=-1)).to(torch.int64)
     return torch.sort(x, dim=-1).indices
+
+
+#: Shortest fp32 rows argsorted by :func:`_packed_argsort_f32` instead of ``np.argsort``. Measured on the
+#: 2-core AVX-512 CPU (1024 rows, NumPy 2.4): ``np.argsort`` of fp32 leaves its vectorised path above 128
+#: elements (0.58 ms at n = 128, 9.4 ms at 256, 31 ms at 512, 63 ms at 1024), the packed sort takes
+#: 14 ms at 512 and 53 ms at 1024 (and is not faster at n <= 128).
+PACKED_ARGSORT_MIN_N = 256
+_PACKED_INDEX_BITS = 29  # fp64 has 29 more mantissa bits than fp32: room for the index
+_PACKED_INDEX_MASK = (1 << _PACKED_INDEX_BITS) - 1
+_PACKED_BIG = 2.0**1000  # a finite stand-in for +-inf/NaN whose low mantissa bits are zero
+
+
+def _packed_argsort_f32(x: np.ndarray) -> np.ndarray:
+    """``argsort`` of fp32 rows as one value sort of fp64 keys carrying the index in their low bits.
+
+    Widening fp32 to fp64 is exact and leaves the 29 low mantissa bits zero; writing the
+    index there moves a value by less than half an fp32 ulp, so the order of distinct
+    values is kept (ties come out by index for positive values, reversed for negative
+    ones: both valid sorts). The value sort is vectorised where ``np.argsort`` is not.
+    Infinities and NaN (which would turn into NaN and lose the index) become +-2^1000 first.
+    """
+    keys = x.astype(np.float64)
+    np.nan_to_num(keys, copy=False, nan=_PACKED_BIG, posinf=_PACKED_BIG, neginf=-_PACKED_BIG)
+    bits = keys.view(np.int64)
+    bits |= np.arange(x.shape[-1], dtype=np.int64)
+    keys.sort(axis=-1)
+    bits &= _PACKED_INDEX_MASK
+    return bits
 
 
 def sort_values_last(x: Tensor) -> Tensor:
