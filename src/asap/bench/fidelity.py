@@ -309,13 +309,15 @@ def plot_planes(result: dict[str, Any], path: str | Path) -> None:
     markers = ["s", "^", "D", "v", "P"]
     for ax, layer in zip(axes.flat, layers):
         pts = layer["points"]
+        # the teacher itself (K = its K) has TV 0: drawn at the floor, a third of the smallest nonzero TV
+        floor = min([p["row_tv"] for p in pts if p["row_tv"] > 0] or [3e-6]) / 3
         in_softmax = all(p.get("cost") is not None for p in pts)
         x = (lambda p: p["cost"]) if in_softmax else (lambda p: p["ms"])
         trunc = sorted((p for p in pts if p["family"] == "truncated"), key=lambda p: p["K"])
-        ax.plot([x(p) for p in trunc], [max(p["row_tv"], 1e-6) for p in trunc], "o-", color="tab:gray",
+        ax.plot([x(p) for p in trunc], [max(p["row_tv"], floor) for p in trunc], "o-", color="tab:gray",
                 label="Sinkhorn truncated (K)")  # fmt: skip
         for p in trunc:
-            ax.annotate(f"K={p['K']}", (x(p), max(p["row_tv"], 1e-6)), fontsize=7, xytext=(3, 3),
+            ax.annotate(f"K={p['K']}", (x(p), max(p["row_tv"], floor)), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
         asap = [p for p in pts if p["family"] == "asap"]
         slices = sorted({p["L"] for p in asap})
@@ -325,11 +327,11 @@ def plot_planes(result: dict[str, Any], path: str | Path) -> None:
                                key=lambda p: p["extra_steps"])  # fmt: skip
                 if not curve:
                     continue
-                ax.plot([x(p) for p in curve], [max(p["row_tv"], 1e-6) for p in curve],
+                ax.plot([x(p) for p in curve], [max(p["row_tv"], floor) for p in curve],
                         markers[slices.index(num_slices) % len(markers)] + "-", color=colours.get(kind),
                         label=f"ASAP {kind} L={num_slices} (+j steps)")  # fmt: skip
                 for p in curve:
-                    ax.annotate(f"j={p['extra_steps']}", (x(p), max(p["row_tv"], 1e-6)), fontsize=7, xytext=(3, -9),
+                    ax.annotate(f"j={p['extra_steps']}", (x(p), max(p["row_tv"], floor)), fontsize=7, xytext=(3, -9),
                                 textcoords="offset points")  # fmt: skip
         ax.set_yscale("log")
         ax.set_title(f"{layer['name']} (teacher K={layer['teacher_iters']})", fontsize=9)
