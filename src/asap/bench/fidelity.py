@@ -334,7 +334,7 @@ def plot_planes(result: dict[str, Any], path: str | Path) -> None:
                     ax.annotate(f"j={p['extra_steps']}", (x(p), max(p["row_tv"], floor)), fontsize=7, xytext=(3, -9),
                                 textcoords="offset points")  # fmt: skip
         ax.set_yscale("log")
-        ax.set_title(f"{layer['name']} (teacher K={layer['teacher_iters']})", fontsize=9)
+        ax.set_title(f"layer {layer['layer']} (teacher K={layer['teacher_iters']})", fontsize=9)  # names: the tables
         ax.set_xlabel("cost per call, softmax calls" if in_softmax else "ms per call (held-out q, k, v)")
         ax.set_ylabel("mean row TV to the teacher")
         ax.grid(alpha=0.3)
