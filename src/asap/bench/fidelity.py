@@ -41,14 +41,14 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from asap.argtypes import int_list, nonnegative_int
+from asap.argtypes import add_field_options, cli, finite_float, int_list, nonnegative_int, positive_float, positive_int
 from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES, DUAL_MAPS
 from asap.attention.functional import asap_attention, sinkhorn_attention, softmax_attention
 from asap.attention.operators import AttentionOperator, SinkhornOperator, call_mask
@@ -60,21 +60,36 @@ from asap.io import atomic_write_json, command_line, method_key, record_command
 SCHEMA = "asap.bench.fidelity/2"  # /2: map kinds (``maps`` a list), KL, softmax-unit cost
 
 
+def _map_list(text: str) -> list[str]:
+    kinds = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [k for k in kinds if k not in DUAL_MAPS]
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"distinct dual map kinds among {', '.join(sorted(DUAL_MAPS))}, got {text!r}")
+    return kinds
+
+
 @dataclass(frozen=True)
 class FidelityConfig:
     """What is fitted, compared and timed (stored verbatim in the JSON)."""
 
-    slices: tuple[int, ...] = (16,)
+    slices: tuple[int, ...] = field(default=(16,), metadata=cli("slice counts L to fit", type=int_list()))
     extra_features: tuple[str, ...] = DEFAULT_EXTRA_FEATURES
-    extra_steps: tuple[int, ...] = (0, 1, 2, 4)
-    truncated: tuple[int, ...] = (1, 3, 5, 7)
-    ridge: float = 1e-3
-    seed: int = 0
-    budget_s: float = 3.0
+    extra_steps: tuple[int, ...] = field(default=(0, 1, 2, 4), metadata=cli(
+        "ASAP warm-start steps j", type=int_list(nonnegative_int), default_text="0,1,2,4"))
+    truncated: tuple[int, ...] = field(default=(1, 3, 5, 7), metadata=cli(
+        "truncated Sinkhorn K", type=int_list(), default_text="1,3,5,7"))
+    ridge: float = field(default=1e-3, metadata=cli("relative ridge of the fit", type=finite_float))
+    seed: int = field(default=0, metadata=cli("seed of the sample and the slice directions", type=nonnegative_int))
+    budget_s: float = field(default=3.0, metadata=cli(
+        "seconds of timed calls per candidate", flag="--budget", type=positive_float))
     repeats: int = 15
-    maps: tuple[str, ...] = ("linear",)
-    map_steps: int = MAP_STEPS
-    map_lr: float = MAP_LR
+    maps: tuple[str, ...] = field(default=("linear",), metadata=cli(
+        f"dual map kinds to fit and score, comma-separated, among {', '.join(sorted(DUAL_MAPS))}", type=_map_list,
+        default_text="linear"))
+    map_steps: int = field(default=MAP_STEPS, metadata=cli(
+        "Adam steps of the relu/mlp fits, as asap compile", type=positive_int))
+    map_lr: float = field(default=MAP_LR, metadata=cli(
+        "Adam step size of the relu/mlp fits, as asap compile", type=positive_float))
 
     def __post_init__(self) -> None:
         if not self.maps or len(set(self.maps)) != len(self.maps) or any(m not in DUAL_MAPS for m in self.maps):
@@ -403,10 +418,8 @@ def _run_teacher(args: argparse.Namespace) -> tuple[nn.Module, list[tuple[str, S
 
 
 def run_fidelity(args: argparse.Namespace, command: str, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    config = FidelityConfig(slices=tuple(args.slices), extra_steps=tuple(args.extra_steps),
-                            truncated=tuple(args.truncated), ridge=args.ridge, seed=args.seed,
-                            budget_s=args.budget, maps=tuple(args.maps), map_steps=args.map_steps,
-                            map_lr=args.map_lr)  # fmt: skip
+    config = FidelityConfig(**{name: tuple(value) if isinstance(value, list) else value
+                               for name, value in ((n, getattr(args, n)) for n in CONFIG_FIELDS)})  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -430,12 +443,8 @@ def run_fidelity(args: argparse.Namespace, command: str, *, log: Callable[[str],
     }  # fmt: skip
 
 
-def _map_list(text: str) -> list[str]:
-    kinds = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [k for k in kinds if k not in DUAL_MAPS]
-    if not kinds or unknown or len(set(kinds)) != len(kinds):
-        raise argparse.ArgumentTypeError(f"distinct dual map kinds among {', '.join(sorted(DUAL_MAPS))}, got {text!r}")
-    return kinds
+#: FidelityConfig fields on the command line (each option generated from its field, with its default).
+CONFIG_FIELDS = ("slices", "maps", "map_steps", "map_lr", "extra_steps", "truncated", "ridge", "seed", "budget_s")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -454,19 +463,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held-out", type=int, default=32, help="examples the figures are measured on (default 32)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per batch; timing uses one (default 16)")
     parser.add_argument("--layers", type=int_list(nonnegative_int), default=None, help="layer indices (default all)")
-    parser.add_argument("--slices", type=int_list(), default=[16], help="slice counts L to fit (default 16)")
-    parser.add_argument("--maps", type=_map_list, default=["linear"],
-                        help="dual map kinds to fit and score, comma-separated, among "
-                             f"{', '.join(sorted(DUAL_MAPS))} (default linear)")  # fmt: skip
-    parser.add_argument("--map-steps", type=int, default=MAP_STEPS,
-                        help=f"Adam steps of the relu/mlp fits (default {MAP_STEPS}, as asap compile)")
-    parser.add_argument("--map-lr", type=float, default=MAP_LR,
-                        help=f"Adam step size of the relu/mlp fits (default {MAP_LR:g}, as asap compile)")
-    parser.add_argument("--extra-steps", type=int_list(nonnegative_int), default=[0, 1, 2, 4], help="ASAP warm-start steps j")
-    parser.add_argument("--truncated", type=int_list(), default=[1, 3, 5, 7], help="truncated Sinkhorn K")
-    parser.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the fit (default 1e-3)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed calls per candidate")
+    add_field_options(parser, FidelityConfig, CONFIG_FIELDS, use_defaults=True)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write (a PNG of the planes goes beside it)")
 
