@@ -57,6 +57,11 @@ for target in "${which[@]}"; do
       # downstream replacement: every layer compiled to ASAP (default map), no retraining, on the same 1,000 reviews
       HF_HUB_OFFLINE=1 $ASAP compile "$RUNS/minilm_imdb256_sinkhorn" --calibration 256 --batch-size 16 \
         --eval-limit 1000 --eval-batch-size 32 --quiet --out "$RUNS/minilm_imdb256_asap"
+      # the frozen-layer benchmark on the MiniLM teacher (one layer compiled at a time; K = 3 and 5 beside ASAP;
+      # ~85 min on one core of a busy 2-core machine, most of it the 3 x 6 evaluations of 500 reviews)
+      HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $ASAP bench frozen-layer "$RUNS/minilm_imdb256_sinkhorn" --calibration 256 \
+        --eval-limit 500 --timing-batch 16 --budget 10 --model-rounds 5 --threads 1 --data-dir "${ASAP_DATA_DIR:-../shared/data}" \
+        --out results/frozen_layer/minilm_imdb256_sinkhorn_k11.json
       keep minilm_imdb256_sinkhorn minilm_imdb256_sinkhorn_k11
       mkdir -p results/teachers/minilm_imdb256_sinkhorn_k11/compiled_asap
       cp "$RUNS/minilm_imdb256_asap"/fidelity.{json,png} results/teachers/minilm_imdb256_sinkhorn_k11/compiled_asap/
