@@ -62,6 +62,13 @@ for target in "${which[@]}"; do
       HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $ASAP bench frozen-layer "$RUNS/minilm_imdb256_sinkhorn" --calibration 256 \
         --eval-limit 500 --timing-batch 16 --budget 10 --model-rounds 5 --threads 1 --data-dir "${ASAP_DATA_DIR:-../shared/data}" \
         --out results/frozen_layer/minilm_imdb256_sinkhorn_k11.json
+      # learned slice directions against the ridge map, the row TV beside Sinkhorn K = 5 (issue 11; ~3 and ~16 min)
+      for refine in none directions; do
+        HF_HUB_OFFLINE=1 $ASAP compile "$RUNS/minilm_imdb256_sinkhorn" --calibration 128 --batch-size 16 --refine $refine \
+          --map-steps 60 --truncated-iters 5 --eval-limit 300 --eval-batch-size 32 --quiet --out "$RUNS/minilm_dir_$refine"
+        mkdir -p "results/teachers/minilm_imdb256_sinkhorn_k11/compiled_refine_${refine}_c128"
+        cp "$RUNS/minilm_dir_$refine"/fidelity.{json,png} "results/teachers/minilm_imdb256_sinkhorn_k11/compiled_refine_${refine}_c128/"
+      done
       keep minilm_imdb256_sinkhorn minilm_imdb256_sinkhorn_k11
       mkdir -p results/teachers/minilm_imdb256_sinkhorn_k11/compiled_asap
       cp "$RUNS/minilm_imdb256_asap"/fidelity.{json,png} results/teachers/minilm_imdb256_sinkhorn_k11/compiled_asap/

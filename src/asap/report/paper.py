@@ -147,7 +147,7 @@ def render_paper(all_docs: dict[str, list[Doc]], results_dir: Path) -> Rendered:
         for d in all_docs.get("compile", [])
         if d.data.get("experiment") == "downstream_replacement" and d.data.get("asap_fraction_of_teacher") is not None
     ]
-    for path in sorted(results_dir.glob("teachers/*/compiled_asap/fidelity.json")):  # `asap compile` of a teacher
+    for path in sorted(results_dir.glob("teachers/*/compiled_*/fidelity.json")):  # `asap compile` of a teacher
         try:
             acc = json.loads(path.read_text()).get("accuracy") or {}
         except (OSError, json.JSONDecodeError):
