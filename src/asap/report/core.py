@@ -148,6 +148,15 @@ def recorded_command(doc: Doc) -> str | None:
     return None
 
 
+def sibling_json(doc: Doc, name: str) -> dict[str, Any]:
+    """The JSON file ``name`` beside a result (a run's ``config.json``), or ``{}`` if it is absent or unreadable."""
+    path = doc.path.parent / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def load_docs(results_dir: Path, section: Section) -> tuple[list[Doc], list[str]]:
     """The section's JSON files (sorted, unique) and notes on files skipped as unreadable or of another schema."""
     docs, notes, seen = [], [], set()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from asap.report.compile import mean_ms
-from asap.report.core import Doc, Rendered, fmt_ratio, pct, sinkhorn_key, table
+from asap.report.core import Doc, Rendered, fmt_ratio, pct, sibling_json, sinkhorn_key, table
 from asap.report.operators import asap_name, mode_groups
 
 
@@ -55,8 +55,8 @@ PRETRAINED_SUFFIX = "@"
 def _pretrained_name(doc: Doc) -> str | None:
     """The pretrained encoder a teacher was fine-tuned from (its folder's name), from the run's ``config.json``."""
     try:
-        spec = json.loads((doc.path.parent / "config.json").read_text()).get("train", {}).get("pretrained")
-    except (OSError, json.JSONDecodeError, AttributeError):
+        spec = sibling_json(doc, "config.json").get("train", {}).get("pretrained")
+    except AttributeError:  # a config.json whose "train" is not an object
         return None
     if not spec:
         return None

@@ -3,19 +3,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from asap.report.core import Doc, Rendered, pct, table
-
-
-def _sibling_json(doc: Doc, name: str) -> dict[str, Any]:
-    path = doc.path.parent / name
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+from asap.report.core import Doc, Rendered, pct, sibling_json, table
 
 
 def _attention_text(attention: dict[str, Any]) -> str:
@@ -29,7 +20,7 @@ def render_teachers(docs: list[Doc], results_dir: Path) -> Rendered:
     rows = []
     for doc in docs:
         data = doc.data
-        model = _sibling_json(doc, "config.json").get("model", {})
+        model = sibling_json(doc, "config.json").get("model", {})
         size = ", ".join(f"{key} {model[key]}" for key in ("dim", "depth", "num_heads", "max_length", "image_size")
                          if model.get(key) is not None)
         rows.append([f"`{Path(doc.rel).parent.as_posix()}`", data.get("dataset", "?"),
