@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from asap.attention.dual_map import slice_potentials
-from asap.compile.plans import asap_log_attention, closure_target, row_kl, scores_and_support, sinkhorn_log_attention
-from asap.transport.masks import Support
+from asap.compile.fit import KLProblem, kl_problems
+from asap.compile.plans import closure_target
 
 #: Held-out evaluations of a direction fit: one every this many Adam steps (and after the last).
 EVAL_EVERY = 10
@@ -33,20 +33,18 @@ EVAL_EVERY = 10
 
 @dataclass
 class DirectionProblem:
-    """One reservoir chunk prepared for the direction fit (fp32; fp64 for fp64 inputs).
+    """One reservoir chunk prepared for the direction fit: the :class:`~asap.compile.fit.KLProblem` of the
+    random directions (scores, support, the teacher's rows) plus what new directions need.
 
-    ``q, k (b, h, n|m, d)`` and ``mask`` recompute the potentials for new directions; ``extra (b, h, E, n)``
-    holds the direction-free features (or None); ``scores``, ``supp``, the teacher's ``log_attn`` and its
-    closure target ``target (b, h, n)`` score a prediction.
+    ``q, k (b, h, n|m, d)`` and ``mask`` recompute the potentials; ``extra (b, h, E, n)`` holds the
+    direction-free features (or None); ``target (b, h, n)`` is the teacher's closure target (for R2).
     """
 
+    base: KLProblem
     q: Tensor
     k: Tensor
     mask: Tensor | None
     extra: Tensor | None
-    scores: Tensor
-    supp: Support
-    teacher_log_attn: Tensor
     target: Tensor
 
     def features(self, directions: Tensor, *, scale: float) -> Tensor:
@@ -60,8 +58,7 @@ class DirectionProblem:
 
     def kl(self, directions: Tensor, coef: Tensor, *, scale: float, eps: float) -> Tensor:
         """Mean row KL per head ``(h,)``."""
-        log_attn = asap_log_attention(self.scores, self.f_hat(directions, coef, scale=scale), eps=eps, supp=self.supp)
-        return row_kl(self.teacher_log_attn, log_attn, rows=self.supp.rows)
+        return self.base.kl_of_dual(self.f_hat(directions, coef, scale=scale), eps=eps)
 
 
 @torch.no_grad()
@@ -72,13 +69,10 @@ def direction_problems(
     """Prepare reservoir chunks ``(q, k, mask)``; ``features(q, k, mask)`` is the dual map's (its columns past
     ``num_slices`` are the direction-free extras)."""
     problems = []
-    for q, k, mask in chunks:
-        scores, supp = scores_and_support(q, k, scale=scale, attn_mask=mask)
-        full = features(q, k, mask)
-        extra = full[:, :, num_slices:] if full.shape[2] > num_slices else None
-        teacher = sinkhorn_log_attention(scores, supp, n_iters=n_iters, eps=eps)
-        target = closure_target(scores, supp, n_iters=n_iters, eps=eps)
-        problems.append(DirectionProblem(q, k, mask, extra, scores, supp, teacher, target))
+    for (q, k, mask), base in zip(chunks, kl_problems(chunks, features, scale=scale, n_iters=n_iters, eps=eps)):
+        extra = base.phi[:, :, num_slices:] if base.phi.shape[2] > num_slices else None
+        target = closure_target(base.scores, base.supp, n_iters=n_iters, eps=eps)
+        problems.append(DirectionProblem(base, q, k, mask, extra, target))
     return problems
 
 
@@ -100,7 +94,8 @@ def reservoir_r2(problems: Sequence[DirectionProblem], directions: Tensor, coef:
     for p in problems:
         f_hat = p.f_hat(directions, coef, scale=scale).double()
         target = p.target.double()
-        valid = torch.ones_like(target, dtype=torch.bool) if p.supp.rows is None else p.supp.rows.expand_as(target)
+        rows = p.base.supp.rows
+        valid = torch.ones_like(target, dtype=torch.bool) if rows is None else rows.expand_as(target)
         weight = valid.double()
         count = weight.sum(-1, keepdim=True).clamp_min(1)
         f_hat = f_hat - (f_hat * weight).sum(-1, keepdim=True) / count  # both centred per sequence
@@ -130,7 +125,7 @@ def fit_directions(
     if not train:
         raise ValueError("the direction fit needs at least one calibration chunk")
     check = held_out or train
-    dtype = train[0].scores.dtype
+    dtype = train[0].base.scores.dtype
     start_dirs, start_coef = directions.detach().to(dtype), coef.detach().to(dtype)
     raw = start_dirs.clone().requires_grad_(True)
     alpha = start_coef.clone().requires_grad_(True)

@@ -186,7 +186,11 @@ class KLProblem:
 
     def kl(self, coef: Tensor, *, eps: float) -> Tensor:
         """Mean row KL per head ``(h,)`` for coefficients ``coef (h, L)``."""
-        log_attn = asap_log_attention(self.scores, self.f_hat(coef), eps=eps, supp=self.supp)
+        return self.kl_of_dual(self.f_hat(coef), eps=eps)
+
+    def kl_of_dual(self, f_hat: Tensor, *, eps: float) -> Tensor:
+        """Mean row KL per head ``(h,)`` of ASAP from a predicted dual ``f_hat (b, h, n)`` to the teacher's rows."""
+        log_attn = asap_log_attention(self.scores, f_hat, eps=eps, supp=self.supp)
         return row_kl(self.teacher_log_attn, log_attn, rows=self.supp.rows)
 
     def semi_dual(self, coef: Tensor, *, eps: float) -> Tensor:

@@ -331,7 +331,7 @@ def fit_learned_directions(calib: LayerCalibration, coef: Tensor, options: Compi
         chunks, calib.features, num_slices=calib.num_slices, scale=calib.scale, n_iters=calib.n_iters, eps=calib.eps
     )
     train, held = prepare(calib.fit_reservoir.chunks), prepare(calib.held_out_reservoir.chunks)
-    start = calib.dual_map.directions.detach().to(train[0].scores.device if train else "cpu")
+    start = calib.dual_map.directions.detach().to(train[0].base.scores.device if train else "cpu")
     directions, coef, info = fit_directions(start, coef.float(), train, held, scale=calib.scale, eps=calib.eps,
                                             steps=options.map_steps, lr=options.map_lr)  # fmt: skip
     with torch.no_grad():
