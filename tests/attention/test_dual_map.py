@@ -10,7 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asap.attention.dual_map import DUAL_MAPS, ExtendedSliceDualMap, SliceDualMap, build_dual_map
+from asap.attention.dual_map import (
+    DUAL_MAPS,
+    PER_HEAD_PROJECTION_MAX_N,
+    ExtendedSliceDualMap,
+    SliceDualMap,
+    build_dual_map,
+)
 from asap.transport.masks import key_padding_to_attn_mask
 from tests.attention.test_layouts import LAYOUTS, relayout
 
@@ -119,3 +125,30 @@ def test_fused_forward_long_fp32_rows_match_the_fp64_reference(padded):
     expected = _reference(m, q, k, scale=0.4, attn_mask=None if valid is None else key_padding_to_attn_mask(valid))
     got = m.float()(q.float(), k.float(), scale=0.4, padding_mask=valid)
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [9, PER_HEAD_PROJECTION_MAX_N + 1])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_forward_through_torch_sort(monkeypatch, n, padded):
+    """The sort CUDA and torch.compile take: ``torch.sort`` keeps the projections' permuted strides.
+
+    A lent H200 failed here (``perm.view`` of a non-contiguous permutation) while the NumPy
+    sort, which returns contiguous arrays, hid it on CPU.
+    """
+    import asap.transport.sliced as sliced
+
+    monkeypatch.setattr(sliced, "argsort_last", lambda x: torch.sort(x, dim=-1).indices)
+    monkeypatch.setattr(sliced, "sort_values_last", lambda x: torch.sort(x, dim=-1).values)
+    m = _map(("qk_mean", "q_norm"))
+    q, k = torch.randn(2, 3, n, 5, dtype=torch.float64), torch.randn(2, 3, n, 5, dtype=torch.float64)
+    perm, _ = sliced.argsort_and_sort_last(*_projections(m, q, k))
+    assert perm.is_contiguous() == (n > PER_HEAD_PROJECTION_MAX_N)  # short rows: the strided case that broke
+    valid = torch.arange(n)[None] < torch.tensor([n, n // 2])[:, None] if padded else None
+    expected = _reference(m, q, k, scale=0.3, attn_mask=None if valid is None else key_padding_to_attn_mask(valid))
+    torch.testing.assert_close(m(q, k, scale=0.3, padding_mask=valid), expected, rtol=1e-11, atol=1e-11)
+
+
+def _projections(m, q, k):
+    from asap.attention.dual_map import _project_pair
+
+    return _project_pair(m.directions.to(q.dtype), q, k)

@@ -387,7 +387,8 @@ class SliceDualMap(DualMap):
         else:
             f_sorted = q.new_zeros(b, h, L, n)
             torch.cumsum(step, dim=-1, out=f_sorted[..., 1:])
-        f_hat = f_hat.scatter_add_(-1, perm.view(b, h, -1), f_sorted.view(b, h, -1))
+        # reshape, not view: torch.sort (CUDA, torch.compile) keeps the projections' permuted strides in perm.
+        f_hat = f_hat.scatter_add_(-1, perm.reshape(b, h, -1), f_sorted.view(b, h, -1))
         return _center(f_hat, None if valid is None else valid.unsqueeze(1).expand(b, h, n), center)
 
     def _extras(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None) -> Tensor:
