@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure of the speed issue in one go, on a machine with a CUDA GPU and triton (99 s on
-# one H200, 2026-12-04): the Triton ASAP kernels against SDPA, the PyTorch ASAP path and the Sinkhorn teacher (fp16 and
+# Every GPU figure of the speed issue in one go, on a machine with a CUDA GPU and triton (about 3 min on
+# one H200): the Triton ASAP kernels against SDPA, the PyTorch ASAP path and the Sinkhorn teacher (fp16 and
 # bf16, n = 512 ... 8192, unpadded and padded, parity-gated), then the operator benchmark on CUDA (fp16; ESP
 # is left out: its fp16 gradients fail the benchmark's own fp64 check, grad_k error 0.68 > 0.05 on CPU).
 # Usage: bash scripts/bench_gpu.sh [OUT_DIR]   (default results/bench; PYTHON picks the interpreter)
@@ -18,7 +18,12 @@ timeout 360 $PY scripts/bench_triton_gpu.py --out "$OUT_DIR/triton_gpu.json" --d
     --lengths 512,1024,2048,4096,8192 --batch 4 --heads 8 --head-dim 64 --sinkhorn-iters 3,5,11,21 \
     --budget-s 1.0 --repeats 10 --seed 0 || status=1
 timeout 180 $PY -m asap.bench.operators --device cuda --dtype float16 --batch 8 --heads 8 --head-dim 64 \
-    --lengths 256,512,1024,2048,4096 --iters 3,5,11,21 --teacher-iters 21 --slices 16 --eps 1.0 \
+    --lengths 16,32,64,128,256,512,1024,2048,4096 --iters 3,5,11,21 --teacher-iters 21 --slices 16 --eps 1.0 \
     --methods softmax,sinkhorn,asap --backward-max-length 1024 --warmup 2 \
     --repeats 10 --min-repeats 3 --budget-s 0.5 --seed 0 --out "$OUT_DIR/operators_cuda.json" || status=1
+# the same grid with a quarter of the tokens padded (the (b, n) padding mask text models pass), forward only
+timeout 120 $PY -m asap.bench.operators --device cuda --dtype float16 --batch 8 --heads 8 --head-dim 64 \
+    --lengths 16,64,256,1024,4096,8192 --iters 3,11,21 --teacher-iters 21 --slices 16 --eps 1.0 --padding 0.25 \
+    --methods softmax,sinkhorn,asap --no-backward --warmup 2 \
+    --repeats 10 --min-repeats 3 --budget-s 0.5 --seed 0 --out "$OUT_DIR/operators_cuda_padded.json" || status=1
 exit $status
