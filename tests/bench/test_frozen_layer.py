@@ -51,7 +51,7 @@ def test_each_layer_is_compiled_alone_scored_and_timed(teacher_run, result):
         assert set(whole["models"]) == {"teacher", "asap", "sinkhorn_k3"} and whole["reference"] == "teacher"
         assert whole["models"]["teacher"]["model_speedup"] == pytest.approx(1.0)
         assert all(m["model_ms"] > 0 for m in whole["models"].values()) and whole["batches"] == 1
-    assert doc["truncated_iters"] == [3, 5]
+    assert doc["truncated_iters"] == [3, 5] and doc["device"] == "cpu"
 
 
 def test_captured_inputs_are_what_the_layer_sees(teacher_run):
@@ -68,6 +68,12 @@ def test_captured_inputs_are_what_the_layer_sees(teacher_run):
 def test_bad_layer_is_a_clear_error(teacher_run, capsys):
     assert frozen_layer.main([str(teacher_run / "teacher"), "--layers", "5", "--out", str(teacher_run / "x.json")]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_bad_device_is_a_clear_error(teacher_run, capsys):
+    out = teacher_run / "y.json"
+    assert frozen_layer.main([str(teacher_run / "teacher"), "--device", "tpu", "--out", str(out)]) == 2
+    assert "--device" in capsys.readouterr().err and not out.exists()
 
 
 def test_the_report_shows_the_ratios_and_the_goal(result):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from asap.attention.operators import AsapOperator, SinkhornOperator
-from asap.bench.model_timing import time_models, time_operator_scaling
+from asap.bench.compare import attention_operators
+from asap.bench.model_timing import OperatorTimer, time_models, time_operator_scaling
 from asap.compile import compile_model, truncate_sinkhorn
 from tests.compile.conftest import batches, teacher  # noqa: F401 (the fixtures)
 
@@ -22,6 +23,17 @@ def test_time_models_reports_medians_paired_ratios_and_the_machine_state(teacher
     assert speed["models"]["teacher"]["model_speedup"] == 1.0  # the reference against itself, round by round
     with pytest.raises(ValueError, match="reference"):
         time_models(models, batches[:1], rounds=1, reference="nope")
+
+
+def test_a_gpu_timer_waits_for_the_device_around_each_operator(teacher, batches):
+    """CUDA calls return before their kernels end: the GPU timer synchronises before each clock reading."""
+    waits = []
+    timer = OperatorTimer(teacher, sync=lambda: waits.append(timer.total))
+    try:
+        teacher.eval()(batches[0]["input_ids"], padding_mask=batches[0]["padding_mask"])
+    finally:
+        timer.remove()
+    assert len(waits) == 2 * len(attention_operators(teacher)) and timer.total > 0
 
 
 def test_time_operator_scaling_rows():

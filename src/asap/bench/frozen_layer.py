@@ -23,7 +23,8 @@ This is the paper's main benchmark. For each chosen Sinkhorn layer, in turn:
   ``--model-rounds`` rounds): what the one compiled layer saves end to end.
 
 Before timing, the captured ASAP output is checked against the fp64 reference
-of the same operator (a wrong fast path is not timed). Writes
+of the same operator (a wrong fast path is not timed). ``--device cuda`` runs
+everything on the GPU (timings synchronise the device around each call). Writes
 ``results/frozen_layer/<run name>.json`` unless ``--out`` is given.
 """
 
@@ -134,10 +135,12 @@ def run_frozen_layer(args: argparse.Namespace, command: str, *, log=_log) -> dic
     from asap.compile.swap import sinkhorn_layers, truncate_sinkhorn
     from asap.runs import calibration_batches, load_data, load_teacher, predict
     from asap.train.data import batch_inputs
+    from asap.train.distributed import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    teacher = load_teacher(args.run_dir)
+    device = resolve_device(args.device)
+    teacher = load_teacher(args.run_dir, device=device)
     layers = sinkhorn_layers(teacher.model)
     chosen = list(range(len(layers))) if args.layers is None else args.layers
     bad = [i for i in chosen if not 0 <= i < len(layers)]
@@ -151,7 +154,7 @@ def run_frozen_layer(args: argparse.Namespace, command: str, *, log=_log) -> dic
     agreement = lambda pred: float((pred == teacher_pred).double().mean())  # noqa: E731
     dataset, collate = data
     timing_examples = collate([dataset[i] for i in range(min(args.timing_batch, len(dataset)))])
-    inputs = batch_inputs(timing_examples, teacher.model.input_names, torch.device("cpu"))
+    inputs = batch_inputs(timing_examples, teacher.model.input_names, device)
     log(f"teacher accuracy {100 * accuracy(teacher_pred):.2f} % on {len(labels)} {args.eval_split} examples")
 
     results = []
@@ -213,7 +216,7 @@ def run_frozen_layer(args: argparse.Namespace, command: str, *, log=_log) -> dic
         "calibration_examples": args.calibration, "timing_batch": len(timing_examples["labels"]),
         "reference_iters": args.teacher_iters, "truncated_iters": list(args.truncated_iters),
         "model_rounds": args.model_rounds,
-        "layers": results, "machine": machine_info("cpu"), "command": command,
+        "layers": results, "device": str(device), "machine": machine_info(device), "command": command,
     }  # fmt: skip
 
 
@@ -239,6 +242,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="interleaved rounds of the whole-model timing (default 10)")
     parser.add_argument("--tolerance", type=positive_float, default=1e-4, help="largest ASAP error vs fp64 accepted (default 1e-4)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:<index>: where the model runs, is compiled and is timed (default cpu)")
     parser.add_argument("--data-dir", default=None, help="data directory (default: the run's, then $ASAP_DATA_DIR)")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write (default results/frozen_layer/RUN.json)")
 

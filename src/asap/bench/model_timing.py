@@ -7,7 +7,8 @@ to round), so neighbouring calls of different models see the same load, and
 the reported speed-up is the median of the per-round ratios (a paired
 statistic) with its interquartile range. Two times per forward: the whole
 model, and the attention operators alone (the time between a forward pre-hook
-and a forward hook on each operator, summed over layers). The thread count
+and a forward hook on each operator, summed over layers). On a GPU the device
+is synchronised around each forward and each operator call. The thread count
 and the load average before and after are recorded with the figures.
 """
 
@@ -28,25 +29,47 @@ from asap.env import load_average
 
 
 class OperatorTimer:
-    """Accumulates the wall time spent inside the attention operators of a model (hooks; ``remove()`` them)."""
+    """Accumulates the wall time spent inside the attention operators of a model (hooks; ``remove()`` them).
 
-    def __init__(self, model: nn.Module):
+    ``sync`` (``torch.cuda.synchronize`` for a model on a GPU) runs before each clock
+    reading: CUDA calls return before their kernels finish, so without it the time
+    would be the launches'. Each synchronisation costs a few microseconds per layer,
+    paid by every model timed this way.
+    """
+
+    def __init__(self, model: nn.Module, *, sync: Callable[[], None] | None = None):
         self.total = 0.0
         self._start = 0.0
+        self._sync = sync
         self._handles = []
         for op in attention_operators(model):
             self._handles.append(op.register_forward_pre_hook(self._enter))
             self._handles.append(op.register_forward_hook(self._exit))
 
     def _enter(self, module, args):
+        if self._sync is not None:
+            self._sync()
         self._start = time.perf_counter()
 
     def _exit(self, module, args, output):
+        if self._sync is not None:
+            self._sync()
         self.total += time.perf_counter() - self._start
 
     def remove(self):
         for handle in self._handles:
             handle.remove()
+
+
+def _device_sync(device: torch.device) -> Callable[[], None] | None:
+    """What waits for ``device``'s queued work before a clock reading: ``None`` on the CPU (calls are synchronous)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
+def _no_sync() -> None:
+    pass
 
 
 def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -79,12 +102,13 @@ def time_models(
     reference = names[0] if reference is None else reference
     if reference not in models:
         raise ValueError(f"time_models: reference {reference!r} is not one of {names}")
-    timers = {name: OperatorTimer(model) for name, model in models.items()}
-    inputs = {}
+    inputs, syncs = {}, {}
     for name, model in models.items():
         model.eval()
         device = next(model.parameters()).device
         inputs[name] = [model_inputs(model, batch, device) for batch in batches]
+        syncs[name] = _device_sync(device)
+    timers = {name: OperatorTimer(model, sync=syncs[name]) for name, model in models.items()}
     per_round = {name: {"model": [], "attention": []} for name in names}
     load_before = load_average()
     try:
@@ -99,8 +123,11 @@ def time_models(
                     timer = timers[name]
                     timer.total = 0.0
                     args, kwargs = inputs[name][b]
+                    sync = syncs[name] or _no_sync
+                    sync()
                     start = time.perf_counter()
                     models[name](*args, **kwargs)
+                    sync()
                     totals[name][0] += time.perf_counter() - start
                     totals[name][1] += timer.total
             if index >= warmup:
