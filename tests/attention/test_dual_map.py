@@ -20,7 +20,7 @@ from asap.attention.dual_map import (
 from asap.transport.masks import key_padding_to_attn_mask
 from tests.attention.test_layouts import LAYOUTS, relayout
 
-EXTRAS = ((), ("qk_mean",), ("qk_mean", "q_norm"))
+EXTRAS = ((), ("qk_mean",), ("qk_mean", "q_norm"), ("lse_landmarks",), ("qk_mean", "q_norm", "lse_landmarks"))
 
 
 def _map(extras, *, heads=3, d=5, slices=7, dtype=torch.float64):
@@ -152,3 +152,24 @@ def _projections(m, q, k):
     from asap.attention.dual_map import _project_pair
 
     return _project_pair(m.directions.to(q.dtype), q, k)
+
+
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_landmark_lse_takes_evenly_spaced_valid_keys(left_padded):
+    """``lse_landmarks``: ranks round(t (len - 1) / (M - 1)) among the valid keys, wherever the mask puts them."""
+    import math
+
+    from asap.attention.dual_map import NUM_LANDMARKS, _landmark_lse
+
+    q, k = torch.randn(3, 2, 20, 4, dtype=torch.float64), torch.randn(3, 2, 20, 4, dtype=torch.float64)
+    lengths = [20, 9, 2]
+    valid = torch.arange(20)[None] < torch.tensor(lengths)[:, None]
+    if left_padded:
+        valid = valid.flip(-1)
+    got = _landmark_lse(q, k, scale=0.7, cols=valid[:, None, :])
+    for b, n_valid in enumerate(lengths):
+        keys = valid[b].nonzero().squeeze(-1)[[round(t * (n_valid - 1) / (NUM_LANDMARKS - 1)) for t in range(NUM_LANDMARKS)]]
+        expected = torch.logsumexp(0.7 * q[b] @ k[b][:, keys].transpose(-1, -2), dim=-1) - math.log(NUM_LANDMARKS)
+        torch.testing.assert_close(got[b], expected, rtol=1e-12, atol=1e-12)
+    whole = _landmark_lse(q, k, scale=0.7, cols=None)  # no mask: landmarks over all 20 keys
+    torch.testing.assert_close(whole, _landmark_lse(q, k, scale=0.7, cols=torch.ones(3, 1, 20, dtype=torch.bool)))

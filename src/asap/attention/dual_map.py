@@ -13,7 +13,12 @@ The extras cost ``O(n d)`` (no ``n x m`` work, no extra sort):
   first-order term of the row log-sum-exp that the query dual undoes
   (``-eps LSE_j((S_ij + g_j)/eps) ~ -mean_j S_ij - ...``);
 * ``"q_norm"``: ``scale^2 |q_i|^2``: the isotropic part of the second-order
-  (variance) term ``scale^2 q_i^T Cov(k) q_i / (2 eps)``.
+  (variance) term ``scale^2 q_i^T Cov(k) q_i / (2 eps)``;
+* ``"lse_landmarks"``: ``log mean_t exp(scale <q_i, k_{j_t}>)`` over
+  :data:`NUM_LANDMARKS` landmark keys evenly spaced over the valid keys, the
+  first and the last included (``[CLS]`` and ``[SEP]`` in a BERT-style encoder,
+  where attention sinks sit): a cheap sample of the row normaliser that the
+  two moment features above only expand to second order. ``O(n M d)``, no sort.
 
 A slice potential carries the linear term only through
 ``<theta, q_i> <theta, kbar>``, so L random directions represent it only if
@@ -60,6 +65,7 @@ point), ``forward(q, k, ...)``, the buffers ``directions``, ``seed`` and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -72,7 +78,9 @@ from asap.transport.sliced import argsort_and_sort_last, project, query_potentia
 
 SliceType = Literal["random", "axis"]
 SLICE_TYPES: tuple[str, ...] = ("random", "axis")
-EXTRA_FEATURES: tuple[str, ...] = ("qk_mean", "q_norm")
+EXTRA_FEATURES: tuple[str, ...] = ("qk_mean", "q_norm", "lse_landmarks")
+#: Landmark keys of the ``"lse_landmarks"`` extra feature.
+NUM_LANDMARKS = 8
 #: The default of ``asap compile``: both, chosen by the ablations in ``results/compile/*/ablation_features``.
 DEFAULT_EXTRA_FEATURES: tuple[str, ...] = ("qk_mean", "q_norm")
 
@@ -139,6 +147,27 @@ def _valid_key_mean(k: Tensor, cols: Tensor | None) -> Tensor:
     return (k * w).sum(dim=-2) / w.sum(dim=-2).clamp(min=1)
 
 
+def _landmark_lse(q: Tensor, k: Tensor, *, scale: float, cols: Tensor | None) -> Tensor:
+    """``log mean_t exp(scale <q_i, k_{j_t}>)`` over :data:`NUM_LANDMARKS` evenly spaced valid keys: ``(b, h, n)``.
+
+    The landmarks of a row are its valid keys of rank ``round(t (len - 1) / (M - 1))``
+    among the valid ones (file order), first and last included, wherever the mask
+    puts them (a row with no valid key uses the last key; its queries are masked
+    anyway). Reduced in the work dtype (fp32, or fp64), no host sync.
+    """
+    b, h, m, d = k.shape
+    steps = torch.linspace(0, 1, NUM_LANDMARKS, dtype=torch.float64, device=k.device)
+    if cols is None:
+        index = (steps * (m - 1)).round().long().view(1, 1, -1).expand(b, h, -1)
+    else:
+        seen = cols.expand(b, h, m).to(torch.int64).cumsum(-1)  # valid keys up to and including j
+        ranks = (steps * (seen[..., -1:] - 1).clamp(min=0)).round().long()  # (b, h, M)
+        index = torch.searchsorted(seen, ranks + 1).clamp_(max=m - 1)  # first key with that many valid ones
+    keys = torch.gather(k, -2, index.unsqueeze(-1).expand(b, h, NUM_LANDMARKS, d))  # (b, h, M, d)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale)  # (b, h, n, M)
+    return torch.logsumexp(scores, dim=-1) - math.log(NUM_LANDMARKS)
+
+
 def extra_query_features(q: Tensor, k: Tensor, *, names: tuple[str, ...], scale: float, attn_mask: Tensor | None) -> Tensor:
     """Per-token features ``(b, h, E, n)`` (fp32, or fp64 for fp64 inputs), centred over valid queries, 0 at padding."""
     rows, cols = valid_rows_cols(attn_mask, q.shape[-2], k.shape[-2])
@@ -155,6 +184,7 @@ def _extra_query_features(q: Tensor, k: Tensor, *, names: tuple[str, ...], scale
     computed = {
         "qk_mean": lambda: scale * torch.einsum("bhnd,bhd->bhn", q, k_mean),
         "q_norm": lambda: scale**2 * (q * q).sum(-1),
+        "lse_landmarks": lambda: _landmark_lse(q, k, scale=scale, cols=cols),
     }
     feats = torch.stack([computed[name]() for name in names], dim=2)  # (b, h, E, n)
     valid = None if rows is None else rows.expand(*q.shape[:-1]).unsqueeze(2)
@@ -394,7 +424,8 @@ class SliceDualMap(DualMap):
     def _extras(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None) -> Tensor:
         """``sum_e beta_e x_e(i)``, uncentred, ``(b, h, n)`` (a fresh tensor: the slices are added into it).
 
-        Both extras are one dot product per token: ``<q_i, beta_1 scale kbar + beta_2 scale^2 q_i>``.
+        The two moment extras are one dot product per token: ``<q_i, beta_1 scale kbar + beta_2 scale^2 q_i>``;
+        the landmark log-sum-exp is added to it.
         """
         b, h, n, d = q.shape
         if not self.extra_features:
@@ -408,7 +439,11 @@ class SliceDualMap(DualMap):
         if "q_norm" in self.extra_features:
             c2 = (scale**2 * beta[:, self.extra_features.index("q_norm")])[None, :, None, None]
             partner = q * c2 if partner is None else torch.addcmul(partner, q, c2)
-        return torch.linalg.vecdot(q, partner.expand_as(q))
+        out = q.new_zeros(b, h, n) if partner is None else torch.linalg.vecdot(q, partner.expand_as(q))
+        if "lse_landmarks" in self.extra_features:
+            lse = _landmark_lse(q, k, scale=scale, cols=None if valid is None else valid[:, None, :])
+            out = out.add_(lse.mul_(beta[:, self.extra_features.index("lse_landmarks")][None, :, None]))
+        return out
 
 
 #: Longest rows projected with one product per head (scripts/bench_asap_paths.py: faster up to n = 64,
