@@ -64,6 +64,20 @@ def _pretrained_name(doc: Doc) -> str | None:
     return parts[-1] if parts else spec
 
 
+def _budget_label(doc: Doc) -> str:
+    """``"5,000 examples x 1 epoch, cpu"``: a fine-tuning run's data limit, epochs and device, from its ``config.json``."""
+    try:
+        config = sibling_json(doc, "config.json")
+        train, env = config.get("train", {}), config.get("environment", {})
+    except AttributeError:
+        return "budget unknown"
+    limit = f"{train['limit']:,} examples" if isinstance(train.get("limit"), int) else "all examples"
+    epochs = train.get("epochs", "?")
+    gpu = env.get("gpu") if isinstance(env.get("gpu"), dict) else None
+    where = gpu.get("name", "gpu") if gpu and str(env.get("device", "")).startswith("cuda") else "cpu"
+    return f"{limit} x {epochs} epoch{'' if epochs == 1 else 's'}, {where}"
+
+
 def _our_accuracies(all_docs: dict[str, list[Doc]]) -> dict[str, dict[str, Any]]:
     """Data set key -> {"name": data set, method: test accuracy} from the trained models, else the compile results."""
     found: dict[str, dict[str, Any]] = {}
@@ -81,9 +95,10 @@ def _our_accuracies(all_docs: dict[str, list[Doc]]) -> dict[str, dict[str, Any]]
             model = _pretrained_name(doc)
             if model is None:
                 found.setdefault(_dataset_key(name), {"name": name}).setdefault(method, acc)
-            else:  # a fine-tuned pretrained encoder: its own row, beside the paper's row of the data set
-                entry = found.setdefault(f"{_dataset_key(name)}{PRETRAINED_SUFFIX}{model}",
-                                         {"name": f"{name}, fine-tuned from {model}", "test_examples": {}})
+            else:  # a fine-tuned pretrained encoder: a row per training budget, beside the paper's row of the data set
+                budget = _budget_label(doc)
+                entry = found.setdefault(f"{_dataset_key(name)}{PRETRAINED_SUFFIX}{model}{PRETRAINED_SUFFIX}{budget}",
+                                         {"name": f"{name}, fine-tuned from {model} ({budget})", "test_examples": {}})
                 entry.setdefault(method, acc)
                 entry["test_examples"].setdefault(method, doc.data.get("num_samples"))
     for doc in all_docs.get("compile", []):
