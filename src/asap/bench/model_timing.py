@@ -61,15 +61,11 @@ class OperatorTimer:
             handle.remove()
 
 
-def _device_sync(device: torch.device) -> Callable[[], None] | None:
-    """What waits for ``device``'s queued work before a clock reading: ``None`` on the CPU (calls are synchronous)."""
+def _device_sync(device: torch.device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work before a clock reading (a no-op on the CPU, whose calls are synchronous)."""
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
-    return None
-
-
-def _no_sync() -> None:
-    pass
+    return lambda: None
 
 
 def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -123,11 +119,10 @@ def time_models(
                     timer = timers[name]
                     timer.total = 0.0
                     args, kwargs = inputs[name][b]
-                    sync = syncs[name] or _no_sync
-                    sync()
+                    syncs[name]()
                     start = time.perf_counter()
                     models[name](*args, **kwargs)
-                    sync()
+                    syncs[name]()
                     totals[name][0] += time.perf_counter() - start
                     totals[name][1] += timer.total
             if index >= warmup:

@@ -115,6 +115,8 @@ def render_readme(rows: list[dict[str, Any]]) -> str:
         "official test split (the number of examples is given); validation is a held-out part of train.",
         "Speeds and wall times are as measured, on CPU cores shared with other jobs running at the same",
         "time: they vary from run to run by a factor of two or more, so compare them only loosely.",
+        "A run whose hardware is a GPU was trained there (`scripts/train_minilm_gpu.sh`); its test",
+        "accuracy is the GPU's, and an `eval_test_cpu*.json` beside it re-scores the weights as kept here.",
         "",
         "| run | data set | method | K | eps | size | params | epochs | val acc | test acc (n) | train samples/s | wall time | hardware |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
