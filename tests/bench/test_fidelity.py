@@ -138,10 +138,11 @@ def test_cli_maps_option_and_schema(teacher_run):
     out = teacher_run / "fid" / "maps.json"
     argv = [str(teacher_run / "teacher"), "--calibration", "32", "--held-out", "16", "--batch-size", "16",
             "--extra-steps", "0", "--truncated", "3,5", "--budget", "0.02", "--maps", "linear,mlp", "--map-steps", "20",
-            "--layers", "0", "--out", str(out)]  # fmt: skip
+            "--layers", "0", "--extra-features", "qk_mean,lse_landmarks", "--out", str(out)]  # fmt: skip
     assert fidelity.main(argv) == 0
     doc = json.loads(out.read_text())
     assert doc["schema"] == "asap.bench.fidelity/2" and doc["config"]["maps"] == ["linear", "mlp"]
+    assert doc["config"]["extra_features"] == ["qk_mean", "lse_landmarks"]
     (layer,) = doc["layers"]
     assert [m["map"] for m in layer["maps"]] == ["linear", "mlp"]
     assert {p["method"] for p in layer["points"]} == {"sinkhorn_k3", "sinkhorn_k5", "asap_l16_j0", "asap_mlp_l16_j0"}

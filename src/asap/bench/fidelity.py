@@ -54,6 +54,7 @@ from asap.attention.functional import asap_attention, sinkhorn_attention, softma
 from asap.attention.operators import AttentionOperator, SinkhornOperator, call_mask
 from asap.bench.measure import benchmark
 from asap.compile.direct import MAP_LR, MAP_STEPS, fit_map
+from asap.compile.swap import extra_feature_list
 from asap.env import load_average, machine_info
 from asap.io import atomic_write_json, command_line, method_key, record_command
 
@@ -73,7 +74,9 @@ class FidelityConfig:
     """What is fitted, compared and timed (stored verbatim in the JSON)."""
 
     slices: tuple[int, ...] = field(default=(16,), metadata=cli("slice counts L to fit", type=int_list()))
-    extra_features: tuple[str, ...] = DEFAULT_EXTRA_FEATURES
+    extra_features: tuple[str, ...] = field(default=DEFAULT_EXTRA_FEATURES, metadata=cli(
+        "extra dual-map features, comma-separated, or none (as asap compile)", type=extra_feature_list,
+        default_text=",".join(DEFAULT_EXTRA_FEATURES)))
     extra_steps: tuple[int, ...] = field(default=(0, 1, 2, 4), metadata=cli(
         "ASAP warm-start steps j", type=int_list(nonnegative_int), default_text="0,1,2,4"))
     truncated: tuple[int, ...] = field(default=(1, 3, 5, 7), metadata=cli(
@@ -444,7 +447,8 @@ def run_fidelity(args: argparse.Namespace, command: str, *, log: Callable[[str],
 
 
 #: FidelityConfig fields on the command line (each option generated from its field, with its default).
-CONFIG_FIELDS = ("slices", "maps", "map_steps", "map_lr", "extra_steps", "truncated", "ridge", "seed", "budget_s")
+CONFIG_FIELDS = ("slices", "extra_features", "maps", "map_steps", "map_lr", "extra_steps", "truncated", "ridge", "seed",
+                 "budget_s")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

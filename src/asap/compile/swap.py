@@ -80,7 +80,7 @@ MODES = ("teacher", "sequential")
 REFINE = ("none", "kl", "dual", "directions")
 
 
-def _feature_names(text: str) -> tuple[str, ...]:
+def extra_feature_list(text: str) -> tuple[str, ...]:
     """``--extra-features``: comma-separated names among :data:`EXTRA_FEATURES`, or ``none``."""
     return () if text == "none" else name_list(EXTRA_FEATURES)(text)
 #: The map kinds and warm-start steps ``target_tv`` tries (every combination, cheapest first).
@@ -166,7 +166,7 @@ class CompileOptions:
     slice_type: str = field(default="random", metadata=cli("slice directions", choices=SLICE_TYPES))
     extra_features: tuple[str, ...] = field(default=DEFAULT_EXTRA_FEATURES, metadata=cli(
         "O(n d) per-token features added to the slice potentials (comma-separated), or 'none'",
-        type=_feature_names, default_text=",".join(DEFAULT_EXTRA_FEATURES)))
+        type=extra_feature_list, default_text=",".join(DEFAULT_EXTRA_FEATURES)))
     seed: int = field(default=0, metadata=cli(
         "seed of the random directions (layer l uses seed + l) and of the calibration sample", type=nonnegative_int))
     ridge: float = field(default=1e-3, metadata=cli("ridge, relative to the Gram trace", type=finite_float))
