@@ -164,8 +164,9 @@ def run_experiments(args: argparse.Namespace, command: str) -> None:
     teacher = load_teacher(args.run_dir)
     num_layers = len(sinkhorn_layers(teacher.model))
     largest = max([args.calibration, *(args.calibration_grid if "calibration" in args.experiments else [])])
-    batches = calibration_batches(teacher, num_samples=largest, batch_size=args.batch_size, seed=args.seed)
-    eval_data = load_data(teacher, split=args.eval_split, limit=args.eval_limit)
+    batches = calibration_batches(teacher, num_samples=largest, batch_size=args.batch_size, seed=args.seed,
+                                  data_dir=args.data_dir)  # fmt: skip
+    eval_data = load_data(teacher, split=args.eval_split, limit=args.eval_limit, data_dir=args.data_dir)
     # the fit options every experiment starts from (the grids vary one of them; layers are set per experiment)
     base = {name: value for name, value in compile_options(args).items() if name in BASE_OPTIONS}
     bench = Bench(teacher, batches=batches, eval_data=eval_data, eval_batch_size=args.eval_batch_size, base=base)
@@ -297,6 +298,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         help="L of the slices experiment (default: 4,8,16,32,64)")
     parser.add_argument("--frozen-layers", type=int_list(nonnegative_int), default=None, help="layers for the frozen experiment (default all)")
     parser.add_argument("--eval-split", default="test", help="split for accuracy (default: test)")
+    parser.add_argument("--data-dir", default=None, help="data directory (default: the run's, then $ASAP_DATA_DIR)")
     parser.add_argument("--eval-limit", type=positive_int, default=None,
                         help="evaluate on at most this many examples (class-stratified; default: all)")
     parser.add_argument("--eval-batch-size", type=positive_int, default=128, help="default: 128")
