@@ -71,13 +71,24 @@ def test_experiment_driver_writes_results_and_commands(tiny_run, tmp_path):
 
     out = tmp_path / "results"
     argv = [str(tiny_run), "--out", str(out), "--calibration", "48", "--batch-size", "16", "--eval-limit", "40",
-            "--experiments", "frozen,downstream,slices", "--slice-grid", "2,3", "--frozen-layers", "1", "--threads", "1"]
+            "--experiments", "frozen,downstream,slices", "--slice-grid", "2,3", "--frozen-layers", "1", "--threads", "1",
+            "--model-rounds", "2", "--timing-batch", "4"]  # fmt: skip
     assert experiments(argv) == 0
     frozen = json.loads((out / "frozen_layer" / "result.json").read_text())
     assert [r["options"]["layers"] for r in frozen["results"]] == [[1]]
     downstream = json.loads((out / "downstream" / "result.json").read_text())
     assert downstream["options"]["layers"] is None and len(downstream["layers"]) == 2
     assert set(downstream["accuracy"]) == {"teacher", "sinkhorn_k3", "asap"}
+    # the whole model, every layer compiled or truncated, timed against the teacher in interleaved rounds
+    whole = downstream["whole_model"]
+    assert set(whole["models"]) == {"teacher", "asap", "sinkhorn_k3", "sinkhorn_k5"} and whole["rounds"] == 2
+    assert whole["models"]["teacher"]["model_speedup"] == 1.0 and all(m["model_ms"] > 0 for m in whole["models"].values())
+    import shutil
+
+    from asap.report import generate_report
+
+    shutil.copytree(out, tmp_path / "report" / "compile" / "tiny")  # the layout asap report reads
+    assert "whole model, every Sinkhorn layer replaced" in generate_report(tmp_path / "report").read_text()
     slices = json.loads((out / "ablation_slices" / "result.json").read_text())
     assert [r["value"] for r in slices["results"]] == [2, 3]
     assert [r["options"]["num_slices"] for r in slices["results"]] == [2, 3]

@@ -44,6 +44,7 @@ from torch import Tensor
 from asap.argtypes import int_list, name_list, nonnegative_int, positive_int
 from asap.bench.compile_report import layer_summary, plot_report
 from asap.bench.measure import time_operators_ms
+from asap.bench.model_timing import time_models
 from asap.compile.options import add_compile_options, compile_options
 from asap.compile.swap import compile_model, sinkhorn_layers, truncate_sinkhorn
 from asap.io import atomic_write_bytes, command_line, method_key, method_of, write_result
@@ -65,6 +66,7 @@ class Bench:
         self.eval_batch_size = eval_batch_size
         self._truncated: dict[tuple, Tensor] = {}
         self._runs: dict[str, dict[str, Any]] = {}
+        self._models: dict[str, torch.nn.Module] = {}  # the compiled model of each run (not in the JSON)
         self.teacher_pred, self.labels = self.predict(teacher.model)
         self.teacher_accuracy = self.accuracy(self.teacher_pred)
 
@@ -87,12 +89,31 @@ class Bench:
     def run(self, *, num_examples: int | None = None, **overrides: Any) -> dict[str, Any]:
         """Compile with the base options updated by ``overrides``; evaluate; return a JSON-ready record."""
         options = {**self.base, **overrides}
-        key = json.dumps([num_examples, options], sort_keys=True, default=list)
+        key = self._key(num_examples, options)
         if key not in self._runs:  # ablations share their base configuration: compile and evaluate it once
-            self._runs[key] = self._run(num_examples, options)
+            self._models[key], self._runs[key] = self._run(num_examples, options)
         return copy.deepcopy(self._runs[key])
 
-    def _run(self, num_examples: int | None, options: dict[str, Any]) -> dict[str, Any]:
+    def compiled(self, *, num_examples: int | None = None, **overrides: Any) -> torch.nn.Module:
+        """The compiled model of :meth:`run` with the same arguments (run first)."""
+        return self._models[self._key(num_examples, {**self.base, **overrides})]
+
+    @staticmethod
+    def _key(num_examples: int | None, options: dict[str, Any]) -> str:
+        return json.dumps([num_examples, options], sort_keys=True, default=list)
+
+    def whole_model_times(self, compiled: torch.nn.Module, *, truncated_iters: list[int], batch_size: int,
+                          rounds: int) -> dict[str, Any]:  # fmt: skip
+        """Interleaved forward times of the teacher, ``compiled`` and the teacher truncated to each K in every
+        Sinkhorn layer, on the first ``batch_size`` evaluation examples (:func:`time_models`)."""
+        dataset, collate = self.eval_data
+        batch = collate([dataset[i] for i in range(min(batch_size, len(dataset)))])
+        truncated = {method_key("sinkhorn", n_iters=k): truncate_sinkhorn(self.teacher.model, n_iters=k)
+                     for k in truncated_iters}  # fmt: skip
+        return time_models({"teacher": self.teacher.model, "asap": compiled, **truncated}, [batch], rounds=rounds,
+                           reference="teacher")  # fmt: skip
+
+    def _run(self, num_examples: int | None, options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
         batches = self.batches
         if num_examples is not None:  # a subset of the calibration batches, for the calibration-size ablation
             batches, total = [], 0
@@ -113,7 +134,7 @@ class Bench:
         report["calibration"]["examples"] = sum(len(b["labels"]) for b in batches)
         summary = layer_summary(report)
         mean = lambda key: sum(r[key] for r in summary if r[key] is not None) / len(summary)  # noqa: E731
-        return {
+        return compiled, {
             "options": report["options"],
             "calibration_examples": report["calibration"]["examples"],
             "accuracy": accuracy,
@@ -213,6 +234,13 @@ def run_experiments(args: argparse.Namespace, command: str) -> None:
         elif name == "downstream":
             record = bench.run(num_examples=base_n, layers=None)
             print(f"[downstream] all layers: {_brief(record)}", flush=True)
+            if args.model_rounds:  # what every layer compiled saves end to end, beside truncation in every layer
+                record["whole_model"] = bench.whole_model_times(
+                    bench.compiled(num_examples=base_n, layers=None), truncated_iters=args.truncated_model_iters,
+                    batch_size=args.timing_batch, rounds=args.model_rounds)
+                speed = {name: row["model_speedup"] for name, row in record["whole_model"]["models"].items()}
+                print("[downstream] whole model, speed-up over the teacher: "
+                      + ", ".join(f"{name} {value:.2f}x" for name, value in speed.items()), flush=True)
             result = {**context, "experiment": "downstream_replacement", **record}
             _write(out, "downstream", result, command, plot=record["report"])
         elif name == "slices":
@@ -303,6 +331,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         help="evaluate on at most this many examples (class-stratified; default: all)")
     parser.add_argument("--eval-batch-size", type=positive_int, default=128, help="default: 128")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads (default: 2)")
+    parser.add_argument("--model-rounds", type=nonnegative_int, default=0,
+                        help="downstream: interleaved rounds of whole-model timing (teacher, ASAP, truncated), "
+                             "0 = none (default: 0)")
+    parser.add_argument("--timing-batch", type=positive_int, default=16,
+                        help="downstream: evaluation examples in the timed batch (default: 16)")
+    parser.add_argument("--truncated-model-iters", type=int_list(), default=[3, 5],
+                        help="downstream: K of the truncated whole models timed (default: 3,5)")
     add_compile_options(parser)
     return parser
 

@@ -77,6 +77,20 @@ def plot_accuracy_vs_cost(docs: list[Doc], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def _whole_model_line(doc: Doc) -> str | None:
+    """The whole model's forward, every layer compiled (and truncated), against the teacher's: one bullet."""
+    timing = doc.data.get("whole_model")
+    if not timing:
+        return None
+    rows = timing["models"]
+    label = lambda name: "ASAP" if name == "asap" else f"Sinkhorn K={name.rsplit('_k', 1)[-1]}"  # noqa: E731
+    cells = ", ".join(f"{label(name)} {row['model_ms']:.1f} ms ({row['model_speedup']:.2f}x)"
+                      for name, row in rows.items() if name != "teacher")
+    return (f"- `{doc.rel}`: whole model, every Sinkhorn layer replaced (median of {timing['rounds']} interleaved "
+            f"rounds, {timing['threads']} torch thread(s), speed-up over the teacher's "
+            f"{rows['teacher']['model_ms']:.1f} ms in brackets): {cells}.")
+
+
 def render_compile(docs: list[Doc], results_dir: Path) -> Rendered:
     """Frozen-layer, downstream-replacement and ablation results of :mod:`asap.bench.compile_experiments`."""
     out = Rendered()
@@ -89,6 +103,8 @@ def render_compile(docs: list[Doc], results_dir: Path) -> Rendered:
         out.lines += table(["result", *COMPILE_HEADER], [[f"`{d.rel}`", *_compile_row(d.data)] for d in downstream])
         out.lines += [""] + [f"- `{d.rel}`: {_teacher_text(d)}. Command: `{recorded_command(d) or 'not recorded'}`"
                              for d in downstream] + [""]
+        out.lines += [line for d in downstream if (line := _whole_model_line(d))]
+        out.lines += [""] if any(d.data.get("whole_model") for d in downstream) else []
     if frozen:
         out.lines += ["### Frozen-layer benchmark: one layer compiled at a time", ""]
         rows = [[f"`{d.rel}`", i, *_compile_row(r)] for d in frozen for i, r in enumerate(d.data.get("results", []))]
