@@ -35,6 +35,11 @@ minilm_experiments() {  # the paper's experiments on a MiniLM Sinkhorn teacher: 
     --eval-limit 1000 --eval-batch-size 32 --quiet --out "${scratch}_asap"
   mkdir -p "results/teachers/$name/compiled_asap"
   cp "${scratch}_asap"/fidelity.{json,png} "results/teachers/$name/compiled_asap/"
+  # the same replacement through the experiment driver, with the whole model timed (every layer compiled, and
+  # truncated to K = 3 and 5 in every layer) against the teacher in 5 interleaved rounds (~25 min on one core)
+  HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python -m asap.compile.experiments "$run" --out "results/compile/$name" \
+    --experiments downstream --calibration 256 --batch-size 16 --eval-limit 1000 --eval-batch-size 32 --threads 1 \
+    --data-dir "$DATA" --model-rounds 5 --timing-batch 16
   # the frozen-layer benchmark (one layer compiled at a time; K = 3 and 5 beside ASAP; ~85 min on one core of a
   # busy 2-core machine, most of it the 3 x 6 evaluations of 500 reviews)
   HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $ASAP bench frozen-layer "$run" --calibration 256 \
