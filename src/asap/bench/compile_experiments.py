@@ -66,7 +66,7 @@ class Bench:
         self.eval_batch_size = eval_batch_size
         self._truncated: dict[tuple, Tensor] = {}
         self._runs: dict[str, dict[str, Any]] = {}
-        self._models: dict[str, torch.nn.Module] = {}  # the compiled model of each run (not in the JSON)
+        self._last_model: tuple[str, torch.nn.Module] | None = None  # the newest compiled model (not in the JSON)
         self.teacher_pred, self.labels = self.predict(teacher.model)
         self.teacher_accuracy = self.accuracy(self.teacher_pred)
 
@@ -91,12 +91,16 @@ class Bench:
         options = {**self.base, **overrides}
         key = self._key(num_examples, options)
         if key not in self._runs:  # ablations share their base configuration: compile and evaluate it once
-            self._models[key], self._runs[key] = self._run(num_examples, options)
+            model, self._runs[key] = self._run(num_examples, options)
+            self._last_model = (key, model)  # only the newest is kept: a grid of compiled models would fill memory
         return copy.deepcopy(self._runs[key])
 
     def compiled(self, *, num_examples: int | None = None, **overrides: Any) -> torch.nn.Module:
-        """The compiled model of :meth:`run` with the same arguments (run first)."""
-        return self._models[self._key(num_examples, {**self.base, **overrides})]
+        """The compiled model of the newest :meth:`run`, which must have had the same arguments."""
+        key = self._key(num_examples, {**self.base, **overrides})
+        if self._last_model is None or self._last_model[0] != key:
+            raise RuntimeError("Bench.compiled: call run() with the same arguments first")
+        return self._last_model[1]
 
     @staticmethod
     def _key(num_examples: int | None, options: dict[str, Any]) -> str:
