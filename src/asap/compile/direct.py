@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -44,11 +44,11 @@ def _as_mask(mask: Tensor | None) -> Tensor | None:
     raise ValueError(f"fit_dual_map: a mask is (b, n) token padding or a 4-D boolean mask, got shape {tuple(mask.shape)}")
 
 
-def accumulate(
-    dual_map: SliceDualMap, items: Iterable[tuple], *, n_iters: int, eps: float, scale: float | None = None
-) -> NormalEquations:
-    """The fp64 normal equations of ``dual_map``'s design matrix against the ``n_iters``-step closure target."""
-    normal = None
+def _closure_inputs(
+    dual_map: SliceDualMap, items: Iterable[tuple], *, n_iters: int, eps: float, scale: float | None
+) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """Per item ``(q, k)`` or ``(q, k, mask)``: the map's inputs ``x (b, h, F, n)``, the ``n_iters``-step closure
+    target ``(b, h, n)`` and the valid query rows (None: all), in fp64 (``dual_map`` must be fp64)."""
     for item in items:
         if len(item) not in (2, 3):
             raise ValueError(f"fit_dual_map: each item is (q, k) or (q, k, mask), got {len(item)} elements")
@@ -60,10 +60,18 @@ def accumulate(
         s = q.shape[-1] ** -0.5 if scale is None else scale
         scores, supp = scores_and_support(q, k, scale=s, attn_mask=mask)
         target = closure_target(scores, supp, n_iters=n_iters, eps=eps)
-        phi = dual_map.double().features(q, k, scale=s, attn_mask=mask)
+        yield dual_map.features(q, k, scale=s, attn_mask=mask), target, supp.rows
+
+
+def accumulate(
+    dual_map: SliceDualMap, items: Iterable[tuple], *, n_iters: int, eps: float, scale: float | None = None
+) -> NormalEquations:
+    """The fp64 normal equations of ``dual_map``'s design matrix against the ``n_iters``-step closure target."""
+    normal = None
+    for phi, target, rows in _closure_inputs(dual_map.double(), items, n_iters=n_iters, eps=eps, scale=scale):
         if normal is None:
             normal = NormalEquations.zeros(dual_map.num_heads, dual_map.num_features)
-        normal.add(phi, target, valid=supp.rows)
+        normal.add(phi, target, valid=rows)
     if normal is None:
         raise ValueError("fit_dual_map: no inputs to fit on")
     return normal
@@ -116,17 +124,8 @@ def _stores(features_map, items: Iterable[tuple], *, n_iters: int, eps: float, s
     and the ``n_iters``-step closure target, computed in fp64 (``features_map``: an fp64 map of the same
     slices), stored in ``dtype``.
     """
-    chunks = []
-    for item in items:
-        q, k = item[0].detach().double(), item[1].detach().double()
-        mask = _as_mask(item[2] if len(item) == 3 else None)
-        s = q.shape[-1] ** -0.5 if scale is None else scale
-        scores, supp = scores_and_support(q, k, scale=s, attn_mask=mask)
-        target = closure_target(scores, supp, n_iters=n_iters, eps=eps)
-        x = features_map.features(q, k, scale=s, attn_mask=mask)
-        rows = None if supp.rows is None else supp.rows.expand(q.shape[0], *supp.rows.shape[1:])
-        chunks.append((x.to(dtype), target.to(dtype), rows))
-    return chunks
+    return [(x.to(dtype), target.to(dtype), None if rows is None else rows.expand(x.shape[0], *rows.shape[1:]))
+            for x, target, rows in _closure_inputs(features_map, items, n_iters=n_iters, eps=eps, scale=scale)]
 
 
 def fit_map(
