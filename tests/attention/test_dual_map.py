@@ -173,3 +173,20 @@ def test_landmark_lse_takes_evenly_spaced_valid_keys(left_padded):
         torch.testing.assert_close(got[b], expected, rtol=1e-12, atol=1e-12)
     whole = _landmark_lse(q, k, scale=0.7, cols=None)  # no mask: landmarks over all 20 keys
     torch.testing.assert_close(whole, _landmark_lse(q, k, scale=0.7, cols=torch.ones(3, 1, 20, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_landmark_feature_any_layout_matches_the_fp64_reference(layout):
+    """fp32 fused forward with ``lse_landmarks`` on strided, sliced and expanded inputs, padded, against fp64.
+
+    Not bit-equal across layouts (the landmark scores are a matrix product whose summation order follows the
+    layout), so each layout is held to the fp64 design-matrix reference instead.
+    """
+    m = _map(("qk_mean", "q_norm", "lse_landmarks"))
+    q, k = torch.randn(2, 3, 8, 5, dtype=torch.float64), torch.randn(2, 3, 8, 5, dtype=torch.float64)
+    q2, k2 = relayout(q, layout), relayout(k, layout)
+    valid = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
+    expected = _reference(m, q2, k2, scale=0.4, attn_mask=key_padding_to_attn_mask(valid))
+    q32, k32 = relayout(q.float(), layout), relayout(k.float(), layout)  # the layout itself reaches the fp32 map
+    got = m.float()(q32, k32, scale=0.4, padding_mask=valid)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
