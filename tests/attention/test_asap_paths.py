@@ -193,11 +193,19 @@ def test_multihead_attention_passes_vectors_and_keeps_its_output():
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_auto_rule_reads_flags_only():
-    q, k, v = rand_qkv(b=1, h=1, n=8, d=4, dtype=torch.float32)
-    f = torch.zeros(1, 1, 8)
+def test_auto_rule_reads_flags_only(monkeypatch):
+    from asap.attention import native
+
+    n = native.CLOSURE_MAX_N + 1  # beyond the native kernels
+    q, k, v = rand_qkv(b=1, h=1, n=n, d=4, dtype=torch.float32)
+    f = torch.zeros(1, 1, n)
     assert choose_asap_backend(q, k, v, f, attn_mask=None, padding_mask=None) == "shared"
-    assert choose_asap_backend(q, k, v, f, attn_mask=None, padding_mask=torch.ones(1, 8, dtype=torch.bool)) == "flash"
+    assert choose_asap_backend(q, k, v, f, attn_mask=None, padding_mask=torch.ones(1, n, dtype=torch.bool)) == "flash"
+    short = [t[..., :8, :] for t in (q, k, v)]
+    expected = "native" if native.unavailable() is None else "shared"
+    assert choose_asap_backend(*short, f[..., :8], attn_mask=None, padding_mask=None) == expected
+    monkeypatch.setattr(native, "unavailable", lambda: "no compiler")  # the PyTorch paths stay when it cannot build
+    assert choose_asap_backend(*short, f[..., :8], attn_mask=None, padding_mask=None) == "shared"
     q.requires_grad_(True)
     assert choose_asap_backend(q, k, v, f, attn_mask=None, padding_mask=None) == "flash"
 

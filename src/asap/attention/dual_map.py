@@ -72,6 +72,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from asap.attention import native
 from asap.transport.masks import valid_rows_cols
 from asap.transport.sinkhorn import center as center_over
 from asap.transport.sliced import argsort_and_sort_last, project, query_potentials_1d
@@ -317,6 +318,9 @@ class SliceDualMap(DualMap):
     """
 
     kind = "linear"
+    #: Whether short rows on the CPU may take the native kernel (:mod:`asap.attention.native`); set False on a map
+    #: (or ``ASAP_NATIVE=0`` in the environment) to keep the PyTorch path, e.g. to compare the two.
+    use_native: bool = True
 
     def __init__(
         self,
@@ -389,7 +393,13 @@ class SliceDualMap(DualMap):
         return _center(f_hat, None if rows is None else rows.expand(*f_hat.shape), center)
 
     def _forward_fused(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None, center: bool) -> Tensor:
-        """``n = m``: the matching is rank to rank (padding sorted last), the coefficients fold into the steps."""
+        """``n = m``: the matching is rank to rank (padding sorted last), the coefficients fold into the steps.
+
+        Short rows (:data:`asap.attention.native.DUAL_MAP_MAX_N`) on the CPU without autograd go to the
+        native kernel (:meth:`_forward_native`).
+        """
+        if self.use_native and q.shape[-2] <= native.DUAL_MAP_MAX_N and native.supports(q, k) is None:
+            return self._forward_native(q, k, scale=scale, valid=valid, center=center)
         dtype = _work_dtype(q.dtype)
         q, k = q.to(dtype), k.to(dtype)
         b, h, n, d = q.shape
@@ -420,6 +430,40 @@ class SliceDualMap(DualMap):
         # reshape, not view: torch.sort (CUDA, torch.compile) keeps the projections' permuted strides in perm.
         f_hat = f_hat.scatter_add_(-1, perm.reshape(b, h, -1), f_sorted.view(b, h, -1))
         return _center(f_hat, None if valid is None else valid.unsqueeze(1).expand(b, h, n), center)
+
+    def native_arguments(self) -> dict[str, Any] | None:
+        """This map as keyword arguments of :func:`asap.attention.native.asap_forward_native`, or None.
+
+        None when the native kernel cannot evaluate it on its own: ``use_native`` is off, or the map has
+        the landmark feature (a matrix product the kernel does not take).
+        """
+        if not self.use_native or "lse_landmarks" in self.extra_features:
+            return None
+        return self._native_map_arguments()
+
+    def _native_map_arguments(self) -> dict[str, Any]:
+        """The slices and the two moment extras as keyword arguments of the native kernel."""
+        names = self.extra_features
+        column = {name: names.index(name) if name in names else None for name in ("qk_mean", "q_norm")}
+        return dict(directions=self.directions, coef=self.coef, extra_coef=self.extra_coef if names else None,
+                    c_mean_column=column["qk_mean"], c_norm_column=column["q_norm"])  # fmt: skip
+
+    def _forward_native(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None, center: bool) -> Tensor:
+        """:meth:`_forward_fused` in one native pass per ``(b, h)`` (:mod:`asap.attention.native`); fp32.
+
+        The kernel takes the slices and the two moment extras; the landmark log-sum-exp, a matrix
+        product, is added here.
+        """
+        names = self.extra_features
+        landmarks = "lse_landmarks" in names
+        f_hat = native.asap_forward_native(q, k, scale=scale, valid=valid, center=center and not landmarks,
+                                           **self._native_map_arguments())  # fmt: skip
+        if not landmarks:
+            return f_hat
+        q, k = q.to(torch.float32), k.to(torch.float32)
+        lse = _landmark_lse(q, k, scale=scale, cols=None if valid is None else valid[:, None, :])
+        f_hat = f_hat.add_(lse.mul_(self.extra_coef[:, names.index("lse_landmarks")][None, :, None]))
+        return _center(f_hat, None if valid is None else valid.unsqueeze(1).expand_as(f_hat), center)
 
     def _extras(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None) -> Tensor:
         """``sum_e beta_e x_e(i)``, uncentred, ``(b, h, n)`` (a fresh tensor: the slices are added into it).

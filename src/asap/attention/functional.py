@@ -35,6 +35,7 @@ from asap.attention.checks import (
     validate_attention_inputs,
     validate_padding_mask,
 )
+from asap.attention import native
 from asap.attention.closure import SHARED_MAX_BLOCK_BYTES, shared_exp_closure
 from asap.attention.options import ASAP_BACKENDS, GRAD_MODES  # noqa: F401 (re-exported: the switch's names)
 from asap.transport.ctransform import (
@@ -318,6 +319,9 @@ def choose_asap_backend(
     """The backend ``backend="auto"`` runs for these inputs (reads shapes and flags only, no values).
 
     * CUDA, Triton installed, no autograd, no general mask: ``"triton"``.
+    * CPU, no autograd, no general mask, self-attention of at most
+      :data:`asap.attention.native.CLOSURE_MAX_N` tokens, the
+      native kernels built (:mod:`asap.attention.native`): ``"native"`` (padded or not).
     * CPU, no autograd, no general mask, unpadded, one ``(n, m)`` fp32 block at most
       :data:`~asap.attention.closure.SHARED_MAX_BLOCK_BYTES`: ``"shared"`` (one exponential).
     * everything else: ``"flash"`` (two fused attention passes; tiles under autograd).
@@ -332,6 +336,9 @@ def choose_asap_backend(
 
         if triton_kernels.supports(q, k, v, f_hat) is None:
             return "triton"
+    if q.device.type == "cpu" and not grad and attn_mask is None and q.shape[-2] <= native.CLOSURE_MAX_N:
+        if native.supports(q, k, v) is None:
+            return "native"
     block = q.shape[-2] * k.shape[-2] * 4
     if q.device.type == "cpu" and not grad and attn_mask is None and padding_mask is None and block <= SHARED_MAX_BLOCK_BYTES:
         return "shared"
@@ -376,7 +383,9 @@ def asap_attention(
             column log-sum-exp and the row pass as two fused attention calls,
             tiled over keys; any mask, autograd), ``"shared"`` (one exponential
             for both passes, :func:`asap.attention.closure.shared_exp_closure`;
-            inference, no general mask), ``"triton"`` (CUDA kernels,
+            inference, no general mask), ``"native"`` (the same algebra in one C pass per
+            ``(b, h)``, :mod:`asap.attention.native`; CPU self-attention, inference, padding
+            masks), ``"triton"`` (CUDA kernels,
             :mod:`asap.attention.triton_kernels`; inference, padding masks).
         tile_bytes: memory budget of one score tile of the tiled column log-sum-exp.
 
@@ -402,6 +411,13 @@ def asap_attention(
         from asap.attention.triton_kernels import asap_attention_triton
 
         return asap_attention_triton(q, k, v, f_hat, eps=eps, scale=scale, attn_mask=mask, query_valid=padding, key_valid=padding)
+    if backend == "native":
+        if extra_steps or mask is not None:
+            raise ValueError("asap attention: backend 'native' takes no extra_steps or attn_mask (use padding_mask)")
+        if (why := native.supports(q, k, v)) is not None:
+            raise ValueError(f"asap attention: backend 'native' cannot run: {why}")
+        out = native.asap_forward_native(q, k, v, f_hat=f_hat, scale=scale, eps=eps, valid=padding)
+        return out if out.dtype == v.dtype else out.to(v.dtype)
     rdtype = reduction_dtype(q.dtype)
     out_dtype = v.dtype
     q, k, v, f_hat = (t if t.dtype == rdtype else t.to(rdtype) for t in (q, k, v, f_hat))  # no copy for fp32/fp64

@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from asap.attention.checks import check_int, check_positive
-from asap.attention.dual_map import SLICE_TYPES, DualMap, build_dual_map, make_directions
+from asap.attention import native
+from asap.attention.checks import check_int, check_positive, validate_attention_inputs, validate_padding_mask
+from asap.attention.dual_map import SLICE_TYPES, DualMap, SliceDualMap, build_dual_map, make_directions
 from asap.attention.esp import DEFAULT_MEMORY_BUDGET, check_esp_options, esp_attention
 from asap.attention.functional import asap_attention, sinkhorn_attention, softmax_attention
 from asap.attention.options import AsapOptions, EspConventions, Normalize, SinkhornOptions, SoftmaxOptions
@@ -161,6 +162,10 @@ class AsapOperator(AttentionOperator):
             if not bool(getattr(self.dual_map, "fitted", True)):
                 warnings.warn("ASAP operator used before its dual map was fitted (run `asap compile`)", stacklevel=2)
         scale = self.resolved_scale(q)
+        if attn_mask is None and not self.extra_steps and self.backend in ("auto", "native"):
+            out = self._forward_native(q, k, v, scale=scale, padding_mask=padding_mask)
+            if out is not None:
+                return out
         if not isinstance(self.dual_map, DualMap):  # a user's map: the documented (q, k, scale, attn_mask) call
             mask = attn_mask if padding_mask is None else key_padding_to_attn_mask(padding_mask)
             f_hat = self.dual_map(q, k, scale=scale, attn_mask=mask)
@@ -173,6 +178,25 @@ class AsapOperator(AttentionOperator):
             q, k, v, f_hat, eps=self.eps, scale=scale, attn_mask=attn_mask, padding_mask=padding_mask,
             extra_steps=self.extra_steps, backend=self.backend, tile_bytes=self.tile_bytes,
         )  # fmt: skip
+
+
+    def _forward_native(self, q, k, v, *, scale: float, padding_mask) -> Tensor | None:
+        """The linear dual map and the closure in one native call (CPU inference, short self-attention).
+
+        None when this call cannot take it (another map kind, the landmark feature, long rows, autograd,
+        no native build, ...): the caller then runs the map and :func:`asap_attention` as usual.
+        """
+        dual_map = self.dual_map
+        if not isinstance(dual_map, SliceDualMap) or q.shape[-2] > min(native.DUAL_MAP_MAX_N, native.CLOSURE_MAX_N):
+            return None
+        arguments = dual_map.native_arguments()
+        if arguments is None or native.supports(q, k, v) is not None:
+            return None
+        validate_attention_inputs(q, k, v, attn_mask=None, is_causal=False, method="asap")
+        padding = validate_padding_mask(padding_mask, q, k, attn_mask=None, method="asap")
+        dual_map._check_shape(q)
+        out = native.asap_forward_native(q, k, v, scale=scale, eps=self.eps, valid=padding, center=False, **arguments)
+        return out if out.dtype == v.dtype else out.to(v.dtype)
 
 
 class EspOperator(AttentionOperator):

@@ -27,7 +27,7 @@ from asap.transport.sliced_plans import SLICE_COSTS, SliceCost, SortDistance
 #: Sinkhorn's gradient modes (see :func:`asap.attention.functional.sinkhorn_attention`).
 GRAD_MODES: tuple[str, ...] = ("unroll", "closure")
 #: The ways :func:`asap.attention.functional.asap_attention` can compute the closure.
-ASAP_BACKENDS: tuple[str, ...] = ("auto", "flash", "shared", "triton")
+ASAP_BACKENDS: tuple[str, ...] = ("auto", "flash", "shared", "native", "triton")
 
 
 class OperatorOptions:

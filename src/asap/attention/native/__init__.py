@@ -1,0 +1,226 @@
+"""Native CPU kernels: ASAP's forward for short sequences in plain C, compiled on first use, loaded with ctypes.
+
+:func:`asap_forward_native` runs, in one pass per ``(b, h)`` with the head's tokens in cache, the fused
+linear dual map (:meth:`asap.attention.dual_map.SliceDualMap._forward_fused`: self-attention, optional
+token padding, the moment extras ``qk_mean`` and ``q_norm``), the closure with one exponential per score
+(:func:`asap.attention.closure.shared_exp_closure`), or both; the maths is in ``asap_cpu.c``. It exists
+for the short sequences of real teachers (17 to ~100 tokens), where the PyTorch path is ~40 small ops and
+two NumPy sorts whose fixed cost is most of ASAP's time; ``scripts/bench_asap_paths.py`` measures both
+paths, and the dispatch rules use the crossovers :data:`DUAL_MAP_MAX_N` and :data:`CLOSURE_MAX_N`.
+
+Building. The source is compiled once per source version and compiler with the system C compiler
+(``$CC``, else ``cc``; ``-O3 -fPIC -shared -pthread``, no ``-march=native``: on x86-64 GCC the hot
+loops carry AVX2 and AVX-512 clones picked at load time, so a cache shared between machines stays valid;
+``-ffp-contract=off``, so that no layout-specialised loop rounds differently: results are bit-equal for
+every memory layout of the inputs)
+into ``$ASAP_NATIVE_CACHE`` (default ``~/.cache/asap/native``), written to a temporary name and renamed,
+so concurrent processes (DDP ranks) never load a half-written file. No compiler, a failed build or
+``ASAP_NATIVE=0`` make the kernels unavailable: :func:`unavailable` says why in one line and callers
+keep the PyTorch path (the same result to fp32 rounding).
+
+Inference only: no autograd (callers check :func:`supports`), CPU tensors, fp32 compute (fp16/bf16
+inputs are widened first, as the PyTorch path does; fp64 inputs, the references, stay on the PyTorch
+path). A call releases the GIL and splits the ``b h`` heads over up to ``torch.get_num_threads()`` POSIX
+threads when there is enough work (:data:`MIN_WORK_PER_THREAD`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("asap_cpu.c")
+CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-std=gnu99", "-Wno-psabi")
+#: Work units (about ``n L`` per head for the dual map plus ``n^2 (d + dv) / 16`` for the closure) a worker
+#: thread must have before another is started: starting a POSIX thread costs tens of microseconds.
+MIN_WORK_PER_THREAD = 1 << 15
+
+#: Longest self-attention rows sent to the native kernels: the fused linear dual map
+#: (:meth:`asap.attention.dual_map.SliceDualMap.forward`) and the closure (``backend="auto"`` of
+#: :func:`asap.attention.functional.asap_attention`). Measured faster than the PyTorch paths up to about
+#: here (``scripts/bench_asap_paths.py``); beyond, the dual map's O(n^2) ranks lose to NumPy's sorts and
+#: the closure's plain loops to BLAS.
+DUAL_MAP_MAX_N = 96
+CLOSURE_MAX_N = 96
+
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or "cc"
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: ``$ASAP_NATIVE_CACHE``, else ``~/.cache/asap/native``."""
+    root = os.environ.get("ASAP_NATIVE_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "asap" / "native"
+
+
+def _library_path() -> Path:
+    """Cache file named by a hash of the source, flags, compiler name and platform."""
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), _compiler().encode(),
+                 f"{sys.platform}-{platform.machine()}".encode()):  # fmt: skip
+        digest.update(part)
+    return cache_dir() / f"asap_cpu-{digest.hexdigest()[:16]}.so"
+
+
+def _build(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".so.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([_compiler(), *CFLAGS, "-o", tmp, str(SOURCE), "-lm"],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        if proc.returncode != 0:
+            first = (proc.stderr.strip().splitlines() or ["(no message)"])[0]
+            raise OSError(f"{_compiler()} failed: {first}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    """The loaded library, or None and the one-line reason (memoised: a build is tried once per process)."""
+    if os.environ.get("ASAP_NATIVE", "1") == "0":
+        return None, "disabled by ASAP_NATIVE=0"
+    try:
+        path = _library_path()
+        if not path.exists():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"native kernel unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    fn = lib.asap_forward_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR,
+                   _PTR, _PTR, _I64, ctypes.c_double, ctypes.c_double, _PTR, _PTR, ctypes.c_int, _PTR, _PTR,
+                   ctypes.c_int]  # fmt: skip
+    return lib, None
+
+
+def unavailable() -> str | None:
+    """None when the native kernel can run here (building it if needed), else why not, in one line."""
+    return _load()[1]
+
+
+def supports(*tensors: Tensor) -> str | None:
+    """None if the native kernels can take these self-attention tensors (reads shapes and flags, no values).
+
+    ``q, k`` and optionally ``v`` (any strides): CPU, one of fp32 / fp16 / bf16 for all, 4-D with
+    ``q`` and ``k`` of one shape (self-attention), no autograd, not under ``torch.compile``, and the
+    library built; else the reason, in one line.
+    """
+    q, k = tensors[0], tensors[1]
+    if any(t.device.type != "cpu" for t in tensors):
+        return "native kernels: CPU tensors only"
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or any(t.dtype != q.dtype for t in tensors):
+        return f"native kernels: fp32/fp16/bf16 inputs of one dtype only, got {sorted({str(t.dtype) for t in tensors})}"
+    if q.dim() != 4 or q.shape != k.shape or any(t.dim() != 4 or t.shape[:-1] != q.shape[:-1] for t in tensors):
+        return "native kernels: self-attention tensors (b, h, n, d) with q and k of one shape only"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "native kernels: inference only (no autograd)"
+    if torch.compiler.is_compiling():
+        return "native kernels: not traceable by torch.compile"
+    return unavailable()
+
+
+def asap_forward_native(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor | None = None,
+    *,
+    scale: float,
+    eps: float = 1.0,
+    f_hat: Tensor | None = None,
+    directions: Tensor | None = None,
+    coef: Tensor | None = None,
+    extra_coef: Tensor | None = None,
+    c_mean_column: int | None = None,
+    c_norm_column: int | None = None,
+    valid: Tensor | None = None,
+    center: bool = True,
+    return_dual: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """ASAP's forward on the CPU in one native pass per ``(b, h)``: the dual map, the closure, or both.
+
+    * The linear dual map (``directions (h, L, d)``, ``coef (h, L)``, no ``f_hat``)::
+
+          f_i = sum_l coef_{h,l} phi_l(i) + c_mean_h scale <q_i, kbar> + c_norm_h scale^2 |q_i|^2,
+
+      ``phi_l`` the exact 1-D query potentials of slice ``l`` between the valid queries and keys,
+      ``kbar`` the mean valid key, ``c_mean = extra_coef[:, c_mean_column]`` and
+      ``c_norm = extra_coef[:, c_norm_column]`` (a column None: no such term); centred over the valid
+      queries with ``center=True`` (else off by a constant per ``(b, h)``, which the closure ignores).
+    * The closure (``v`` given): ``out = softmax_j((S_ij + g_j)/eps) v`` with ``g = ccol(f)``,
+      ``S = scale q k^T``, from ``f_hat (b, h, n)`` if given, else from the map above; one
+      exponential per score (:mod:`asap.attention.closure`'s algebra).
+
+    ``q, k (b, h, n, d)``, ``v (b, h, n, dv)``, any strides, fp32 / fp16 / bf16 (computed in fp32);
+    ``valid (b, n)`` bool, True = real token: padded tokens get no mass, padded queries output 0 (and
+    dual 0). Returns ``out (b, h, n, dv)`` fp32 (with ``return_dual``, ``(out, f)``), or ``f (b, h, n)``
+    fp32 without ``v``. Check :func:`supports` first; a failure inside the kernel raises ``RuntimeError``.
+    """
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(reason)
+    if f_hat is None and (directions is None or coef is None):
+        raise ValueError("native kernels: give f_hat, or the dual map's directions and coef")
+    q, k = _f32(q), _f32(k)
+    v = None if v is None else _f32(v)
+    b, h, n, d = q.shape
+    dv = 0 if v is None else v.shape[-1]
+    L = 0 if directions is None else directions.shape[-2]
+    dirs = None if directions is None else _f32_contiguous(directions)
+    coef = None if coef is None else _f32_contiguous(coef)
+    extra = None if extra_coef is None else _f32_contiguous(extra_coef)
+    f_in = None if f_hat is None else _f32(f_hat)
+
+    def column(index: int | None):  # the address of one column of extra_coef (fp32: 4 bytes an entry)
+        return None if index is None or extra is None else extra.data_ptr() + 4 * index
+
+    mask = None if valid is None else (valid if valid.dtype == torch.bool else valid.to(torch.bool))
+    want_dual = v is None or return_dual
+    f_out = torch.empty(b, h, n, dtype=torch.float32) if want_dual else None
+    out = None if v is None else torch.empty(b, h, n, dv, dtype=torch.float32)
+    work = b * h * n * (max(L, 1) + (n * (d + dv) // 16 if v is not None else 0))
+    threads = max(1, min(torch.get_num_threads(), b * h, work // MIN_WORK_PER_THREAD))
+    status = lib.asap_forward_f32(
+        _ptr(q), _ptr(k), _ptr(v), b, h, n, d, dv, _strides(q), _strides(k), _strides(v), _ptr(f_in), _strides(f_in),
+        L, _ptr(dirs), _ptr(coef), column(c_mean_column), column(c_norm_column), 0 if extra is None else extra.stride(0),
+        float(scale), float(eps), _ptr(mask), _strides(mask), int(center), _ptr(f_out), _ptr(out), threads,
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"native kernels failed ({'out of memory' if status == 1 else 'could not start a thread'})")
+    if v is None:
+        return f_out
+    return (out, f_out) if return_dual else out
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
+def _f32_contiguous(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _strides(t: Tensor | None):
+    return None if t is None else (_I64 * t.dim())(*t.stride())

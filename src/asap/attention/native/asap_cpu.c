@@ -1,0 +1,536 @@
+/* The fused linear ASAP dual map for self-attention on the CPU, one pass per (batch, head).
+ *
+ * Built and loaded by asap.attention.native (plain C with GCC/Clang vector extensions, no Python or
+ * torch headers: it compiles in about a second). The maths is SliceDualMap._forward_fused's
+ * (asap/attention/dual_map.py): for every slice l, x_i = <theta_l, q_i> and y_j = <theta_l, k_j> over
+ * the nv valid tokens, both sorted, the query of rank r gets
+ *
+ *     phi_l(r) = -scale coef_l sum_{s < r} ys_s (xs_{s+1} - xs_s),   phi_l(0) = 0,
+ *
+ * and
+ *
+ *     f_i = sum_l phi_l(rank_l(i)) + c_mean scale <q_i, kbar> + c_norm scale^2 |q_i|^2   (kbar: mean valid key),
+ *
+ * optionally centred over the valid queries. Padded queries get 0.
+ *
+ * Why a kernel: at the short sequences of real teachers the PyTorch path is ~25 small ops plus two
+ * NumPy sorts of b*h*L short rows, and that fixed cost is most of ASAP's time. Here one head is one
+ * pass over its tokens in cache, with the slices side by side in SIMD lanes (LANES per vector,
+ * directions zero-padded to a multiple of LANES): all projections at once (project), every slice
+ * ranked at once by branch-free counting (ranks), then scattered and summed in double.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+typedef float vfloat __attribute__((vector_size(4 * LANES)));
+typedef int32_t vint __attribute__((vector_size(4 * LANES)));
+
+/* x86-64 GCC: also build AVX2 and AVX-512 versions of the hot loops, picked at load time by the CPU
+ * (the library itself is built without -march=native, so a cache shared between machines stays valid);
+ * elsewhere the vectors are lowered to what the target has. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HOT __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define HOT
+#endif
+
+/* Vector helpers are always inlined: a separate copy would be built for the default target and called
+ * from the AVX clones with another calling convention for 64-byte vectors. */
+#define VECTOR_HELPER static inline __attribute__((always_inline))
+
+VECTOR_HELPER vfloat load(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+VECTOR_HELPER void store(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
+
+/* Lane-wise mask ? a : b, for a mask from a vector comparison (lanes -1 or 0); C has no vector ?:. */
+VECTOR_HELPER vfloat vselect(vint mask, vfloat a, vfloat b) { return (vfloat)(((vint)a & mask) | ((vint)b & ~mask)); }
+
+VECTOR_HELPER vfloat vmax(vfloat a, vfloat b) { return vselect(a > b, a, b); }
+
+/* Sum of the LANES entries of v. */
+VECTOR_HELPER float hsum(vfloat v) {
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += v[l];
+    return s;
+}
+
+/* The moment inputs over the nv valid tokens: the key sum kbar (d), the squared query norms qsq (nv)
+ * and qk (nv), <q_t, kbar>. Contiguous rows with d a multiple of LANES go LANES features at a time. */
+HOT static void moments(const float *q, const float *k, int64_t qn, int64_t qd, int64_t kn, int64_t kd,
+                        const int64_t *tokens, int64_t nv, int64_t d, float *kbar, float *qsq, float *qk) {
+    for (int64_t e = 0; e < d; e++) kbar[e] = 0.0f;
+    const int vector_rows = qd == 1 && kd == 1 && d % LANES == 0;
+    for (int64_t t = 0; t < nv; t++) {
+        const float *qi = q + tokens[t] * qn, *ki = k + tokens[t] * kn;
+        if (vector_rows) {
+            vfloat sq = {0};
+            for (int64_t e0 = 0; e0 < d; e0 += LANES) {
+                const vfloat qv = load(qi + e0);
+                sq += qv * qv;
+                store(kbar + e0, load(kbar + e0) + load(ki + e0));
+            }
+            qsq[t] = hsum(sq);
+        } else {
+            float sq = 0.0f;
+            for (int64_t e = 0; e < d; e++) {
+                sq += qi[e * qd] * qi[e * qd];
+                kbar[e] += ki[e * kd];
+            }
+            qsq[t] = sq;
+        }
+    }
+    for (int64_t t = 0; t < nv; t++) {
+        const float *qi = q + tokens[t] * qn;
+        if (vector_rows) {
+            vfloat dot = {0};
+            for (int64_t e0 = 0; e0 < d; e0 += LANES) dot += load(qi + e0) * load(kbar + e0);
+            qk[t] = hsum(dot);
+        } else {
+            float dot = 0.0f;
+            for (int64_t e = 0; e < d; e++) dot += qi[e * qd] * kbar[e];
+            qk[t] = dot;
+        }
+    }
+}
+
+/* Projections of the nv valid tokens on the Lp (a multiple of LANES) directions dirs_t (d, Lp),
+ * token-major into xl, yl (nv, Lp). TOKENS tokens at a time: their accumulators are independent, so
+ * the multiply-adds overlap instead of waiting on one another, and each row of directions is loaded
+ * once for all of them. */
+#define TOKENS 4
+HOT static void project(const float *q, const float *k, int64_t qn, int64_t qd, int64_t kn, int64_t kd,
+                        const int64_t *tokens, int64_t nv, int64_t d, int64_t Lp, const float *dirs_t, float *xl,
+                        float *yl) {
+    for (int64_t t0 = 0; t0 < nv; t0 += TOKENS) {
+        const int64_t nt = nv - t0 < TOKENS ? nv - t0 : TOKENS;
+        const float *qi[TOKENS], *ki[TOKENS];
+        for (int64_t u = 0; u < TOKENS; u++) { /* a short last block repeats its last token */
+            const int64_t t = t0 + (u < nt ? u : nt - 1);
+            qi[u] = q + tokens[t] * qn;
+            ki[u] = k + tokens[t] * kn;
+        }
+        for (int64_t l0 = 0; l0 < Lp; l0 += LANES) {
+            vfloat ax[TOKENS] = {{0}}, ay[TOKENS] = {{0}};
+            for (int64_t e = 0; e < d; e++) {
+                const vfloat row = load(dirs_t + e * Lp + l0);
+                for (int64_t u = 0; u < TOKENS; u++) {
+                    ax[u] += row * qi[u][e * qd];
+                    ay[u] += row * ki[u][e * kd];
+                }
+            }
+            for (int64_t u = 0; u < nt; u++) {
+                store(xl + (t0 + u) * Lp + l0, ax[u]);
+                store(yl + (t0 + u) * Lp + l0, ay[u]);
+            }
+        }
+    }
+}
+
+/* Ranks of every lane of v (n, Lp): rank[i][l] is the rank of v[i][l] among v[0..n-1][l], ties broken
+ * by token index (each lane's ranks are a permutation). O(n^2) comparisons, but branch-free, LANES at
+ * a time: for the short rows of real teachers this beats comparison sorts, whose branches mispredict
+ * on random data and which sort one slice at a time. */
+HOT static void ranks(const float *v, int64_t n, int64_t Lp, int32_t *rank) {
+    for (int64_t l0 = 0; l0 < Lp; l0 += LANES)
+        for (int64_t i = 0; i < n; i++) {
+            const vfloat vi = load(v + i * Lp + l0);
+            vint r = {0};
+            for (int64_t j = 0; j < i; j++) r -= load(v + j * Lp + l0) <= vi; /* a true comparison is -1 */
+            for (int64_t j = i + 1; j < n; j++) r -= load(v + j * Lp + l0) < vi;
+            memcpy(rank + i * Lp + l0, &r, sizeof r);
+        }
+}
+
+/* exp of every lane (Cephes' single-precision polynomial after a base-2 range reduction, about 1 ulp
+ * on [-87, 88]); below -87.3, including -inf, the result is exactly 0. */
+VECTOR_HELPER vfloat vexp(vfloat x) {
+    const vint underflow = x < -87.3f;
+    x = vselect(x > 88.0f, (vfloat){0} + 88.0f, x);
+    x = vselect(underflow, (vfloat){0}, x); /* keep the reduction finite; those lanes are zeroed at the end */
+    vfloat t = x * 1.44269504088896341f + 0.5f;
+    vint n = __builtin_convertvector(t, vint);
+    n += __builtin_convertvector(n, vfloat) > t; /* truncation to floor: a true comparison is -1 */
+    const vfloat fn = __builtin_convertvector(n, vfloat);
+    vfloat r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+    vfloat p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vint bits = (n + 127) << 23;
+    vfloat scale;
+    memcpy(&scale, &bits, sizeof scale);
+    vfloat out = vselect(underflow, (vfloat){0}, p * scale);
+    return vselect(x != x, x, out); /* NaN stays NaN (the reduction above would make it finite) */
+}
+
+VECTOR_HELPER float hmax(vfloat v) {
+    float m = v[0];
+    for (int l = 1; l < LANES; l++) m = v[l] > m ? v[l] : m;
+    return m;
+}
+
+/* What one call computes; every worker reads it and takes the heads [start, stop). */
+typedef struct {
+    const float *q, *k, *v;     /* (b, h, n, d), (b, h, n, d), (b, h, n, dv), any strides */
+    int64_t b, h, n, d, dv, L, Lp;  /* Lp: L rounded up to a multiple of LANES */
+    int64_t qs[4], ks[4], vs[4];    /* strides in elements: batch, head, token, feature */
+    const float *f_in;          /* (b, h, n) given query dual, or NULL: the dual map below computes it */
+    int64_t fs[3];
+    const float *dirs;          /* (h, L, d), contiguous */
+    const float *coef;          /* (h, L), contiguous: slice coefficients */
+    const float *c_mean;        /* (h) with stride cs, or NULL: coefficient of scale <q_i, kbar> */
+    const float *c_norm;        /* (h) with stride cs, or NULL: coefficient of scale^2 |q_i|^2 */
+    int64_t cs;
+    double scale, eps;
+    const uint8_t *valid;       /* (b, n) with strides ms[0], ms[1], or NULL */
+    int64_t ms[2];
+    int center;
+    float *f_out;               /* (b, h, n) contiguous, or NULL: the query dual */
+    float *out;                 /* (b, h, n, dv) contiguous, or NULL: the attention output */
+} problem_t;
+
+typedef struct {
+    const problem_t *p;
+    int64_t start, stop;
+    int status;
+} job_t;
+
+/* One worker's scratch, carved from one allocation (8-byte items first). */
+typedef struct {
+    double *f;                         /* (n) query dual of the valid tokens */
+    int64_t *tokens;                   /* (n) indices of the valid tokens */
+    int32_t *rank_x, *rank_y, *order;  /* (n, Lp) */
+    float *xl, *yl, *xs, *ys;          /* (n, Lp) projections of the valid tokens; sorted */
+    float *dirs_t, *kbar, *qsq, *qk;   /* (d, Lp) this head's directions, transposed and zero-padded; (d); (n); (n) */
+    float *scores, *kt, *vp, *acc;     /* closure: (n, mp), (d, mp), (n, dvp), (dvp); mp, dvp: n, dv padded to LANES */
+    float *colsum, *weight;            /* (mp), (mp) */
+} workspace_t;
+
+static int64_t padded(int64_t x) { return (x + LANES - 1) / LANES * LANES; }
+
+static char *workspace_alloc(workspace_t *w, const problem_t *p) {
+    const int64_t n = p->n, d = p->d, Lp = p->Lp, mp = padded(p->n), dvp = padded(p->dv);
+    const int closure = p->out != NULL, dual = p->f_in == NULL;
+    const size_t floats = (dual ? (size_t)(4 * n * Lp + d * Lp + d + 2 * n) : 0) +
+                          (closure ? (size_t)(n * mp + d * mp + n * dvp + dvp + 2 * mp) : 0);
+    const size_t bytes = sizeof(double) * (size_t)n + sizeof(int64_t) * (size_t)n +
+                         (dual ? sizeof(int32_t) * (size_t)(3 * n * Lp) : 0) + sizeof(float) * floats + 64;
+    char *buf = (char *)malloc(bytes);
+    if (!buf) return NULL;
+    memset(w, 0, sizeof(*w));
+    w->f = (double *)buf;
+    w->tokens = (int64_t *)(w->f + n);
+    float *next = (float *)(w->tokens + n);
+    if (dual) {
+        w->rank_x = (int32_t *)next;
+        w->rank_y = w->rank_x + n * Lp;
+        w->order = w->rank_y + n * Lp;
+        w->xl = (float *)(w->order + n * Lp);
+        w->yl = w->xl + n * Lp;
+        w->xs = w->yl + n * Lp;
+        w->ys = w->xs + n * Lp;
+        w->dirs_t = w->ys + n * Lp;
+        w->kbar = w->dirs_t + d * Lp;
+        w->qsq = w->kbar + d;
+        w->qk = w->qsq + n;
+        next = w->qk + n;
+    }
+    if (closure) {
+        w->scores = next;
+        w->kt = w->scores + n * mp;
+        w->vp = w->kt + d * mp;
+        w->acc = w->vp + n * dvp;
+        w->colsum = w->acc + dvp;
+        w->weight = w->colsum + mp;
+    }
+    return buf;
+}
+
+/* The linear dual map of one head: f (nv) over the valid tokens, centred if asked. */
+static void dual_map_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv, const workspace_t *w) {
+    const int64_t d = p->d, L = p->L, Lp = p->Lp;
+    const float *q = p->q + bi * p->qs[0] + hi * p->qs[1];
+    const float *k = p->k + bi * p->ks[0] + hi * p->ks[1];
+    const int64_t *tokens = w->tokens;
+    double *f = w->f;
+
+    const float *dirs = p->dirs + hi * L * d;
+    for (int64_t e = 0; e < d; e++)
+        for (int64_t l = 0; l < Lp; l++) w->dirs_t[e * Lp + l] = l < L ? dirs[l * d + e] : 0.0f;
+    project(q, k, p->qs[2], p->qs[3], p->ks[2], p->ks[3], tokens, nv, d, Lp, w->dirs_t, w->xl, w->yl);
+
+    /* the moment extras: f_t = c_mean scale <q_t, kbar> + c_norm scale^2 |q_t|^2 (kbar from the key sum) */
+    const double c_mean = p->c_mean ? p->c_mean[hi * p->cs] * p->scale / (double)nv : 0.0;
+    const double c_norm = p->c_norm ? p->c_norm[hi * p->cs] * p->scale * p->scale : 0.0;
+    for (int64_t t = 0; t < nv; t++) f[t] = 0.0;
+    if (c_mean != 0.0 || c_norm != 0.0) {
+        moments(q, k, p->qs[2], p->qs[3], p->ks[2], p->ks[3], tokens, nv, d, w->kbar, w->qsq, w->qk);
+        for (int64_t t = 0; t < nv; t++) f[t] = c_mean * w->qk[t] + c_norm * w->qsq[t];
+    }
+
+    /* a NaN projection would make the ranks collide (it compares false with everything): the dual
+     * becomes NaN instead, as the PyTorch path's would */
+    vint nan = {0};
+    for (int64_t i = 0; i < nv * Lp; i += LANES) {
+        const vfloat a = load(w->xl + i), b = load(w->yl + i);
+        nan |= (a != a) | (b != b);
+    }
+    for (int l = 0; l < LANES; l++)
+        if (nan[l]) {
+            for (int64_t t = 0; t < nv; t++) f[t] = __builtin_nan("");
+            return;
+        }
+
+    /* sort every slice (by rank), then one running sum per slice added to the queries by rank */
+    ranks(w->xl, nv, Lp, w->rank_x);
+    ranks(w->yl, nv, Lp, w->rank_y);
+    for (int64_t t = 0; t < nv; t++)
+        for (int64_t l = 0; l < L; l++) {
+            const int64_t rx = w->rank_x[t * Lp + l] * Lp + l;
+            w->xs[rx] = w->xl[t * Lp + l];
+            w->order[rx] = (int32_t)t;
+            w->ys[w->rank_y[t * Lp + l] * Lp + l] = w->yl[t * Lp + l];
+        }
+    const float *coef = p->coef + hi * L;
+    for (int64_t l = 0; l < L; l++) {
+        const double c = -p->scale * coef[l];
+        const float *xs = w->xs + l, *ys = w->ys + l;
+        const int32_t *order = w->order + l;
+        double acc = 0.0;
+        for (int64_t r = 1; r < nv; r++) {
+            acc += c * (double)ys[(r - 1) * Lp] * ((double)xs[r * Lp] - (double)xs[(r - 1) * Lp]);
+            f[order[r * Lp]] += acc;
+        }
+    }
+    if (p->center) {
+        double mean = 0.0;
+        for (int64_t t = 0; t < nv; t++) mean += f[t];
+        mean /= (double)nv;
+        for (int64_t t = 0; t < nv; t++) f[t] -= mean;
+    }
+}
+
+/* ASAP's closure on the nv valid tokens of one head, with one exponential per score (the maths of
+ * asap/attention/closure.py): W_ij = (S_ij + f_i)/eps - c_j - r_i with c_j the column max and r_i the
+ * row max after it, E = exp(W), w_j = 1 / sum_i E_ij e^{r_i}, out_i = sum_j E_ij w_j v_j / sum_j E_ij w_j. */
+HOT static void closure_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv, const workspace_t *w,
+                             float *out) {
+    const int64_t d = p->d, dv = p->dv, mp = padded(nv), dvp = padded(dv);
+    const float *q = p->q + bi * p->qs[0] + hi * p->qs[1];
+    const float *k = p->k + bi * p->ks[0] + hi * p->ks[1];
+    const float *v = p->v + bi * p->vs[0] + hi * p->vs[1];
+    const int64_t *tokens = w->tokens;
+    const float alpha = (float)(p->scale / p->eps), minus_inf = -__builtin_inff();
+    float *scores = w->scores, *kt = w->kt, *vp = w->vp;
+
+    for (int64_t e = 0; e < d; e++)  /* keys transposed, (d, mp), zero past nv */
+        for (int64_t j = 0; j < mp; j++) kt[e * mp + j] = j < nv ? k[tokens[j] * p->ks[2] + e * p->ks[3]] : 0.0f;
+    for (int64_t j = 0; j < nv; j++)  /* values, (nv, dvp), zero past dv */
+        for (int64_t c = 0; c < dvp; c++) vp[j * dvp + c] = c < dv ? v[tokens[j] * p->vs[2] + c * p->vs[3]] : 0.0f;
+
+    /* scores (S + f)/eps, -inf at padding keys, TOKENS rows at a time (independent multiply-add chains,
+     * one load of keys for all); column maxima */
+    float *colmax = w->colsum; /* reused below as the column sums */
+    for (int64_t j0 = 0; j0 < mp; j0 += LANES) store(colmax + j0, (vfloat){0} + minus_inf);
+    for (int64_t i0 = 0; i0 < nv; i0 += TOKENS) {
+        const int64_t rows = nv - i0 < TOKENS ? nv - i0 : TOKENS;
+        const float *qi[TOKENS];
+        float bias[TOKENS];
+        for (int64_t u = 0; u < TOKENS; u++) { /* a short last block repeats its last row */
+            const int64_t i = i0 + (u < rows ? u : rows - 1);
+            qi[u] = q + tokens[i] * p->qs[2];
+            bias[u] = (float)(w->f[i] / p->eps);
+        }
+        for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
+            vfloat acc[TOKENS] = {{0}};
+            for (int64_t e = 0; e < d; e++) {
+                const vfloat key = load(kt + e * mp + j0);
+                for (int64_t u = 0; u < TOKENS; u++) acc[u] += key * qi[u][e * p->qs[3]];
+            }
+            vfloat m = load(colmax + j0);
+            for (int64_t u = 0; u < rows; u++) {
+                vfloat sc = acc[u] * alpha + bias[u];
+                for (int64_t l = 0; l < LANES; l++)
+                    if (j0 + l >= nv) sc[l] = minus_inf;
+                store(scores + (i0 + u) * mp + j0, sc);
+                m = vmax(sc, m);
+            }
+            store(colmax + j0, m);
+        }
+    }
+    /* W = scores - c_j - r_i, E = exp(W); column sums of E_ij e^{r_i} */
+    float *colsum = w->colsum, *weight = w->weight;
+    for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
+        vfloat c = load(colsum + j0);
+        c = vselect(c == minus_inf, (vfloat){0}, c); /* padding columns: keep them -inf, not NaN */
+        store(weight + j0, c);                /* the column maxima, until the weights replace them */
+        store(colsum + j0, (vfloat){0});
+    }
+    for (int64_t i = 0; i < nv; i++) {
+        float *row = scores + i * mp;
+        vfloat rmax = (vfloat){0} + minus_inf;
+        for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
+            const vfloat s = load(row + j0) - load(weight + j0);
+            store(row + j0, s);
+            rmax = vmax(s, rmax);
+        }
+        const float r = hmax(rmax); /* <= 0, finite: a valid row has a valid key */
+        const float er = __builtin_expf(r);
+        for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
+            const vfloat e = vexp(load(row + j0) - r);
+            store(row + j0, e);
+            store(colsum + j0, load(colsum + j0) + e * er);
+        }
+    }
+    for (int64_t j = 0; j < mp; j++) weight[j] = j < nv ? 1.0f / colsum[j] : 0.0f;
+    /* rows: out_i = sum_j E_ij w_j v_j / sum_j E_ij w_j, TOKENS rows at a time */
+    float inv[TOKENS];
+    for (int64_t i0 = 0; i0 < nv; i0 += TOKENS) {
+        const int64_t rows = nv - i0 < TOKENS ? nv - i0 : TOKENS;
+        const float *erow[TOKENS];
+        for (int64_t u = 0; u < TOKENS; u++) {
+            const int64_t i = i0 + (u < rows ? u : rows - 1);
+            float *row = scores + i * mp;
+            if (u < rows) {
+                vfloat total = {0};
+                for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
+                    const vfloat e = load(row + j0) * load(weight + j0);
+                    store(row + j0, e);
+                    total += e;
+                }
+                inv[u] = 1.0f / hsum(total);
+            }
+            erow[u] = row;
+        }
+        for (int64_t c0 = 0; c0 < dvp; c0 += LANES) {
+            vfloat acc[TOKENS] = {{0}};
+            for (int64_t j = 0; j < nv; j++) {
+                const vfloat value = load(vp + j * dvp + c0);
+                for (int64_t u = 0; u < TOKENS; u++) acc[u] += value * erow[u][j];
+            }
+            for (int64_t u = 0; u < rows; u++) {
+                float *o = out + tokens[i0 + u] * dv;
+                const vfloat r = acc[u] * inv[u];
+                for (int64_t c = c0; c < dv && c < c0 + LANES; c++) o[c] = r[c - c0];
+            }
+        }
+    }
+}
+
+static void run_head(const problem_t *p, int64_t bh, const workspace_t *w) {
+    const int64_t n = p->n;
+    const int64_t bi = bh / p->h, hi = bh % p->h;
+    int64_t nv = 0; /* valid tokens, in file order */
+    for (int64_t i = 0; i < n; i++)
+        if (!p->valid || p->valid[bi * p->ms[0] + i * p->ms[1]]) w->tokens[nv++] = i;
+    float *out = p->out ? p->out + bh * n * p->dv : NULL;
+    if (out) memset(out, 0, sizeof(float) * (size_t)(n * p->dv)); /* padded queries output 0 */
+    if (p->f_out) memset(p->f_out + bh * n, 0, sizeof(float) * (size_t)n);
+    if (nv == 0) return;
+    if (p->f_in) {
+        const float *f = p->f_in + bi * p->fs[0] + hi * p->fs[1];
+        for (int64_t t = 0; t < nv; t++) w->f[t] = f[w->tokens[t] * p->fs[2]];
+    } else {
+        dual_map_head(p, bi, hi, nv, w);
+    }
+    if (p->f_out)
+        for (int64_t t = 0; t < nv; t++) p->f_out[bh * n + w->tokens[t]] = (float)w->f[t];
+    if (out) closure_head(p, bi, hi, nv, w, out);
+}
+
+static void *run_job(void *arg) {
+    job_t *job = (job_t *)arg;
+    workspace_t w;
+    char *buf = workspace_alloc(&w, job->p);
+    if (!buf) {
+        job->status = 1;
+        return NULL;
+    }
+    for (int64_t bh = job->start; bh < job->stop; bh++) run_head(job->p, bh, &w);
+    free(buf);
+    job->status = 0;
+    return NULL;
+}
+
+/* Runs every head of the problem on num_threads threads (the caller's one included).
+ * Returns 0 on success, 1 if a workspace could not be allocated, 2 if a thread could not be started. */
+static int run_problem(const problem_t *p, int num_threads) {
+    const int64_t heads = p->b * p->h;
+    if (num_threads > heads) num_threads = (int)heads;
+    if (num_threads > 64) num_threads = 64;
+    if (num_threads < 1) num_threads = 1;
+    job_t jobs[64];
+    pthread_t threads[64];
+    for (int t = 0; t < num_threads; t++) {
+        jobs[t].p = p;
+        jobs[t].start = heads * t / num_threads;
+        jobs[t].stop = heads * (t + 1) / num_threads;
+        jobs[t].status = 0;
+    }
+    int started = 0, status = 0;
+    for (int t = 1; t < num_threads; t++) {
+        if (pthread_create(&threads[t], NULL, run_job, &jobs[t]) != 0) {
+            status = 2;
+            break;
+        }
+        started = t;
+    }
+    if (status == 0) run_job(&jobs[0]);
+    for (int t = 1; t <= started; t++) pthread_join(threads[t], NULL);
+    for (int t = 0; t < num_threads && status == 0; t++)
+        if (jobs[t].status) status = jobs[t].status;
+    return status;
+}
+
+static void copy_strides(int64_t *dst, const int64_t *src, int count) {
+    for (int i = 0; i < count; i++) dst[i] = src ? src[i] : 0;
+}
+
+/* The entry point (see asap/attention/native/__init__.py). v, out NULL: the dual map only (into
+ * f_out); f_in given: the closure from it; neither: the whole ASAP forward. */
+int asap_forward_f32(const float *q, const float *k, const float *v, int64_t b, int64_t h, int64_t n, int64_t d,
+                     int64_t dv, const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
+                     const float *f_in, const int64_t *f_strides, int64_t L, const float *dirs, const float *coef,
+                     const float *c_mean, const float *c_norm, int64_t c_stride, double scale, double eps,
+                     const uint8_t *valid, const int64_t *valid_strides, int center, float *f_out, float *out,
+                     int num_threads) {
+    problem_t p;
+    memset(&p, 0, sizeof p);
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.b = b;
+    p.h = h;
+    p.n = n;
+    p.d = d;
+    p.dv = dv;
+    p.L = L;
+    p.Lp = padded(L);
+    copy_strides(p.qs, q_strides, 4);
+    copy_strides(p.ks, k_strides, 4);
+    copy_strides(p.vs, v_strides, 4);
+    p.f_in = f_in;
+    copy_strides(p.fs, f_strides, 3);
+    p.dirs = dirs;
+    p.coef = coef;
+    p.c_mean = c_mean;
+    p.c_norm = c_norm;
+    p.cs = c_stride;
+    p.scale = scale;
+    p.eps = eps;
+    p.valid = valid;
+    copy_strides(p.ms, valid_strides, 2);
+    p.center = center;
+    p.f_out = f_out;
+    p.out = out;
+    return run_problem(&p, num_threads);
+}

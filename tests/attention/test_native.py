@@ -1,0 +1,185 @@
+"""The native CPU kernels (asap.attention.native) against the fp64 references, and their fallbacks.
+
+The kernels compute the fused linear dual map and the one-exponential closure in C, one pass per
+(b, h); every result is compared with the fp64 reference (design matrix for the map,
+``asap_attention_reference`` for the closure), on every layout, with padding (including a
+sequence of one token and an empty one), and by the low-precision rule for fp16/bf16 inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asap.attention import asap_attention, build_operator, native, softmax_attention
+from asap.attention.reference import asap_attention_reference, softmax_attention_reference
+from asap.transport.masks import key_padding_to_attn_mask
+from tests.attention.test_dual_map import _reference as map_reference
+from tests.attention.test_layouts import LAYOUTS, relayout
+from tests.conftest import rand_qkv
+
+pytestmark = pytest.mark.skipif(native.unavailable() is not None, reason=f"{native.unavailable()}")
+
+LENGTHS = (17, 9, 1, 0)  # full, padded, a single token, an empty sequence
+
+
+def _valid(n=17, lengths=LENGTHS):
+    return torch.arange(n)[None] < torch.tensor([min(x, n) for x in lengths])[:, None]
+
+
+def _map(extras, *, heads=3, d=16, slices=16, seed=3):
+    m = build_operator("asap", num_heads=heads, head_dim=d, num_slices=slices, seed=seed, extra_features=extras).dual_map
+    m.set_coefficients(torch.randn(heads, m.num_features, dtype=torch.float64))
+    return m
+
+
+@pytest.mark.parametrize("extras", [(), ("qk_mean",), ("q_norm",), ("qk_mean", "q_norm"), ("qk_mean", "q_norm", "lse_landmarks")])
+@pytest.mark.parametrize("slices", [1, 5, 16, 20])
+@pytest.mark.parametrize("padded", [False, True])
+def test_dual_map_matches_the_fp64_design_matrix(extras, slices, padded):
+    m = _map(extras, slices=slices)
+    q, k = torch.randn(4, 3, 17, 16, dtype=torch.float64), torch.randn(4, 3, 17, 16, dtype=torch.float64)
+    valid = _valid() if padded else None
+    expected = map_reference(m, q, k, scale=0.3, attn_mask=None if valid is None else key_padding_to_attn_mask(valid))
+    got = m._forward_native(q.float(), k.float(), scale=0.3, valid=valid, center=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=2e-5 * expected.abs().max().item())
+    # The public forward takes the kernel for these inputs, and center=False only shifts each (b, h).
+    torch.testing.assert_close(m(q.float(), k.float(), scale=0.3, padding_mask=valid), got, rtol=0, atol=0)
+    raw = m(q.float(), k.float(), scale=0.3, padding_mask=valid, center=False)
+    rows = torch.ones(4, 3, 17, dtype=torch.bool) if valid is None else valid[:, None].expand(4, 3, 17)
+    for b in range(4):
+        for h in range(3):
+            diff = (raw - got)[b, h][rows[b, h]]
+            if diff.numel():
+                torch.testing.assert_close(diff, diff[:1].expand_as(diff), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dual_map_any_layout_is_bit_equal(layout):
+    m = _map(("qk_mean", "q_norm"))
+    q, k = torch.randn(2, 3, 17, 16), torch.randn(2, 3, 17, 16)
+    q2, k2 = relayout(q, layout), relayout(k, layout)
+    valid = _valid(lengths=(17, 11))
+    got = m(q2, k2, scale=0.4, padding_mask=valid)
+    torch.testing.assert_close(got, m(q2.contiguous(), k2.contiguous(), scale=0.4, padding_mask=valid), rtol=0, atol=0)
+
+
+def test_dual_map_ties_and_nan():
+    """Tied projections (repeated tokens) are a zero step; a NaN token makes the dual NaN, never silently finite."""
+    m = _map(("qk_mean",))
+    q = torch.randn(2, 3, 6, 16).repeat_interleave(2, dim=2)  # every token twice: tied ranks on every slice
+    k = torch.randn(2, 3, 12, 16).round()
+    expected = map_reference(m, q.double(), k.double(), scale=0.5, attn_mask=None)
+    torch.testing.assert_close(m(q, k, scale=0.5).double(), expected, rtol=2e-5, atol=2e-5 * expected.abs().max().item())
+    q[1, 2, 4, 0] = float("nan")
+    out = m(q, k, scale=0.5)
+    assert out[1, 2].isnan().all() and out[0].isfinite().all()
+
+
+@pytest.mark.parametrize("eps", [0.3, 1.0])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("shape", [(4, 3, 17, 16, 16), (4, 2, 50, 32, 24), (4, 1, 1, 8, 8)])
+def test_closure_matches_the_fp64_reference(eps, padded, shape):
+    b, h, n, d, dv = shape
+    q, k, v = rand_qkv(b=b, h=h, n=n, d=d, dv=dv, dtype=torch.float32, scale=2.0)
+    f = 4 * torch.randn(b, h, n)
+    valid = _valid(n) if padded else None
+    mask = None if valid is None else key_padding_to_attn_mask(valid)
+    out = asap_attention(q, k, v, f, eps=eps, padding_mask=valid, backend="native")
+    ref = asap_attention_reference(q.double(), k.double(), v.double(), f.double(), eps=eps, attn_mask=mask)
+    assert out.dtype == torch.float32 and out.shape == (b, h, n, dv)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+    if valid is not None:
+        assert (out[~valid[:, None].expand(b, h, n)] == 0).all()  # padded queries output exactly 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_closure_any_layout(layout):
+    q, k, v = rand_qkv(b=2, h=3, n=17, d=16, dtype=torch.float32)
+    f = torch.randn(2, 3, 17)
+    q2, k2, v2 = (relayout(t, layout) for t in (q, k, v))
+    f2 = f.transpose(0, 1).contiguous().transpose(0, 1)  # a strided dual too
+    valid = _valid(lengths=(17, 5))
+    got = asap_attention(q2, k2, v2, f2, padding_mask=valid, backend="native")
+    want = asap_attention(q2.contiguous(), k2.contiguous(), v2.contiguous(), f, padding_mask=valid, backend="native")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_closure_far_apart_duals_keep_every_row():
+    """A query whose dual is ~200 eps below the others still gets a softmax row (the row shift)."""
+    q, k, v = rand_qkv(b=1, h=1, n=9, d=16, dtype=torch.float32)
+    f = torch.zeros(1, 1, 9)
+    f[..., 3] = -200.0
+    out = asap_attention(q, k, v, f, eps=1.0, backend="native")
+    ref = asap_attention_reference(q.double(), k.double(), v.double(), f.double(), eps=1.0)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_operator_fused_call_matches_the_fp64_operator(padded):
+    """AsapOperator sends short CPU self-attention to one native call (map and closure); fp64 inputs take PyTorch."""
+    op = build_operator("asap", num_heads=3, head_dim=16, num_slices=16, extra_features=("qk_mean", "q_norm"), eps=0.5)
+    op.dual_map.set_coefficients(torch.randn(3, 18))
+    q, k, v = rand_qkv(b=4, h=3, n=17, d=16, dtype=torch.float32)
+    valid = _valid() if padded else None
+    with torch.no_grad():
+        out = op(q, k, v, padding_mask=valid)
+        ref = op.double()(q.double(), k.double(), v.double(), padding_mask=valid)
+        op.dual_map.use_native = False  # the PyTorch map and closure, in fp32
+        torch_path = op.float()(q, k, v, padding_mask=valid)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(torch_path.double(), ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_low_precision_rule(dtype, padded):
+    """fp16/bf16 inputs: the native closure's error vs fp64 at most twice plain softmax attention's."""
+    q, k, v = (t.to(dtype) for t in rand_qkv(b=2, h=4, n=48, d=32, scale=3.0))
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    f = 3 * torch.randn(2, 4, 48)
+    valid = _valid(48, (48, 30)) if padded else None
+    mask = None if valid is None else key_padding_to_attn_mask(valid)
+    fast = asap_attention(q, k, v, f, padding_mask=valid, backend="native")
+    truth = asap_attention_reference(q64, k64, v64, f.double(), attn_mask=mask)
+    plain = softmax_attention(q, k, v, attn_mask=mask)
+    plain_truth = softmax_attention_reference(q64, k64, v64, attn_mask=mask)
+    assert fast.dtype == dtype and fast.isfinite().all()
+    assert (fast.double() - truth).abs().max() <= 2 * (plain.double() - plain_truth).abs().max()
+
+
+def test_refusals_are_one_line():
+    q, k, v = rand_qkv(b=1, h=1, n=6, d=4, dtype=torch.float32)
+    f = torch.zeros(1, 1, 6)
+    with pytest.raises(ValueError, match="takes no extra_steps or attn_mask"):
+        asap_attention(q, k, v, f, attn_mask=torch.ones(6, 6, dtype=torch.bool), backend="native")
+    with pytest.raises(ValueError, match="inference only"):
+        asap_attention(q.requires_grad_(True), k, v, f, backend="native")
+    with pytest.raises(ValueError, match="cannot run: native kernels: fp32/fp16/bf16"):
+        asap_attention(q.detach().double(), k.double(), v.double(), f.double(), backend="native")
+
+
+def test_build_failure_and_opt_out_fall_back(monkeypatch, tmp_path):
+    """No compiler (or ASAP_NATIVE=0): unavailable() says why and the operator keeps the PyTorch path."""
+    op = build_operator("asap", num_heads=2, head_dim=8, num_slices=4, extra_features=("qk_mean",))
+    op.dual_map.set_coefficients(torch.randn(2, 5))
+    q, k, v = rand_qkv(b=2, h=2, n=7, d=8, dtype=torch.float32)
+    with torch.no_grad():
+        expected = op(q, k, v)
+    try:
+        monkeypatch.setenv("ASAP_NATIVE_CACHE", str(tmp_path))
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        native._load.cache_clear()
+        assert native.unavailable().startswith("native kernel unavailable")
+        assert not list(tmp_path.iterdir())  # nothing half-written left behind
+        with torch.no_grad():
+            torch.testing.assert_close(op(q, k, v), expected, rtol=2e-5, atol=2e-5)
+        monkeypatch.setenv("ASAP_NATIVE", "0")
+        native._load.cache_clear()
+        assert native.unavailable() == "disabled by ASAP_NATIVE=0"
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
+    assert native.unavailable() is None
