@@ -318,8 +318,8 @@ class SliceDualMap(DualMap):
     """
 
     kind = "linear"
-    #: Whether short rows on the CPU may take the native kernel (:mod:`asap.attention.native`); set False on a map
-    #: (or ``ASAP_NATIVE=0`` in the environment) to keep the PyTorch path, e.g. to compare the two.
+    #: Whether short rows may take a kernel (:meth:`_forward_fused`: C on the CPU, Triton on CUDA); set False on
+    #: a map (or ``ASAP_NATIVE=0`` in the environment, for the CPU one) to keep the PyTorch path, e.g. to compare.
     use_native: bool = True
 
     def __init__(
@@ -395,11 +395,24 @@ class SliceDualMap(DualMap):
     def _forward_fused(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None, center: bool) -> Tensor:
         """``n = m``: the matching is rank to rank (padding sorted last), the coefficients fold into the steps.
 
-        Short rows (:data:`asap.attention.native.DUAL_MAP_MAX_N`) on the CPU without autograd go to the
-        native kernel (:meth:`_forward_native`).
+        Without autograd, short rows go to a kernel: on the CPU (up to
+        :data:`asap.attention.native.DUAL_MAP_MAX_N` tokens) the native C kernel (:meth:`_forward_native`),
+        on CUDA (up to :data:`asap.attention.triton_dual_map.MAX_N`, no landmark feature) the Triton
+        kernel of :mod:`asap.attention.triton_dual_map`, one launch instead of ~25.
         """
         if self.use_native and q.shape[-2] <= native.DUAL_MAP_MAX_N and native.supports(q, k) is None:
             return self._forward_native(q, k, scale=scale, valid=valid, center=center)
+        if self.use_native and q.device.type == "cuda" and "lse_landmarks" not in self.extra_features:
+            from asap.attention import triton_dual_map  # CUDA only: keeps Triton out of CPU imports
+
+            if triton_dual_map.supports_dual_map(q, k, valid) is None:
+                names = self.extra_features
+                beta = {name: self.extra_coef[:, names.index(name)] for name in ("qk_mean", "q_norm") if name in names}
+                f_hat = triton_dual_map.slice_dual_map_triton(
+                    q, k, self.directions, self.coef, scale=scale, c_mean=beta.get("qk_mean"), c_norm=beta.get("q_norm"),
+                    valid=valid,
+                )  # fmt: skip
+                return _center(f_hat, None if valid is None else valid.unsqueeze(1).expand_as(f_hat), center)
         dtype = _work_dtype(q.dtype)
         q, k = q.to(dtype), k.to(dtype)
         b, h, n, d = q.shape
