@@ -397,7 +397,7 @@ class SliceDualMap(DualMap):
 
         Without autograd, short rows go to a kernel: on the CPU (up to
         :data:`asap.attention.native.DUAL_MAP_MAX_N` tokens) the native C kernel (:meth:`_forward_native`),
-        on CUDA (up to :data:`asap.attention.triton_dual_map.MAX_N`, no landmark feature) the Triton
+        on CUDA (where :func:`asap.attention.triton_dual_map.worth_it`, no landmark feature) the Triton
         kernel of :mod:`asap.attention.triton_dual_map`, one launch instead of ~25.
         """
         if self.use_native and q.shape[-2] <= native.DUAL_MAP_MAX_N and native.supports(q, k) is None:
@@ -405,7 +405,7 @@ class SliceDualMap(DualMap):
         if self.use_native and q.device.type == "cuda" and "lse_landmarks" not in self.extra_features:
             from asap.attention import triton_dual_map  # CUDA only: keeps Triton out of CPU imports
 
-            if triton_dual_map.supports_dual_map(q, k, valid) is None:
+            if triton_dual_map.worth_it(q) and triton_dual_map.supports_dual_map(q, k, valid) is None:
                 names = self.extra_features
                 beta = {name: self.extra_coef[:, names.index(name)] for name in ("qk_mean", "q_norm") if name in names}
                 f_hat = triton_dual_map.slice_dual_map_triton(

@@ -38,6 +38,19 @@ INTERPRET: bool = bool(triton is not None and triton.knobs.runtime.interpret)
 #: Longest row (``n = m``) the kernel takes: its work is ``O(L n^2)`` per ``(b, h)``, one program each.
 MAX_N = 256
 
+#: Longest row :meth:`asap.attention.dual_map.SliceDualMap.forward` sends here (:func:`worth_it`). Measured on
+#: one H200 (fp16, results/bench/asap_breakdown_cuda.json): the kernel took 0.09 / 0.19 / 0.23 ms at n = 16 /
+#: 64 / 128 (b = 8, h = 8, d = 64) against 0.43 / 0.79 / 0.41 ms for the PyTorch ops, 0.33 against 0.42 ms at
+#: the MiniLM teacher's 16 x 12 heads, d = 32, n = 128; but 0.74 against 0.69 ms at n = 256 (b = 8, h = 8)
+#: and 1.12 against 0.45 ms at n = 256 with 16 x 12 heads: its work is O(L n^2) per program, one per head.
+DISPATCH_MAX_N = 128
+
+
+def worth_it(q: Tensor) -> bool:
+    """Whether the kernel is measured faster than the PyTorch ops for ``q (b, h, n, d)`` (reads the shape only)."""
+    return q.shape[-2] <= DISPATCH_MAX_N
+
+
 #: Largest head size: a block of rows holds whole head rows (padded to a power of two >= 16).
 MAX_HEAD_DIM = 128
 
