@@ -3,10 +3,13 @@
 For each shape (b, h, n, d), unpadded and padded (a quarter of the tokens on average), one interleaved
 run (asap.bench.measure.benchmark) times, in softmax-call units (softmax on the same unpadded inputs):
 
-* the closure alone from a given f_hat: backend "flash" (two fused attention passes) and "shared"
-  (one exponential, unpadded only) at several chunk sizes;
-* the fused dual map (L = 16, qk_mean + q_norm) alone;
+* the closure alone from a given f_hat: backend "flash" (two fused attention passes), "shared"
+  (one exponential, unpadded only) at several chunk sizes and "native" (the C kernel, up to n = 128);
+* the fused dual map (L = 16, qk_mean + q_norm) alone: as dispatched (``dual_map``: the C kernel up to
+  asap.attention.native.DUAL_MAP_MAX_N) and the PyTorch path (``dual_map_torch``; up to n = 128);
 * the whole AsapOperator with backend "auto", and Sinkhorn K = 3 and K = 11 for scale.
+
+The native rules (asap.attention.native.DUAL_MAP_MAX_N, CLOSURE_MAX_N) come from these rows.
 
 Writes a JSON (machine, threads, load average, command) and prints one line per shape:
 
@@ -21,17 +24,27 @@ from pathlib import Path
 
 import torch
 
-from asap.attention import asap_attention, build_operator, sinkhorn_attention, softmax_attention
+from asap.attention import asap_attention, build_operator, native, sinkhorn_attention, softmax_attention
 from asap.attention.closure import shared_exp_closure
 from asap.bench.measure import benchmark
 from asap.bench.operators import padding_for
 from asap.env import load_average, machine_info
 from asap.io import atomic_write_json, command_line, method_key
 
-SHAPES = [(8, 8, 16, 64), (8, 8, 64, 64), (8, 8, 128, 64), (8, 8, 256, 64), (8, 8, 512, 64), (8, 8, 1024, 64),
-          (32, 4, 17, 16), (128, 4, 17, 16), (32, 4, 50, 16), (32, 4, 128, 16), (32, 4, 512, 16), (16, 12, 128, 32),
-          (16, 12, 256, 32)]
+SHAPES = [(8, 8, 16, 64), (8, 8, 32, 64), (8, 8, 64, 64), (8, 8, 96, 64), (8, 8, 128, 64), (8, 8, 256, 64),
+          (8, 8, 512, 64), (8, 8, 1024, 64), (32, 4, 17, 16), (128, 4, 17, 16), (32, 4, 50, 16), (32, 4, 128, 16),
+          (32, 4, 512, 16), (16, 12, 64, 32), (16, 12, 128, 32), (16, 12, 256, 32)]
 CHUNKS = (2**20, 4 * 2**20, 16 * 2**20)
+NATIVE_ROWS_MAX_N = 128  # the native and PyTorch-map rows, where the crossovers are
+
+
+def _torch_map(dual_map, q, k, *, scale, valid):
+    """The dual map on its PyTorch path (the native kernel switched off for this call)."""
+    dual_map.use_native = False
+    try:
+        return dual_map(q, k, scale=scale, padding_mask=valid, center=False)
+    finally:
+        dual_map.use_native = True
 
 
 def run_shape(b: int, h: int, n: int, d: int, *, padded: bool, budget: float) -> dict:
@@ -46,10 +59,15 @@ def run_shape(b: int, h: int, n: int, d: int, *, padded: bool, budget: float) ->
         "softmax": lambda: softmax_attention(q, k, v),
         "closure_flash": lambda: asap_attention(q, k, v, f, padding_mask=valid, backend="flash"),
         "dual_map": lambda: op.dual_map(q, k, scale=scale, padding_mask=valid, center=False),
+        "dual_map_torch": lambda: _torch_map(op.dual_map, q, k, scale=scale, valid=valid),
         "asap_auto": lambda: op(q, k, v, padding_mask=valid),
         method_key("sinkhorn", n_iters=3): lambda: sinkhorn_attention(q, k, v, n_iters=3, padding_mask=valid),
         method_key("sinkhorn", n_iters=11): lambda: sinkhorn_attention(q, k, v, n_iters=11, padding_mask=valid),
     }
+    if n <= NATIVE_ROWS_MAX_N and native.unavailable() is None:
+        fns["closure_native"] = lambda: asap_attention(q, k, v, f, padding_mask=valid, backend="native")
+    else:
+        del fns["dual_map_torch"]
     for chunk in CHUNKS:
         fns[f"closure_shared_{chunk >> 10}k"] = (
             lambda chunk=chunk: shared_exp_closure(q, k, v, f, scale=scale, eps=1.0, valid=valid, chunk_bytes=chunk))

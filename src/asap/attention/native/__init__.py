@@ -47,11 +47,13 @@ MIN_WORK_PER_THREAD = 1 << 15
 
 #: Longest self-attention rows sent to the native kernels: the fused linear dual map
 #: (:meth:`asap.attention.dual_map.SliceDualMap.forward`) and the closure (``backend="auto"`` of
-#: :func:`asap.attention.functional.asap_attention`). Measured faster than the PyTorch paths up to about
-#: here (``scripts/bench_asap_paths.py``); beyond, the dual map's O(n^2) ranks lose to NumPy's sorts and
-#: the closure's plain loops to BLAS.
+#: :func:`asap.attention.functional.asap_attention`; the operator's one-call path needs both). Measured
+#: (``scripts/bench_asap_paths.py``, ``results/bench/asap_paths_*.json``, one thread): the native map beat
+#: the PyTorch one by 1.2-1.7x up to n = 96 and lost at n = 128 for d = 16 and 32 (its ranks are O(n^2));
+#: the native closure matched or beat the one-exponential PyTorch closure up to n = 64 (1.1x at d = 16,
+#: 0.93x at d = 64, n = 64) and lost at n = 96 and d >= 32 to BLAS.
 DUAL_MAP_MAX_N = 96
-CLOSURE_MAX_N = 96
+CLOSURE_MAX_N = 64
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
