@@ -196,7 +196,7 @@ def test_multihead_attention_passes_vectors_and_keeps_its_output():
 def test_auto_rule_reads_flags_only(monkeypatch):
     from asap.attention import native
 
-    n = native.CLOSURE_MAX_N + 1  # beyond the native kernels
+    n = native.CLOSURE_MAX_N_SMALL_HEADS + 1  # beyond the native kernels
     q, k, v = rand_qkv(b=1, h=1, n=n, d=4, dtype=torch.float32)
     f = torch.zeros(1, 1, n)
     assert choose_asap_backend(q, k, v, f, attn_mask=None, padding_mask=None) == "shared"

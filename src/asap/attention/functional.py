@@ -319,8 +319,8 @@ def choose_asap_backend(
     """The backend ``backend="auto"`` runs for these inputs (reads shapes and flags only, no values).
 
     * CUDA, Triton installed, no autograd, no general mask: ``"triton"``.
-    * CPU, no autograd, no general mask, self-attention of at most
-      :data:`asap.attention.native.CLOSURE_MAX_N` tokens, the
+    * CPU, no autograd, no general mask, self-attention short enough
+      (:func:`asap.attention.native.closure_worth_it`), the
       native kernels built (:mod:`asap.attention.native`): ``"native"`` (padded or not).
     * CPU, no autograd, no general mask, unpadded, one ``(n, m)`` fp32 block at most
       :data:`~asap.attention.closure.SHARED_MAX_BLOCK_BYTES`: ``"shared"`` (one exponential).
@@ -336,7 +336,7 @@ def choose_asap_backend(
 
         if triton_kernels.supports(q, k, v, f_hat) is None:
             return "triton"
-    if q.device.type == "cpu" and not grad and attn_mask is None and q.shape[-2] <= native.CLOSURE_MAX_N:
+    if q.device.type == "cpu" and not grad and attn_mask is None and native.closure_worth_it(q.shape[-2], q.shape[-1]):
         if native.supports(q, k, v) is None:
             return "native"
     block = q.shape[-2] * k.shape[-2] * 4

@@ -187,7 +187,8 @@ class AsapOperator(AttentionOperator):
         no native build, ...): the caller then runs the map and :func:`asap_attention` as usual.
         """
         dual_map = self.dual_map
-        if not isinstance(dual_map, SliceDualMap) or q.shape[-2] > min(native.DUAL_MAP_MAX_N, native.CLOSURE_MAX_N):
+        n = q.shape[-2]
+        if not isinstance(dual_map, SliceDualMap) or n > native.DUAL_MAP_MAX_N or not native.closure_worth_it(n, q.shape[-1]):
             return None
         arguments = dual_map.native_arguments()
         if arguments is None or native.supports(q, k, v) is not None:

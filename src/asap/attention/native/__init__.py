@@ -6,7 +6,7 @@ token padding, the moment extras ``qk_mean`` and ``q_norm``), the closure with o
 (:func:`asap.attention.closure.shared_exp_closure`), or both; the maths is in ``asap_cpu.c``. It exists
 for the short sequences of real teachers (17 to ~100 tokens), where the PyTorch path is ~40 small ops and
 two NumPy sorts whose fixed cost is most of ASAP's time; ``scripts/bench_asap_paths.py`` measures both
-paths, and the dispatch rules use the crossovers :data:`DUAL_MAP_MAX_N` and :data:`CLOSURE_MAX_N`.
+paths, and the dispatch rules use the crossovers (:data:`DUAL_MAP_MAX_N`, :func:`closure_worth_it`).
 
 Building. The source is compiled once per source version and compiler with the system C compiler
 (``$CC``, else ``cc``; ``-O3 -fPIC -shared -pthread``, no ``-march=native``: on x86-64 GCC the hot
@@ -45,15 +45,25 @@ CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-std=gnu9
 #: thread must have before another is started: starting a POSIX thread costs tens of microseconds.
 MIN_WORK_PER_THREAD = 1 << 15
 
-#: Longest self-attention rows sent to the native kernels: the fused linear dual map
-#: (:meth:`asap.attention.dual_map.SliceDualMap.forward`) and the closure (``backend="auto"`` of
-#: :func:`asap.attention.functional.asap_attention`; the operator's one-call path needs both). Measured
-#: (``scripts/bench_asap_paths.py``, ``results/bench/asap_paths_*.json``, one thread): the native map beat
-#: the PyTorch one by 1.2-1.7x up to n = 96 and lost at n = 128 for d = 16 and 32 (its ranks are O(n^2));
-#: the native closure matched or beat the one-exponential PyTorch closure up to n = 64 (1.1x at d = 16,
-#: 0.93x at d = 64, n = 64) and lost at n = 96 and d >= 32 to BLAS.
+#: When the native kernels beat the PyTorch paths (one thread, ``scripts/bench_asap_paths.py``,
+#: ``results/bench/asap_paths_*.json``). The dual map (:meth:`asap.attention.dual_map.SliceDualMap.forward`)
+#: up to :data:`DUAL_MAP_MAX_N` tokens: 1.2-1.7x faster than the PyTorch map up to n = 96, slower at n = 128
+#: for d = 16 and 32 (its ranks are O(n^2)). The closure (``backend="auto"`` of
+#: :func:`asap.attention.functional.asap_attention`; :func:`closure_worth_it`) up to :data:`CLOSURE_MAX_N`
+#: tokens, and up to :data:`CLOSURE_MAX_N_SMALL_HEADS` for heads of at most :data:`SMALL_HEAD_DIM`: against
+#: the one-exponential PyTorch closure it measured 1.1x at d = 16, n = 50 and 1.16x at d = 16, n = 128, but
+#: 0.93x at d = 64, n = 64 and 0.93x at d = 32, n = 96 (BLAS wins the wider products). The operator's
+#: one-call path needs both.
 DUAL_MAP_MAX_N = 96
 CLOSURE_MAX_N = 64
+CLOSURE_MAX_N_SMALL_HEADS = 128
+SMALL_HEAD_DIM = 16
+
+
+def closure_worth_it(n: int, head_dim: int) -> bool:
+    """Whether the native closure is measured faster than the PyTorch one for rows of ``n`` tokens."""
+    return n <= CLOSURE_MAX_N or (head_dim <= SMALL_HEAD_DIM and n <= CLOSURE_MAX_N_SMALL_HEADS)
+
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
