@@ -9,7 +9,7 @@ run (asap.bench.measure.benchmark) times, in softmax-call units (softmax on the 
   asap.attention.native.DUAL_MAP_MAX_N) and the PyTorch path (``dual_map_torch``; up to n = 128);
 * the whole AsapOperator with backend "auto", and Sinkhorn K = 3 and K = 11 for scale.
 
-The native rules (asap.attention.native.DUAL_MAP_MAX_N, CLOSURE_MAX_N) come from these rows.
+The native rules (asap.attention.native.DUAL_MAP_MAX_N, closure_worth_it) come from these rows.
 
 Writes a JSON (machine, threads, load average, command) and prints one line per shape:
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from asap.attention import native
 from asap.attention.checks import (
     check_int,
     check_positive,
@@ -35,7 +36,6 @@ from asap.attention.checks import (
     validate_attention_inputs,
     validate_padding_mask,
 )
-from asap.attention import native
 from asap.attention.closure import SHARED_MAX_BLOCK_BYTES, shared_exp_closure
 from asap.attention.options import ASAP_BACKENDS, GRAD_MODES  # noqa: F401 (re-exported: the switch's names)
 from asap.transport.ctransform import (
@@ -319,9 +319,9 @@ def choose_asap_backend(
     """The backend ``backend="auto"`` runs for these inputs (reads shapes and flags only, no values).
 
     * CUDA, Triton installed, no autograd, no general mask: ``"triton"``.
-    * CPU, no autograd, no general mask, self-attention short enough
-      (:func:`asap.attention.native.closure_worth_it`), the
-      native kernels built (:mod:`asap.attention.native`): ``"native"`` (padded or not).
+    * CPU, no autograd, a padding mask (no general mask), short rows
+      (:func:`asap.attention.native.closure_worth_it`), the native kernels built
+      (:mod:`asap.attention.native`): ``"native"``.
     * CPU, no autograd, no general mask, unpadded, one ``(n, m)`` fp32 block at most
       :data:`~asap.attention.closure.SHARED_MAX_BLOCK_BYTES`: ``"shared"`` (one exponential).
     * everything else: ``"flash"`` (two fused attention passes; tiles under autograd).
@@ -336,7 +336,7 @@ def choose_asap_backend(
 
         if triton_kernels.supports(q, k, v, f_hat) is None:
             return "triton"
-    if q.device.type == "cpu" and not grad and attn_mask is None and native.closure_worth_it(q.shape[-2], q.shape[-1]):
+    if q.device.type == "cpu" and not grad and attn_mask is None and native.closure_worth_it(q.shape[-2], padded=padding_mask is not None):
         if native.supports(q, k, v) is None:
             return "native"
     block = q.shape[-2] * k.shape[-2] * 4

@@ -179,16 +179,18 @@ class AsapOperator(AttentionOperator):
             extra_steps=self.extra_steps, backend=self.backend, tile_bytes=self.tile_bytes,
         )  # fmt: skip
 
-
     def _forward_native(self, q, k, v, *, scale: float, padding_mask) -> Tensor | None:
-        """The linear dual map and the closure in one native call (CPU inference, short self-attention).
+        """The linear dual map and the closure in one native call (CPU inference, short padded self-attention).
 
-        None when this call cannot take it (another map kind, the landmark feature, long rows, autograd,
+        Taken where both native kernels are the measured choice (:mod:`asap.attention.native`), or always
+        with ``backend="native"``. None when this call cannot take it (another map kind, the landmark feature, long rows, autograd,
         no native build, ...): the caller then runs the map and :func:`asap_attention` as usual.
         """
         dual_map = self.dual_map
         n = q.shape[-2]
-        if not isinstance(dual_map, SliceDualMap) or n > native.DUAL_MAP_MAX_N or not native.closure_worth_it(n, q.shape[-1]):
+        if not isinstance(dual_map, SliceDualMap) or n > native.DUAL_MAP_MAX_N:
+            return None
+        if not native.closure_worth_it(n, padded=padding_mask is not None) and self.backend != "native":
             return None
         arguments = dual_map.native_arguments()
         if arguments is None or native.supports(q, k, v) is not None:

@@ -6,7 +6,8 @@ token padding, the moment extras ``qk_mean`` and ``q_norm``), the closure with o
 (:func:`asap.attention.closure.shared_exp_closure`), or both; the maths is in ``asap_cpu.c``. It exists
 for the short sequences of real teachers (17 to ~100 tokens), where the PyTorch path is ~40 small ops and
 two NumPy sorts whose fixed cost is most of ASAP's time; ``scripts/bench_asap_paths.py`` measures both
-paths, and the dispatch rules use the crossovers (:data:`DUAL_MAP_MAX_N`, :func:`closure_worth_it`).
+paths, and the dispatch rules use the crossovers (:data:`DUAL_MAP_MAX_N`, :func:`closure_worth_it`): the
+map on short rows, the closure on short padded rows (unpadded, PyTorch's one-exponential closure is as fast).
 
 Building. The source is compiled once per source version and compiler with the system C compiler
 (``$CC``, else ``cc``; ``-O3 -fPIC -shared -pthread``, no ``-march=native``: on x86-64 GCC the hot
@@ -20,8 +21,8 @@ keep the PyTorch path (the same result to fp32 rounding).
 
 Inference only: no autograd (callers check :func:`supports`), CPU tensors, fp32 compute (fp16/bf16
 inputs are widened first, as the PyTorch path does; fp64 inputs, the references, stay on the PyTorch
-path). A call releases the GIL and splits the ``b h`` heads over up to ``torch.get_num_threads()`` POSIX
-threads when there is enough work (:data:`MIN_WORK_PER_THREAD`).
+path). A call releases the GIL and runs on the calling thread (:data:`THREADS`; the C entry point can split
+the heads over POSIX threads, which measured slower beside torch's own pool).
 """
 
 from __future__ import annotations
@@ -41,28 +42,29 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("asap_cpu.c")
 CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-std=gnu99", "-Wno-psabi")
-#: Work units (about ``n L`` per head for the dual map plus ``n^2 (d + dv) / 16`` for the closure) a worker
-#: thread must have before another is started: starting a POSIX thread costs tens of microseconds.
-MIN_WORK_PER_THREAD = 1 << 15
-
-#: When the native kernels beat the PyTorch paths (one thread, ``scripts/bench_asap_paths.py``,
-#: ``results/bench/asap_paths_*.json``). The dual map (:meth:`asap.attention.dual_map.SliceDualMap.forward`)
-#: up to :data:`DUAL_MAP_MAX_N` tokens: 1.2-1.7x faster than the PyTorch map up to n = 96, slower at n = 128
-#: for d = 16 and 32 (its ranks are O(n^2)). The closure (``backend="auto"`` of
-#: :func:`asap.attention.functional.asap_attention`; :func:`closure_worth_it`) up to :data:`CLOSURE_MAX_N`
-#: tokens, and up to :data:`CLOSURE_MAX_N_SMALL_HEADS` for heads of at most :data:`SMALL_HEAD_DIM`: against
-#: the one-exponential PyTorch closure it measured 1.1x at d = 16, n = 50 and 1.16x at d = 16, n = 128, but
-#: 0.93x at d = 64, n = 64 and 0.93x at d = 32, n = 96 (BLAS wins the wider products). The operator's
-#: one-call path needs both.
+#: When the native kernels beat the PyTorch paths (``scripts/bench_asap_paths.py``,
+#: ``results/bench/asap_paths_*.json``, in softmax calls). The dual map
+#: (:meth:`asap.attention.dual_map.SliceDualMap.forward`) up to :data:`DUAL_MAP_MAX_N` tokens: at one
+#: thread 1.39 against 4.16 (32 x 4 x 17, d = 16), 1.49 / 0.81 / 0.65 against 4.02 / 1.61 / 0.96
+#: (8 x 8 x n x 64, n = 16 / 64 / 96), but 0.71 against 0.59 at n = 128 (its ranks are O(n^2)). The
+#: closure (``backend="auto"`` of :func:`asap.attention.functional.asap_attention`, :func:`closure_worth_it`)
+#: only for padded rows (``padding_mask``) up to :data:`CLOSURE_MAX_N`: padded, it took 0.82-1.52 against
+#: 2.2-3.4 for the two-pass closure (every padded row measured at n <= 128, one thread); unpadded, the
+#: one-exponential PyTorch closure was as fast or faster (1.37 against 1.70 at 8 x 8 x 16 x 64, 1.14
+#: against 1.90 at n = 32).
 DUAL_MAP_MAX_N = 96
-CLOSURE_MAX_N = 64
-CLOSURE_MAX_N_SMALL_HEADS = 128
-SMALL_HEAD_DIM = 16
+CLOSURE_MAX_N = 128
+#: The kernels run on the calling thread only. Splitting the heads over POSIX threads gained nothing at
+#: torch's default 2 threads on the 2-core machine (``results/bench/asap_paths_*.json`` of commit 89dc352:
+#: the native closure took 0.39 ms at 32 x 4 x 17 x 16 with two kernel threads and 0.40 ms with one), while
+#: torch's own paths did gain; the likely cause is competition with torch's thread pool, whose workers
+#: keep spinning after each parallel region.
+THREADS = 1
 
 
-def closure_worth_it(n: int, head_dim: int) -> bool:
+def closure_worth_it(n: int, *, padded: bool) -> bool:
     """Whether the native closure is measured faster than the PyTorch one for rows of ``n`` tokens."""
-    return n <= CLOSURE_MAX_N or (head_dim <= SMALL_HEAD_DIM and n <= CLOSURE_MAX_N_SMALL_HEADS)
+    return padded and n <= CLOSURE_MAX_N
 
 
 _I64 = ctypes.c_int64
@@ -208,12 +210,10 @@ def asap_forward_native(
     want_dual = v is None or return_dual
     f_out = torch.empty(b, h, n, dtype=torch.float32) if want_dual else None
     out = None if v is None else torch.empty(b, h, n, dv, dtype=torch.float32)
-    work = b * h * n * (max(L, 1) + (n * (d + dv) // 16 if v is not None else 0))
-    threads = max(1, min(torch.get_num_threads(), b * h, work // MIN_WORK_PER_THREAD))
     status = lib.asap_forward_f32(
         _ptr(q), _ptr(k), _ptr(v), b, h, n, d, dv, _strides(q), _strides(k), _strides(v), _ptr(f_in), _strides(f_in),
         L, _ptr(dirs), _ptr(coef), column(c_mean_column), column(c_norm_column), 0 if extra is None else extra.stride(0),
-        float(scale), float(eps), _ptr(mask), _strides(mask), int(center), _ptr(f_out), _ptr(out), threads,
+        float(scale), float(eps), _ptr(mask), _strides(mask), int(center), _ptr(f_out), _ptr(out), THREADS,
     )  # fmt: skip
     if status != 0:
         raise RuntimeError(f"native kernels failed ({'out of memory' if status == 1 else 'could not start a thread'})")
