@@ -56,9 +56,10 @@ def test_dual_map_matches_the_fp64_design_matrix(extras, slices, padded):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_dual_map_any_layout_is_bit_equal(layout):
-    m = _map(("qk_mean", "q_norm"))
-    q, k = torch.randn(2, 3, 17, 16), torch.randn(2, 3, 17, 16)
+@pytest.mark.parametrize("d", [16, 40, 48])  # one vector of features; several, the last partial; several full
+def test_dual_map_any_layout_is_bit_equal(layout, d):
+    m = _map(("qk_mean", "q_norm"), d=d)
+    q, k = torch.randn(2, 3, 17, d), torch.randn(2, 3, 17, d)
     q2, k2 = relayout(q, layout), relayout(k, layout)
     valid = _valid(lengths=(17, 11))
     got = m(q2, k2, scale=0.4, padding_mask=valid)
@@ -95,8 +96,9 @@ def test_closure_matches_the_fp64_reference(eps, padded, shape):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_closure_any_layout(layout):
-    q, k, v = rand_qkv(b=2, h=3, n=17, d=16, dtype=torch.float32)
+@pytest.mark.parametrize("d", [16, 40, 48])
+def test_closure_any_layout(layout, d):
+    q, k, v = rand_qkv(b=2, h=3, n=17, d=d, dtype=torch.float32)
     f = torch.randn(2, 3, 17)
     q2, k2, v2 = (relayout(t, layout) for t in (q, k, v))
     f2 = f.transpose(0, 1).contiguous().transpose(0, 1)  # a strided dual too

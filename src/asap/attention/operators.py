@@ -180,9 +180,9 @@ class AsapOperator(AttentionOperator):
         )  # fmt: skip
 
     def _forward_native(self, q, k, v, *, scale: float, padding_mask) -> Tensor | None:
-        """The linear dual map and the closure in one native call (CPU inference, short padded self-attention).
+        """The linear dual map and the closure in one native call (CPU inference, short self-attention).
 
-        Taken where both native kernels are the measured choice (:mod:`asap.attention.native`), or always
+        Taken where it is the measured choice (:func:`asap.attention.native.fused_worth_it`), or always
         with ``backend="native"``. None when this call cannot take it (another map kind, the landmark feature, long rows, autograd,
         no native build, ...): the caller then runs the map and :func:`asap_attention` as usual.
         """
@@ -190,7 +190,7 @@ class AsapOperator(AttentionOperator):
         n = q.shape[-2]
         if not isinstance(dual_map, SliceDualMap) or n > native.DUAL_MAP_MAX_N:
             return None
-        if not native.closure_worth_it(n, padded=padding_mask is not None) and self.backend != "native":
+        if not native.fused_worth_it(n, padded=padding_mask is not None) and self.backend != "native":
             return None
         arguments = dual_map.native_arguments()
         if arguments is None or native.supports(q, k, v) is not None:

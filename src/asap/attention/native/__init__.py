@@ -67,6 +67,19 @@ def closure_worth_it(n: int, *, padded: bool) -> bool:
     return padded and n <= CLOSURE_MAX_N
 
 
+#: :class:`asap.attention.operators.AsapOperator` runs its map and closure as one native call
+#: (:func:`fused_worth_it`) on padded rows up to :data:`DUAL_MAP_MAX_N` and on unpadded rows up to
+#: :data:`FUSED_MAX_N_UNPADDED`: one call saves the second entry's checks and dispatch, which at these
+#: sizes outweighs the PyTorch closure's edge (``asap_auto`` against ``dual_map`` plus
+#: ``closure_shared_*`` in ``results/bench/asap_paths_*.json``).
+FUSED_MAX_N_UNPADDED = 64
+
+
+def fused_worth_it(n: int, *, padded: bool) -> bool:
+    """Whether the operator's one-call native path (map and closure) is the measured choice."""
+    return n <= DUAL_MAP_MAX_N and (padded or n <= FUSED_MAX_N_UNPADDED)
+
+
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
 

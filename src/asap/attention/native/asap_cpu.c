@@ -64,42 +64,40 @@ VECTOR_HELPER float hsum(vfloat v) {
     return s;
 }
 
+/* Up to LANES entries p[0], p[stride], ... (count of them), zeros after: one chunk of a strided row. */
+VECTOR_HELPER vfloat load_strided(const float *p, int64_t stride, int64_t count) {
+    if (stride == 1 && count == LANES) return load(p);
+    vfloat v = {0};
+    for (int64_t l = 0; l < count; l++) v[l] = p[l * stride];
+    return v;
+}
+
 /* The moment inputs over the nv valid tokens: the key sum kbar (d), the squared query norms qsq (nv)
- * and qk (nv), <q_t, kbar>. Contiguous rows with d a multiple of LANES go LANES features at a time. */
+ * and qk (nv), <q_t, kbar>. Features go LANES at a time, in the same order for every layout (so the
+ * result is bit-equal for contiguous, transposed or sliced rows). */
 HOT static void moments(const float *q, const float *k, int64_t qn, int64_t qd, int64_t kn, int64_t kd,
                         const int64_t *tokens, int64_t nv, int64_t d, float *kbar, float *qsq, float *qk) {
-    for (int64_t e = 0; e < d; e++) kbar[e] = 0.0f;
-    const int vector_rows = qd == 1 && kd == 1 && d % LANES == 0;
+    const int64_t dp = (d + LANES - 1) / LANES * LANES;
+    for (int64_t e = 0; e < dp; e++) kbar[e] = 0.0f; /* padded to dp: the tail lanes stay 0 */
     for (int64_t t = 0; t < nv; t++) {
         const float *qi = q + tokens[t] * qn, *ki = k + tokens[t] * kn;
-        if (vector_rows) {
-            vfloat sq = {0};
-            for (int64_t e0 = 0; e0 < d; e0 += LANES) {
-                const vfloat qv = load(qi + e0);
-                sq += qv * qv;
-                store(kbar + e0, load(kbar + e0) + load(ki + e0));
-            }
-            qsq[t] = hsum(sq);
-        } else {
-            float sq = 0.0f;
-            for (int64_t e = 0; e < d; e++) {
-                sq += qi[e * qd] * qi[e * qd];
-                kbar[e] += ki[e * kd];
-            }
-            qsq[t] = sq;
+        vfloat sq = {0};
+        for (int64_t e0 = 0; e0 < d; e0 += LANES) {
+            const int64_t count = d - e0 < LANES ? d - e0 : LANES;
+            const vfloat qv = load_strided(qi + e0 * qd, qd, count);
+            sq += qv * qv;
+            store(kbar + e0, load(kbar + e0) + load_strided(ki + e0 * kd, kd, count));
         }
+        qsq[t] = hsum(sq);
     }
     for (int64_t t = 0; t < nv; t++) {
         const float *qi = q + tokens[t] * qn;
-        if (vector_rows) {
-            vfloat dot = {0};
-            for (int64_t e0 = 0; e0 < d; e0 += LANES) dot += load(qi + e0) * load(kbar + e0);
-            qk[t] = hsum(dot);
-        } else {
-            float dot = 0.0f;
-            for (int64_t e = 0; e < d; e++) dot += qi[e * qd] * kbar[e];
-            qk[t] = dot;
+        vfloat dot = {0};
+        for (int64_t e0 = 0; e0 < d; e0 += LANES) {
+            const int64_t count = d - e0 < LANES ? d - e0 : LANES;
+            dot += load_strided(qi + e0 * qd, qd, count) * load(kbar + e0);
         }
+        qk[t] = hsum(dot);
     }
 }
 
@@ -213,7 +211,7 @@ typedef struct {
     int64_t *tokens;                   /* (n) indices of the valid tokens */
     int32_t *rank_x, *rank_y, *order;  /* (n, Lp) */
     float *xl, *yl, *xs, *ys;          /* (n, Lp) projections of the valid tokens; sorted */
-    float *dirs_t, *kbar, *qsq, *qk;   /* (d, Lp) this head's directions, transposed and zero-padded; (d); (n); (n) */
+    float *dirs_t, *kbar, *qsq, *qk;   /* (d, Lp) this head's directions, transposed and zero-padded; (d padded to LANES); (n); (n) */
     float *scores, *kt, *vp, *acc;     /* closure: (n, mp), (d, mp), (n, dvp), (dvp); mp, dvp: n, dv padded to LANES */
     float *colsum, *weight;            /* (mp), (mp) */
 } workspace_t;
@@ -223,7 +221,7 @@ static int64_t padded(int64_t x) { return (x + LANES - 1) / LANES * LANES; }
 static char *workspace_alloc(workspace_t *w, const problem_t *p) {
     const int64_t n = p->n, d = p->d, Lp = p->Lp, mp = padded(p->n), dvp = padded(p->dv);
     const int closure = p->out != NULL, dual = p->f_in == NULL;
-    const size_t floats = (dual ? (size_t)(4 * n * Lp + d * Lp + d + 2 * n) : 0) +
+    const size_t floats = (dual ? (size_t)(4 * n * Lp + d * Lp + padded(d) + 2 * n) : 0) +
                           (closure ? (size_t)(n * mp + d * mp + n * dvp + dvp + 2 * mp) : 0);
     const size_t bytes = sizeof(double) * (size_t)n + sizeof(int64_t) * (size_t)n +
                          (dual ? sizeof(int32_t) * (size_t)(3 * n * Lp) : 0) + sizeof(float) * floats + 64;
@@ -243,7 +241,7 @@ static char *workspace_alloc(workspace_t *w, const problem_t *p) {
         w->ys = w->xs + n * Lp;
         w->dirs_t = w->ys + n * Lp;
         w->kbar = w->dirs_t + d * Lp;
-        w->qsq = w->kbar + d;
+        w->qsq = w->kbar + padded(d);
         w->qk = w->qsq + n;
         next = w->qk + n;
     }
