@@ -68,20 +68,21 @@ def closure_worth_it(n: int, *, padded: bool) -> bool:
 
 
 #: :class:`asap.attention.operators.AsapOperator` runs its map and closure as one native call
-#: (:func:`fused_worth_it`) on padded rows up to :data:`DUAL_MAP_MAX_N` and on unpadded rows up to
-#: :data:`FUSED_MAX_N_UNPADDED`: one call saves the second entry's checks and dispatch, which at these
-#: sizes outweighs the PyTorch closure's edge (``asap_auto`` against ``dual_map`` plus
-#: ``closure_shared_*`` in ``results/bench/asap_paths_*.json``).
+#: (:func:`fused_worth_it`) on padded rows up to :data:`DUAL_MAP_MAX_N`, and on unpadded rows up to
+#: :data:`FUSED_MAX_N_UNPADDED` when torch runs one thread. Measured (``asap_auto`` against
+#: ``sinkhorn_k3`` in ``results/bench/asap_paths_*.json``, softmax calls): padded, 1.44-2.49 against
+#: 3.31-4.18 at one thread and 2.62-2.86 against 3.90-5.80 at two (8 x 8 x n x 64, n = 16 ... 64, and
+#: 32 x 4 x 17 x 16); unpadded at one thread 2.96 / 2.52 / 1.99 against 3.23 / 2.55 / 2.39 (n = 16 / 32 /
+#: 64), but at two threads, where the single-threaded kernel meets torch's two-threaded closure, 4.01
+#: against 3.21 (n = 32): there the map alone goes native and the closure stays PyTorch's.
 FUSED_MAX_N_UNPADDED = 64
 
 
 def fused_worth_it(n: int, *, padded: bool) -> bool:
     """Whether the operator's one-call native path (map and closure) is the measured choice."""
-    return n <= DUAL_MAP_MAX_N and (padded or n <= FUSED_MAX_N_UNPADDED)
-
-
-_I64 = ctypes.c_int64
-_PTR = ctypes.c_void_p
+    if padded:
+        return n <= DUAL_MAP_MAX_N
+    return n <= FUSED_MAX_N_UNPADDED and torch.get_num_threads() == 1
 
 
 def _compiler() -> str:
