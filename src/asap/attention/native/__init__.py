@@ -85,6 +85,10 @@ def fused_worth_it(n: int, *, padded: bool) -> bool:
     return n <= FUSED_MAX_N_UNPADDED and torch.get_num_threads() == 1
 
 
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+
+
 def _compiler() -> str:
     return os.environ.get("CC") or "cc"
 
