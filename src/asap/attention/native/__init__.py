@@ -43,22 +43,21 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("asap_cpu.c")
 CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-std=gnu99", "-Wno-psabi")
 #: When the native kernels beat the PyTorch paths (``scripts/bench_asap_paths.py``,
-#: ``results/bench/asap_paths_*.json``, in softmax calls). The dual map
-#: (:meth:`asap.attention.dual_map.SliceDualMap.forward`) up to :data:`DUAL_MAP_MAX_N` tokens: at one
-#: thread 1.39 against 4.16 (32 x 4 x 17, d = 16), 1.49 / 0.81 / 0.65 against 4.02 / 1.61 / 0.96
-#: (8 x 8 x n x 64, n = 16 / 64 / 96), but 0.71 against 0.59 at n = 128 (its ranks are O(n^2)). The
-#: closure (``backend="auto"`` of :func:`asap.attention.functional.asap_attention`, :func:`closure_worth_it`)
-#: only for padded rows (``padding_mask``) up to :data:`CLOSURE_MAX_N`: padded, it took 0.82-1.52 against
-#: 2.2-3.4 for the two-pass closure (every padded row measured at n <= 128, one thread); unpadded, the
-#: one-exponential PyTorch closure was as fast or faster (1.37 against 1.70 at 8 x 8 x 16 x 64, 1.14
-#: against 1.90 at n = 32).
+#: ``results/bench/asap_paths_1_thread.json``, softmax calls at one thread). The dual map
+#: (:meth:`asap.attention.dual_map.SliceDualMap.forward`) up to :data:`DUAL_MAP_MAX_N` tokens: 1.39 against
+#: 3.52 (32 x 4 x 17, d = 16), 1.59 / 0.73 / 0.63 against 3.86 / 1.85 / 1.06 (8 x 8 x n x 64, n = 16 / 64 /
+#: 96), but 0.66 against 0.60 at n = 128 (its ranks are O(n^2)). The closure (``backend="auto"`` of
+#: :func:`asap.attention.functional.asap_attention`, :func:`closure_worth_it`) only for padded rows
+#: (``padding_mask``) up to :data:`CLOSURE_MAX_N`: padded, 0.91-1.43 against 2.14-3.44 for the two-pass
+#: closure (every padded row measured, n <= 128); unpadded, the one-exponential PyTorch closure was as fast
+#: or faster (1.48 against 1.73 at 8 x 8 x 16 x 64, 1.08 against 1.59 at n = 32).
 DUAL_MAP_MAX_N = 96
 CLOSURE_MAX_N = 128
-#: The kernels run on the calling thread only. Splitting the heads over POSIX threads gained nothing at
-#: torch's default 2 threads on the 2-core machine (``results/bench/asap_paths_*.json`` of commit 89dc352:
-#: the native closure took 0.39 ms at 32 x 4 x 17 x 16 with two kernel threads and 0.40 ms with one), while
-#: torch's own paths did gain; the likely cause is competition with torch's thread pool, whose workers
-#: keep spinning after each parallel region.
+#: The kernels run on the calling thread only. A first version split the heads over POSIX threads; at
+#: torch's default 2 threads on the 2-core machine it gained nothing (scripts/bench_asap_paths.py with that
+#: version, not kept: the native closure took 0.39 ms at 32 x 4 x 17 x 16 with two kernel threads and
+#: 0.40 ms with one) while torch's own paths did gain; the likely cause is competition with torch's thread
+#: pool, whose workers keep spinning after each parallel region.
 THREADS = 1
 
 
