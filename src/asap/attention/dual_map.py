@@ -406,13 +406,9 @@ class SliceDualMap(DualMap):
             from asap.attention import triton_dual_map  # CUDA only: keeps Triton out of CPU imports
 
             if triton_dual_map.worth_it(q) and triton_dual_map.supports_dual_map(q, k, valid) is None:
-                names = self.extra_features
-                beta = {name: self.extra_coef[:, names.index(name)] for name in ("qk_mean", "q_norm") if name in names}
-                f_hat = triton_dual_map.slice_dual_map_triton(
-                    q, k, self.directions, self.coef, scale=scale, c_mean=beta.get("qk_mean"), c_norm=beta.get("q_norm"),
-                    valid=valid,
-                )  # fmt: skip
-                return _center(f_hat, None if valid is None else valid.unsqueeze(1).expand_as(f_hat), center)
+                f_hat = triton_dual_map.slice_dual_map_triton(q, k, self.directions, self.coef, scale=scale, valid=valid,
+                                                              **self._moment_coefficients())  # fmt: skip
+                return _center_tokens(f_hat, valid, center)
         dtype = _work_dtype(q.dtype)
         q, k = q.to(dtype), k.to(dtype)
         b, h, n, d = q.shape
@@ -442,7 +438,7 @@ class SliceDualMap(DualMap):
             torch.cumsum(step, dim=-1, out=f_sorted[..., 1:])
         # reshape, not view: torch.sort (CUDA, torch.compile) keeps the projections' permuted strides in perm.
         f_hat = f_hat.scatter_add_(-1, perm.reshape(b, h, -1), f_sorted.view(b, h, -1))
-        return _center(f_hat, None if valid is None else valid.unsqueeze(1).expand(b, h, n), center)
+        return _center_tokens(f_hat, valid, center)
 
     def native_arguments(self) -> dict[str, Any] | None:
         """This map as keyword arguments of :func:`asap.attention.native.asap_forward_native`, or None.
@@ -452,14 +448,13 @@ class SliceDualMap(DualMap):
         """
         if not self.use_native or "lse_landmarks" in self.extra_features:
             return None
-        return self._native_map_arguments()
+        return dict(directions=self.directions, coef=self.coef, **self._moment_coefficients())
 
-    def _native_map_arguments(self) -> dict[str, Any]:
-        """The slices and the two moment extras as keyword arguments of the native kernel."""
+    def _moment_coefficients(self) -> dict[str, Tensor | None]:
+        """The coefficients ``(h,)`` of the two moment extras as the kernels take them (None: no such feature)."""
         names = self.extra_features
-        column = {name: names.index(name) if name in names else None for name in ("qk_mean", "q_norm")}
-        return dict(directions=self.directions, coef=self.coef, extra_coef=self.extra_coef if names else None,
-                    c_mean_column=column["qk_mean"], c_norm_column=column["q_norm"])  # fmt: skip
+        return {arg: self.extra_coef[:, names.index(name)] if name in names else None
+                for arg, name in (("c_mean", "qk_mean"), ("c_norm", "q_norm"))}  # fmt: skip
 
     def _forward_native(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None, center: bool) -> Tensor:
         """:meth:`_forward_fused` in one native pass per ``(b, h)`` (:mod:`asap.attention.native`); fp32.
@@ -470,13 +465,13 @@ class SliceDualMap(DualMap):
         names = self.extra_features
         landmarks = "lse_landmarks" in names
         f_hat = native.asap_forward_native(q, k, scale=scale, valid=valid, center=center and not landmarks,
-                                           **self._native_map_arguments())  # fmt: skip
+                                           directions=self.directions, coef=self.coef, **self._moment_coefficients())  # fmt: skip
         if not landmarks:
             return f_hat
         q, k = q.to(torch.float32), k.to(torch.float32)
         lse = _landmark_lse(q, k, scale=scale, cols=None if valid is None else valid[:, None, :])
         f_hat = f_hat.add_(lse.mul_(self.extra_coef[:, names.index("lse_landmarks")][None, :, None]))
-        return _center(f_hat, None if valid is None else valid.unsqueeze(1).expand_as(f_hat), center)
+        return _center_tokens(f_hat, valid, center)
 
     def _extras(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None) -> Tensor:
         """``sum_e beta_e x_e(i)``, uncentred, ``(b, h, n)`` (a fresh tensor: the slices are added into it).
@@ -528,6 +523,11 @@ def _project_pair(directions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Ten
 
 def _center(f_hat: Tensor, valid: Tensor | None, enabled: bool) -> Tensor:
     return center_over(f_hat, valid=valid) if enabled else f_hat
+
+
+def _center_tokens(f_hat: Tensor, valid: Tensor | None, enabled: bool) -> Tensor:
+    """:func:`_center` over the queries a token mask ``valid (b, n)`` keeps (``f_hat (b, h, n)``)."""
+    return _center(f_hat, None if valid is None else valid.unsqueeze(1).expand_as(f_hat), enabled)
 
 
 class ExtendedSliceDualMap(SliceDualMap):

@@ -10,7 +10,7 @@ paths, and the dispatch rules use the crossovers (:data:`DUAL_MAP_MAX_N`, :func:
 map on short rows, the closure on short padded rows (unpadded, PyTorch's one-exponential closure is as fast).
 
 Building. The source is compiled once per source version and compiler with the system C compiler
-(``$CC``, else ``cc``; ``-O3 -fPIC -shared -pthread``, no ``-march=native``: on x86-64 GCC the hot
+(``$CC``, else ``cc``; ``-O3 -fPIC -shared``, no ``-march=native``: on x86-64 GCC the hot
 loops carry AVX2 and AVX-512 clones picked at load time, so a cache shared between machines stays valid;
 ``-ffp-contract=off``, so that no layout-specialised loop rounds differently: results are bit-equal for
 every memory layout of the inputs)
@@ -21,8 +21,8 @@ keep the PyTorch path (the same result to fp32 rounding).
 
 Inference only: no autograd (callers check :func:`supports`), CPU tensors, fp32 compute (fp16/bf16
 inputs are widened first, as the PyTorch path does; fp64 inputs, the references, stay on the PyTorch
-path). A call releases the GIL and runs on the calling thread (:data:`THREADS`; the C entry point can split
-the heads over POSIX threads, which measured slower beside torch's own pool).
+path). A call releases the GIL and runs on the calling thread (a version that split the heads over POSIX
+threads gained nothing beside torch's own pool; see :func:`fused_worth_it`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("asap_cpu.c")
-CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-std=gnu99", "-Wno-psabi")
+CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu99", "-Wno-psabi")
 #: When the native kernels beat the PyTorch paths (``scripts/bench_asap_paths.py``,
 #: ``results/bench/asap_paths_1_thread.json``, softmax calls at one thread). The dual map
 #: (:meth:`asap.attention.dual_map.SliceDualMap.forward`) up to :data:`DUAL_MAP_MAX_N` tokens: 1.39 against
@@ -53,12 +53,11 @@ CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-std=gnu9
 #: or faster (1.48 against 1.73 at 8 x 8 x 16 x 64, 1.08 against 1.59 at n = 32).
 DUAL_MAP_MAX_N = 96
 CLOSURE_MAX_N = 128
-#: The kernels run on the calling thread only. A first version split the heads over POSIX threads; at
-#: torch's default 2 threads on the 2-core machine it gained nothing (scripts/bench_asap_paths.py with that
-#: version, not kept: the native closure took 0.39 ms at 32 x 4 x 17 x 16 with two kernel threads and
-#: 0.40 ms with one) while torch's own paths did gain; the likely cause is competition with torch's thread
-#: pool, whose workers keep spinning after each parallel region.
-THREADS = 1
+# The kernels run on the calling thread only. A first version split the heads over POSIX threads; at
+# torch's default 2 threads on the 2-core machine it gained nothing (scripts/bench_asap_paths.py with that
+# version, not kept: the native closure took 0.39 ms at 32 x 4 x 17 x 16 with two kernel threads and
+# 0.40 ms with one) while torch's own paths did gain; the likely cause is competition with torch's thread
+# pool, whose workers keep spinning after each parallel region.
 
 
 def closure_worth_it(n: int, *, padded: bool) -> bool:
@@ -138,8 +137,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     fn = lib.asap_forward_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR,
-                   _PTR, _PTR, _I64, ctypes.c_double, ctypes.c_double, _PTR, _PTR, ctypes.c_int, _PTR, _PTR,
-                   ctypes.c_int]  # fmt: skip
+                   _PTR, _I64, _PTR, _I64, ctypes.c_double, ctypes.c_double, _PTR, _PTR, ctypes.c_int, _PTR, _PTR]  # fmt: skip
     return lib, None
 
 
@@ -179,9 +177,8 @@ def asap_forward_native(
     f_hat: Tensor | None = None,
     directions: Tensor | None = None,
     coef: Tensor | None = None,
-    extra_coef: Tensor | None = None,
-    c_mean_column: int | None = None,
-    c_norm_column: int | None = None,
+    c_mean: Tensor | None = None,
+    c_norm: Tensor | None = None,
     valid: Tensor | None = None,
     center: bool = True,
     return_dual: bool = False,
@@ -193,8 +190,7 @@ def asap_forward_native(
           f_i = sum_l coef_{h,l} phi_l(i) + c_mean_h scale <q_i, kbar> + c_norm_h scale^2 |q_i|^2,
 
       ``phi_l`` the exact 1-D query potentials of slice ``l`` between the valid queries and keys,
-      ``kbar`` the mean valid key, ``c_mean = extra_coef[:, c_mean_column]`` and
-      ``c_norm = extra_coef[:, c_norm_column]`` (a column None: no such term); centred over the valid
+      ``kbar`` the mean valid key, ``c_mean, c_norm (h,)`` any stride (None: no such term); centred over the valid
       queries with ``center=True`` (else off by a constant per ``(b, h)``, which the closure ignores).
     * The closure (``v`` given): ``out = softmax_j((S_ij + g_j)/eps) v`` with ``g = ccol(f)``,
       ``S = scale q k^T``, from ``f_hat (b, h, n)`` if given, else from the map above; one
@@ -217,23 +213,21 @@ def asap_forward_native(
     L = 0 if directions is None else directions.shape[-2]
     dirs = None if directions is None else _f32_contiguous(directions)
     coef = None if coef is None else _f32_contiguous(coef)
-    extra = None if extra_coef is None else _f32_contiguous(extra_coef)
+    c_mean = None if c_mean is None else _f32(c_mean)
+    c_norm = None if c_norm is None else _f32(c_norm)
     f_in = None if f_hat is None else _f32(f_hat)
-
-    def column(index: int | None):  # the address of one column of extra_coef (fp32: 4 bytes an entry)
-        return None if index is None or extra is None else extra.data_ptr() + 4 * index
-
     mask = None if valid is None else (valid if valid.dtype == torch.bool else valid.to(torch.bool))
     want_dual = v is None or return_dual
     f_out = torch.empty(b, h, n, dtype=torch.float32) if want_dual else None
     out = None if v is None else torch.empty(b, h, n, dv, dtype=torch.float32)
     status = lib.asap_forward_f32(
         _ptr(q), _ptr(k), _ptr(v), b, h, n, d, dv, _strides(q), _strides(k), _strides(v), _ptr(f_in), _strides(f_in),
-        L, _ptr(dirs), _ptr(coef), column(c_mean_column), column(c_norm_column), 0 if extra is None else extra.stride(0),
-        float(scale), float(eps), _ptr(mask), _strides(mask), int(center), _ptr(f_out), _ptr(out), THREADS,
+        L, _ptr(dirs), _ptr(coef), _ptr(c_mean), 0 if c_mean is None else c_mean.stride(0), _ptr(c_norm),
+        0 if c_norm is None else c_norm.stride(0),
+        float(scale), float(eps), _ptr(mask), _strides(mask), int(center), _ptr(f_out), _ptr(out),
     )  # fmt: skip
     if status != 0:
-        raise RuntimeError(f"native kernels failed ({'out of memory' if status == 1 else 'could not start a thread'})")
+        raise RuntimeError("native kernels failed: out of memory for the workspace")
     if v is None:
         return f_out
     return (out, f_out) if return_dual else out

@@ -19,7 +19,6 @@
  * directions zero-padded to a multiple of LANES): all projections at once (project), every slice
  * ranked at once by branch-free counting (ranks), then scattered and summed in double.
  */
-#include <pthread.h>
 #include <stdint.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
@@ -179,7 +178,7 @@ VECTOR_HELPER float hmax(vfloat v) {
     return m;
 }
 
-/* What one call computes; every worker reads it and takes the heads [start, stop). */
+/* What one call computes. */
 typedef struct {
     const float *q, *k, *v;     /* (b, h, n, d), (b, h, n, d), (b, h, n, dv), any strides */
     int64_t b, h, n, d, dv, L, Lp;  /* Lp: L rounded up to a multiple of LANES */
@@ -188,9 +187,9 @@ typedef struct {
     int64_t fs[3];
     const float *dirs;          /* (h, L, d), contiguous */
     const float *coef;          /* (h, L), contiguous: slice coefficients */
-    const float *c_mean;        /* (h) with stride cs, or NULL: coefficient of scale <q_i, kbar> */
-    const float *c_norm;        /* (h) with stride cs, or NULL: coefficient of scale^2 |q_i|^2 */
-    int64_t cs;
+    const float *c_mean;        /* (h) with stride cms, or NULL: coefficient of scale <q_i, kbar> */
+    const float *c_norm;        /* (h) with stride cns, or NULL: coefficient of scale^2 |q_i|^2 */
+    int64_t cms, cns;
     double scale, eps;
     const uint8_t *valid;       /* (b, n) with strides ms[0], ms[1], or NULL */
     int64_t ms[2];
@@ -199,13 +198,7 @@ typedef struct {
     float *out;                 /* (b, h, n, dv) contiguous, or NULL: the attention output */
 } problem_t;
 
-typedef struct {
-    const problem_t *p;
-    int64_t start, stop;
-    int status;
-} job_t;
-
-/* One worker's scratch, carved from one allocation (8-byte items first). */
+/* The scratch of one call, carved from one allocation (8-byte items first) and reused for every head. */
 typedef struct {
     double *f;                         /* (n) query dual of the valid tokens */
     int64_t *tokens;                   /* (n) indices of the valid tokens */
@@ -270,8 +263,8 @@ static void dual_map_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv
     project(q, k, p->qs[2], p->qs[3], p->ks[2], p->ks[3], tokens, nv, d, Lp, w->dirs_t, w->xl, w->yl);
 
     /* the moment extras: f_t = c_mean scale <q_t, kbar> + c_norm scale^2 |q_t|^2 (kbar from the key sum) */
-    const double c_mean = p->c_mean ? p->c_mean[hi * p->cs] * p->scale / (double)nv : 0.0;
-    const double c_norm = p->c_norm ? p->c_norm[hi * p->cs] * p->scale * p->scale : 0.0;
+    const double c_mean = p->c_mean ? p->c_mean[hi * p->cms] * p->scale / (double)nv : 0.0;
+    const double c_norm = p->c_norm ? p->c_norm[hi * p->cns] * p->scale * p->scale : 0.0;
     for (int64_t t = 0; t < nv; t++) f[t] = 0.0;
     if (c_mean != 0.0 || c_norm != 0.0) {
         moments(q, k, p->qs[2], p->qs[3], p->ks[2], p->ks[3], tokens, nv, d, w->kbar, w->qsq, w->qk);
@@ -449,7 +442,7 @@ static void run_head(const problem_t *p, int64_t bh, const workspace_t *w) {
 }
 
 /* Sharp attention drives exponentials towards FLT_MIN, and x86 CPUs take a slow path for every
- * operation on a subnormal number; each worker therefore flushes them to zero (FTZ and DAZ, restored
+ * operation on a subnormal number; a call therefore flushes them to zero (FTZ and DAZ, restored
  * on exit). The flushed terms are below 1.2e-38 next to row and column sums of at least 1 (every row
  * and column of E holds a 1), so the result moves by less than that. Other targets keep their default. */
 #if defined(__x86_64__) || defined(__i386__)
@@ -460,51 +453,18 @@ static void run_head(const problem_t *p, int64_t bh, const workspace_t *w) {
 #define FLUSH_SUBNORMALS_END
 #endif
 
-static void *run_job(void *arg) {
-    job_t *job = (job_t *)arg;
+/* Runs every head of the problem on the calling thread (the Python side explains why not several).
+ * Returns 0 on success, 1 if the workspace could not be allocated. */
+static int run_problem(const problem_t *p) {
     FLUSH_SUBNORMALS_BEGIN
     workspace_t w;
-    char *buf = workspace_alloc(&w, job->p);
-    if (!buf) {
-        job->status = 1;
-        FLUSH_SUBNORMALS_END
-        return NULL;
+    char *buf = workspace_alloc(&w, p);
+    if (buf) {
+        for (int64_t bh = 0; bh < p->b * p->h; bh++) run_head(p, bh, &w);
+        free(buf);
     }
-    for (int64_t bh = job->start; bh < job->stop; bh++) run_head(job->p, bh, &w);
-    free(buf);
-    job->status = 0;
     FLUSH_SUBNORMALS_END
-    return NULL;
-}
-
-/* Runs every head of the problem on num_threads threads (the caller's one included).
- * Returns 0 on success, 1 if a workspace could not be allocated, 2 if a thread could not be started. */
-static int run_problem(const problem_t *p, int num_threads) {
-    const int64_t heads = p->b * p->h;
-    if (num_threads > heads) num_threads = (int)heads;
-    if (num_threads > 64) num_threads = 64;
-    if (num_threads < 1) num_threads = 1;
-    job_t jobs[64];
-    pthread_t threads[64];
-    for (int t = 0; t < num_threads; t++) {
-        jobs[t].p = p;
-        jobs[t].start = heads * t / num_threads;
-        jobs[t].stop = heads * (t + 1) / num_threads;
-        jobs[t].status = 0;
-    }
-    int started = 0, status = 0;
-    for (int t = 1; t < num_threads; t++) {
-        if (pthread_create(&threads[t], NULL, run_job, &jobs[t]) != 0) {
-            status = 2;
-            break;
-        }
-        started = t;
-    }
-    if (status == 0) run_job(&jobs[0]);
-    for (int t = 1; t <= started; t++) pthread_join(threads[t], NULL);
-    for (int t = 0; t < num_threads && status == 0; t++)
-        if (jobs[t].status) status = jobs[t].status;
-    return status;
+    return buf ? 0 : 1;
 }
 
 static void copy_strides(int64_t *dst, const int64_t *src, int count) {
@@ -516,37 +476,17 @@ static void copy_strides(int64_t *dst, const int64_t *src, int count) {
 int asap_forward_f32(const float *q, const float *k, const float *v, int64_t b, int64_t h, int64_t n, int64_t d,
                      int64_t dv, const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
                      const float *f_in, const int64_t *f_strides, int64_t L, const float *dirs, const float *coef,
-                     const float *c_mean, const float *c_norm, int64_t c_stride, double scale, double eps,
-                     const uint8_t *valid, const int64_t *valid_strides, int center, float *f_out, float *out,
-                     int num_threads) {
-    problem_t p;
-    memset(&p, 0, sizeof p);
-    p.q = q;
-    p.k = k;
-    p.v = v;
-    p.b = b;
-    p.h = h;
-    p.n = n;
-    p.d = d;
-    p.dv = dv;
-    p.L = L;
-    p.Lp = padded(L);
+                     const float *c_mean, int64_t c_mean_stride, const float *c_norm, int64_t c_norm_stride,
+                     double scale, double eps, const uint8_t *valid, const int64_t *valid_strides, int center,
+                     float *f_out, float *out) {
+    problem_t p = {.q = q, .k = k, .v = v, .b = b, .h = h, .n = n, .d = d, .dv = dv, .L = L, .Lp = padded(L),
+                   .f_in = f_in, .dirs = dirs, .coef = coef, .c_mean = c_mean, .cms = c_mean_stride,
+                   .c_norm = c_norm, .cns = c_norm_stride, .scale = scale, .eps = eps, .valid = valid,
+                   .center = center, .f_out = f_out, .out = out};
     copy_strides(p.qs, q_strides, 4);
     copy_strides(p.ks, k_strides, 4);
     copy_strides(p.vs, v_strides, 4);
-    p.f_in = f_in;
     copy_strides(p.fs, f_strides, 3);
-    p.dirs = dirs;
-    p.coef = coef;
-    p.c_mean = c_mean;
-    p.c_norm = c_norm;
-    p.cs = c_stride;
-    p.scale = scale;
-    p.eps = eps;
-    p.valid = valid;
     copy_strides(p.ms, valid_strides, 2);
-    p.center = center;
-    p.f_out = f_out;
-    p.out = out;
-    return run_problem(&p, num_threads);
+    return run_problem(&p);
 }
