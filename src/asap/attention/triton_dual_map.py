@@ -28,7 +28,13 @@ import torch
 from torch import Tensor
 
 from asap.attention.checks import check_positive
-from asap.attention.triton_kernels import _MAX_OFFSET, SUPPORTED_DTYPES, TRITON_IMPORT_ERROR, _block, triton
+from asap.attention.triton_kernels import (
+    TRITON_IMPORT_ERROR,
+    _block,
+    offsets_reason,
+    placement_reason,
+    triton,
+)
 
 #: Whether this module's kernel was built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at
 #: import). Its own flag, not ``triton_kernels.INTERPRET``: the mode is fixed when *this* module's
@@ -234,18 +240,9 @@ def supports_dual_map(q: Tensor, k: Tensor, valid: Tensor | None = None) -> str 
         return "q and k must be 4-D tensors (b, h, n, d)"
     if q.shape != k.shape:
         return f"self-attention only (n = m, same shapes): q {tuple(q.shape)}, k {tuple(k.shape)}"
-    if q.device.type == "cpu":
-        if not INTERPRET:
-            return (
-                "CPU tensors run the Triton kernel only under the interpreter: set TRITON_INTERPRET=1 "
-                "before importing asap.attention.triton_dual_map"
-            )
-    elif q.device.type != "cuda":
-        return f"the Triton kernel needs CUDA tensors (or CPU under TRITON_INTERPRET=1), got {q.device}"
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} is not supported (fp16, bf16, fp32; fp64 stays on the PyTorch path)"
-    if k.dtype != q.dtype or k.device != q.device:
-        return "q and k must share a dtype and a device"
+    reason = placement_reason((q, k), interpret=INTERPRET, module=__name__, names="q and k")
+    if reason is not None:
+        return reason
     b, h, n, d = q.shape
     if n > MAX_N:
         return f"rows of {n} tokens are longer than {MAX_N} (the O(n^2) ranks are for short rows)"
@@ -260,11 +257,7 @@ def supports_dual_map(q: Tensor, k: Tensor, valid: Tensor | None = None) -> str 
             return f"valid must be a bool tensor of shape (b, n) = {(b, n)} (True = real token)"
         if valid.device != q.device:
             return f"valid is on {valid.device}, q on {q.device}"
-    # Offsets inside one (b, h) are int32 products (index x stride), as in triton_kernels.
-    for t in (q, k):
-        if sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= _MAX_OFFSET:
-            return f"a tensor of shape {tuple(t.shape)} and strides {t.stride()} needs offsets beyond int32"
-    return None
+    return offsets_reason((q, k))
 
 
 def _per_head(name: str, t: Tensor | None, shape: tuple[int, ...], device: torch.device) -> Tensor | None:

@@ -405,25 +405,44 @@ def _unsupported(q: Tensor, k: Tensor, v: Tensor | None) -> str | None:
     if triton is None:
         return f"triton is not importable ({TRITON_IMPORT_ERROR}); install asap-attention[triton]"
     tensors = (q, k) if v is None else (q, k, v)
+    reason = placement_reason(tensors, interpret=INTERPRET, module=__name__, names="q, k, v")
+    if reason is not None:
+        return reason
+    dims = (q.shape[-1],) if v is None else (q.shape[-1], v.shape[-1])
+    if max(dims) > MAX_HEAD_DIM:
+        return f"head size {max(dims)} is larger than {MAX_HEAD_DIM}"
+    if any(t.numel() == 0 for t in tensors):
+        return "empty input"
+    return offsets_reason(tensors)
+
+
+def placement_reason(tensors: tuple[Tensor, ...], *, interpret: bool, module: str, names: str) -> str | None:
+    """Why ``tensors`` cannot go to the Triton kernels of ``module`` here (device, interpreter mode, dtypes), or None.
+
+    ``interpret`` is the mode ``module``'s kernels were built in; ``names`` names the tensors in the reason.
+    """
+    q = tensors[0]
     if q.device.type == "cpu":
-        if not INTERPRET:
+        if not interpret:
             return (
                 "CPU tensors run the Triton kernels only under the interpreter: set TRITON_INTERPRET=1 "
-                "before importing asap.attention.triton_kernels"
+                f"before importing {module}"
             )
     elif q.device.type != "cuda":
         return f"the Triton kernels need CUDA tensors (or CPU under TRITON_INTERPRET=1), got {q.device}"
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not supported (fp16, bf16, fp32; fp64 stays on the PyTorch path)"
     if any(t.dtype != q.dtype or t.device != q.device for t in tensors):
-        return "q, k, v must share a dtype and a device"
-    dims = (q.shape[-1],) if v is None else (q.shape[-1], v.shape[-1])
-    if max(dims) > MAX_HEAD_DIM:
-        return f"head size {max(dims)} is larger than {MAX_HEAD_DIM}"
-    if any(t.numel() == 0 for t in tensors):
-        return "empty input"
-    # In-kernel offsets inside one (b, h) slab are int32 products (offset x stride); only the
-    # batch and head offsets are int64. Refuse rather than overflow silently.
+        return f"{names} must share a dtype and a device"
+    return None
+
+
+def offsets_reason(tensors: tuple[Tensor, ...]) -> str | None:
+    """Why a kernel's int32 offsets cannot reach every element of ``tensors``, or None.
+
+    In-kernel offsets inside one (b, h) slab are int32 products (offset x stride); only the
+    batch and head offsets are int64. Refuse rather than overflow silently.
+    """
     for t in tensors:
         if sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= _MAX_OFFSET:
             return f"a tensor of shape {tuple(t.shape)} and strides {t.stride()} needs offsets beyond int32"
