@@ -4,10 +4,13 @@ For each shape (b, h, n, d), unpadded and padded (a quarter of the tokens on ave
 run (asap.bench.measure.benchmark) times, in softmax-call units (softmax on the same unpadded inputs):
 
 * the closure alone from a given f_hat: backend "flash" (two fused attention passes), "shared"
-  (one exponential, unpadded only) at several chunk sizes and "native" (the C kernel, up to n = 128);
+  (one exponential; unpadded fp32 with its elementwise passes native) at several chunk sizes and with the
+  PyTorch ops (``closure_shared_torch``), and "native" (the C kernel, up to n = 128);
 * the fused dual map (L = 16, qk_mean + q_norm) alone: as dispatched (``dual_map``: the C kernel up to
   asap.attention.native.DUAL_MAP_MAX_N) and the PyTorch path (``dual_map_torch``; up to n = 128);
-* the whole AsapOperator with backend "auto", and Sinkhorn K = 3 and K = 11 for scale.
+* the whole AsapOperator with backend "auto", its one-call native path (``asap_fused``, up to
+  asap.attention.native.DUAL_MAP_MAX_N) and, unpadded, the map then the shared closure (``asap_split``),
+  and Sinkhorn K = 3 and K = 11 for scale.
 
 The native rules (asap.attention.native.DUAL_MAP_MAX_N, closure_worth_it) come from these rows.
 
@@ -66,11 +69,19 @@ def run_shape(b: int, h: int, n: int, d: int, *, padded: bool, budget: float) ->
     }
     if n <= NATIVE_ROWS_MAX_N and native.unavailable() is None:
         fns["closure_native"] = lambda: asap_attention(q, k, v, f, padding_mask=valid, backend="native")
+    if n <= native.DUAL_MAP_MAX_N and native.unavailable() is None:  # map and closure in one native call
+        fused = build_operator("asap", num_heads=h, head_dim=d, backend="native", dual_map=op.dual_map)
+        fns["asap_fused"] = lambda: fused(q, k, v, padding_mask=valid)
+        if not padded:  # the map, then the one-exponential closure: the unpadded alternative to the fused call
+            split = build_operator("asap", num_heads=h, head_dim=d, backend="shared", dual_map=op.dual_map)
+            fns["asap_split"] = lambda: split(q, k, v)
     else:
         del fns["dual_map_torch"]
     for chunk in CHUNKS:
         fns[f"closure_shared_{chunk >> 10}k"] = (
             lambda chunk=chunk: shared_exp_closure(q, k, v, f, scale=scale, eps=1.0, valid=valid, chunk_bytes=chunk))
+    fns["closure_shared_torch"] = lambda: shared_exp_closure(q, k, v, f, scale=scale, eps=1.0, valid=valid,
+                                                             native_passes=False)  # fmt: skip
     with torch.no_grad():
         run = benchmark(fns, device="cpu", warmup=2, repeats=40, min_repeats=5, budget_s=budget, measure_memory=False)
     med = {name: r.timing.median_s for name, r in run.results.items()}
@@ -83,13 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per method and shape")
+    parser.add_argument("--max-n", type=int, default=None, help="only the shapes with n up to this (a quick rerun)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     load_before = load_average()
-    for b, h, n, d in SHAPES:
+    for b, h, n, d in [s for s in SHAPES if args.max_n is None or s[2] <= args.max_n]:
         for padded in (False, True):
             row = run_shape(b, h, n, d, padded=padded, budget=args.budget)
             rows.append(row)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from asap.attention import asap_attention, build_operator, native, softmax_attention
+from asap.attention.closure import shared_exp_closure
 from asap.attention.reference import asap_attention_reference, softmax_attention_reference
 from asap.transport.masks import key_padding_to_attn_mask
 from tests.attention.test_dual_map import _reference as map_reference
@@ -185,3 +186,106 @@ def test_build_failure_and_opt_out_fall_back(monkeypatch, tmp_path):
         monkeypatch.undo()
         native._load.cache_clear()
     assert native.unavailable() is None
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_threads_split_the_heads_bit_equal(threads):
+    """The heads are split over torch's threads (OpenMP): any thread count, even more threads than heads
+    or an uneven split, gives the bit-identical map and output of one thread."""
+    m = _map(("qk_mean", "q_norm"), heads=3)
+    q, k, v = rand_qkv(b=2, h=3, n=17, d=16, dtype=torch.float32)
+    valid = _valid(lengths=(17, 5))
+    args = dict(scale=0.3, directions=m.directions.float(), coef=m.coefficients()[:, :16].float(), valid=valid)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.asap_forward_native(q, k, v, return_dual=True, **args)
+        torch.set_num_threads(threads)
+        many = native.asap_forward_native(q, k, v, return_dual=True, **args)
+    finally:
+        torch.set_num_threads(saved)
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_compiler_without_openmp_builds_the_serial_library(monkeypatch, tmp_path):
+    """Where -fopenmp fails (Apple's clang), the single-threaded library is built and gives the same result."""
+    cc = tmp_path / "cc-without-openmp"
+    cc.write_text('#!/bin/sh\nfor a; do [ "$a" = -fopenmp ] && { echo "unsupported option" >&2; exit 1; }; done\n'
+                  f'exec {native._compiler()} "$@"\n')
+    cc.chmod(0o755)
+    q, k, v = rand_qkv(b=2, h=3, n=9, d=8, dtype=torch.float32)
+    f = torch.randn(2, 3, 9)
+    expected = native.asap_forward_native(q, k, v, f_hat=f, scale=0.5)
+    try:
+        monkeypatch.setenv("ASAP_NATIVE_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("CC", str(cc))
+        native._load.cache_clear()
+        assert native.unavailable() is None and not native.threaded()
+        torch.testing.assert_close(native.asap_forward_native(q, k, v, f_hat=f, scale=0.5), expected, rtol=0, atol=0)
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
+    assert native.unavailable() is None and native.threaded()  # the default (OpenMP) library loads again
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 17, 17, 16), (2, 2, 50, 33, 24), (1, 2, 1, 1, 4), (1, 1, 40, 70, 8)])
+@pytest.mark.parametrize("chunk_bytes", [1, 2**22])
+@pytest.mark.parametrize("eps", [0.3, 1.0])
+def test_closure_blocks_match_the_fp64_reference(shape, chunk_bytes, eps):
+    """The native passes of the one-exponential closure (cross-attention too, m not a multiple of the
+    vector width, one block per chunk or all in one) against the fp64 reference, and the PyTorch ops."""
+    b, h, n, m, d = shape
+    q, k = torch.randn(b, h, n, d, dtype=torch.float64), torch.randn(b, h, m, d, dtype=torch.float64)
+    v, f = torch.randn(b, h, m, 5, dtype=torch.float64), 3 * torch.randn(b, h, n, dtype=torch.float64)
+    truth = asap_attention_reference(q, k, v, f, eps=eps, scale=0.4)
+    args = [t.float() for t in (q, k, v, f)]
+    fast = shared_exp_closure(*args, scale=0.4, eps=eps, chunk_bytes=chunk_bytes)
+    plain = shared_exp_closure(*args, scale=0.4, eps=eps, chunk_bytes=chunk_bytes, native_passes=False)
+    torch.testing.assert_close(fast.double(), truth, rtol=2e-5, atol=2e-5)
+    assert (fast.double() - truth).abs().max() <= 2 * (plain.double() - truth).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_closure_blocks_any_layout(layout):
+    q, k, v = rand_qkv(b=2, h=3, n=19, d=16, dtype=torch.float32)
+    f = torch.randn(2, 3, 19)
+    args = [relayout(t, layout) for t in (q, k, v)]  # expanded changes the values: compare like with like
+    want = shared_exp_closure(*(t.contiguous() for t in args), f, scale=0.25, eps=0.5)
+    got = shared_exp_closure(*args, f, scale=0.25, eps=0.5)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_closure_blocks_keep_a_row_that_would_underflow_and_split_over_threads():
+    """A query ~1000 eps below its competitors keeps its row (the row shift), and every thread count
+    (blocks split over threads, more threads than blocks) gives the bit-identical result."""
+    q, k, v = rand_qkv(b=1, h=3, n=21, d=8, dtype=torch.float32)
+    f = torch.randn(1, 3, 21)
+    f[0, :, 2] = -100.0
+    truth = asap_attention_reference(q.double(), k.double(), v.double(), f.double(), eps=0.1, scale=0.5)
+    saved = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 5):
+            torch.set_num_threads(threads)
+            results.append(shared_exp_closure(q, k, v, f, scale=0.5, eps=0.1))
+    finally:
+        torch.set_num_threads(saved)
+    assert results[0].isfinite().all()
+    torch.testing.assert_close(results[0].double(), truth, rtol=1e-5, atol=1e-5)
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=0, atol=0)
+
+
+def test_closure_blocks_refuse_what_they_cannot_take():
+    scores, bias, den = torch.zeros(2, 3, 16), torch.zeros(2, 3), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        native.closure_blocks(scores.double(), bias, den, alpha=1.0, columns=4)
+    with pytest.raises(ValueError, match="do not match"):
+        native.closure_blocks(scores, bias[:1], den, alpha=1.0, columns=4)
+    with pytest.raises(ValueError, match="a multiple of 16"):
+        native.closure_blocks(scores[..., :12].contiguous(), bias, den, alpha=1.0, columns=4)
+    with pytest.raises(ValueError, match="at least columns"):
+        native.closure_blocks(scores, bias, den, alpha=1.0, columns=17)
+    assert native.supports_blocks(scores.double()) is not None
+    assert native.supports_blocks(scores.requires_grad_(True)) == "native kernels: inference only (no autograd)"

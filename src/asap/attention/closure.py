@@ -29,12 +29,21 @@ than the chunk is still one block, which is why the dispatcher in
 :func:`asap.attention.functional.asap_attention` only takes this path up to
 :data:`SHARED_MAX_BLOCK_BYTES`. Inference only (the blocks are overwritten in
 place); the reference is :func:`asap.attention.reference.asap_attention_reference`.
+
+Unpadded fp32 blocks take their elementwise passes (the maxima, the exponentials, the weights and the
+denominators) in one native call per chunk, :func:`asap.attention.native.closure_blocks`: four passes
+over a block instead of the nine of the PyTorch ops, split over torch's threads; the GEMMs stay
+torch's. fp64, padded inputs and machines without the native kernels run the PyTorch ops below.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
+
+from asap.attention import native
 
 #: One chunk of score blocks (fp32 bytes): 4 MiB was fastest or within noise of it at 11 of 13
 #: shapes from n = 16 to 1024 (scripts/bench_asap_paths.py, results/bench/asap_paths_*.json).
@@ -53,6 +62,7 @@ def shared_exp_closure(
     eps: float,
     valid: Tensor | None = None,
     chunk_bytes: int = SHARED_CHUNK_BYTES,
+    native_passes: bool = True,
 ) -> Tensor:
     """``softmax_j((S_ij + ccol(f)_j) / eps) v`` with one exponential per score: ``(b, h, n, dv)``.
 
@@ -62,6 +72,9 @@ def shared_exp_closure(
         valid: optional token mask ``(b, n)`` of self-attention padding (True = real token):
             padded queries and keys get no mass and padded queries output 0.
         chunk_bytes: memory of the score blocks held at once.
+        native_passes: unpadded fp32 inference runs the elementwise passes as one native call per
+            chunk (:func:`asap.attention.native.closure_blocks`, where the kernels are built); False
+            keeps the PyTorch ops (the path of fp64, padded inputs and machines without the kernels).
     """
     b, h, n, d = q.shape
     m, dv = k.shape[-2], v.shape[-1]
@@ -76,10 +89,15 @@ def shared_exp_closure(
         key_bias = torch.where(tokens, torch.zeros((), dtype=dtype, device=q.device), neg_inf).unsqueeze(-2)
         key_valid = tokens.unsqueeze(-2)  # (problems, 1, m): m = n for self-attention
         zero = torch.zeros((), dtype=dtype, device=q.device)
+    per_chunk = max(1, chunk_bytes // max(1, n * m * torch.finfo(dtype).bits // 8))
+    if native_passes and valid is None and dtype == torch.float32 and native.supports_blocks(q, k, v, f) is None:
+        # the native passes split a chunk's blocks over torch's threads: give each thread a block
+        per_chunk = max(per_chunk, min(torch.get_num_threads(), problems))
+        out = _native_closure(q, k, v, bias, alpha=scale / eps, per_chunk=per_chunk)
+        return out.reshape(b, h, n, dv)
     qs = q.reshape(problems, n, d)
     kt = k.reshape(problems, m, d).transpose(-1, -2)
     vp = v.reshape(problems, m, dv)
-    per_chunk = max(1, chunk_bytes // max(1, n * m * torch.finfo(dtype).bits // 8))
     out = torch.empty(problems, n, dv, dtype=dtype, device=q.device)
     for start in range(0, problems, per_chunk):  # static Python loop over chunks: no host sync
         part = slice(start, min(start + per_chunk, problems))
@@ -106,3 +124,56 @@ def shared_exp_closure(
     if valid is not None:
         out = torch.where(valid[:, None, :, None], out, zero)
     return out
+
+
+def _native_closure(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, *, alpha: float, per_chunk: int) -> Tensor:
+    """The unpadded fp32 closure with the elementwise passes in one native call per chunk: ``(b h, n, dv)``.
+
+    torch's GEMMs write ``S`` into one chunk buffer and compute the rows from it;
+    :func:`asap.attention.native.closure_blocks` does the rest in four passes over each block instead of
+    the nine of the PyTorch ops (``scripts/bench_asap_paths.py`` times both). The block rows are padded to
+    whole vectors (keys padded with zeros, the extra columns masked in the kernel); the chunk buffer is
+    kept between calls (:func:`_chunk_buffer`).
+    """
+    b, h, n, d = q.shape
+    m, dv = k.shape[-2], v.shape[-1]
+    problems = b * h
+    ld = -(-m // native.LANES) * native.LANES
+    keys = k.reshape(problems, m, d)
+    if ld != m:
+        keys = torch.cat([keys, keys.new_zeros(problems, ld - m, d)], dim=1)
+    qs, kt = q.reshape(problems, n, d), keys.transpose(-1, -2)
+    vp = v.reshape(problems, m, dv)
+    bias = bias.reshape(problems, n).contiguous()
+    den = torch.empty(problems, n, dtype=q.dtype)
+    out = torch.empty(problems, n, dv, dtype=q.dtype)
+    block = _chunk_buffer(min(per_chunk, problems) * n * ld).view(-1, n, ld)
+    for start in range(0, problems, per_chunk):  # static Python loop over chunks: no host sync
+        part = slice(start, min(start + per_chunk, problems))
+        scores = block[: part.stop - part.start]
+        torch.bmm(qs[part], kt[part], out=scores)
+        native.closure_blocks(scores, bias[part], den[part], alpha=alpha, columns=m)
+        rows = out[part]
+        torch.bmm(scores[..., :m], vp[part], out=rows)
+        rows.div_(den[part].unsqueeze(-1))
+    return out
+
+
+_workspace = threading.local()
+
+
+def _chunk_buffer(numel: int) -> Tensor:
+    """A flat fp32 CPU buffer of ``numel`` elements, kept per thread and reused by the next call.
+
+    A fresh multi-MiB tensor is a fresh ``mmap`` whenever glibc's heuristics decide so, and then every
+    call page-faults its way through it: measured at 8 x 8 x 64 x 64, ~480 faults and +0.8 ms (0.6 softmax
+    calls) per call, depending on what ran before. The buffer is at most one chunk
+    (:data:`SHARED_CHUNK_BYTES`, or one block up to :data:`SHARED_MAX_BLOCK_BYTES` when the dispatcher
+    sends larger ones here) per thread that ran the closure.
+    """
+    buffer = getattr(_workspace, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=torch.float32)
+        _workspace.buffer = buffer
+    return buffer[:numel]
+

@@ -42,6 +42,8 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("asap_cpu.c")
 CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu99", "-Wno-psabi")
+#: Tried first; a compiler without OpenMP (Apple's clang) builds the single-threaded library instead.
+OPENMP_FLAGS = ("-fopenmp",)
 #: When the native kernels beat the PyTorch paths (``scripts/bench_asap_paths.py``,
 #: ``results/bench/asap_paths_1_thread.json``, softmax calls at one thread). The dual map
 #: (:meth:`asap.attention.dual_map.SliceDualMap.forward`) up to :data:`DUAL_MAP_MAX_N` tokens: 1.39 against
@@ -51,7 +53,7 @@ CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu99", "-Wno-ps
 #: (``padding_mask``) up to :data:`CLOSURE_MAX_N`: padded, 0.91-1.43 against 2.14-3.44 for the two-pass
 #: closure (every padded row measured, n <= 128); unpadded, the one-exponential PyTorch closure was as fast
 #: or faster (1.48 against 1.73 at 8 x 8 x 16 x 64, 1.08 against 1.59 at n = 32).
-DUAL_MAP_MAX_N = 96
+DUAL_MAP_MAX_N = 128
 CLOSURE_MAX_N = 128
 # The kernels run on the calling thread only. A first version split the heads over POSIX threads; at
 # torch's default 2 threads on the 2-core machine it gained nothing (scripts/bench_asap_paths.py with that
@@ -97,21 +99,21 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "asap" / "native"
 
 
-def _library_path() -> Path:
+def _library_path(extra_flags: tuple[str, ...]) -> Path:
     """Cache file named by a hash of the source, flags, compiler name and platform."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), _compiler().encode(),
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + extra_flags).encode(), _compiler().encode(),
                  f"{sys.platform}-{platform.machine()}".encode()):  # fmt: skip
         digest.update(part)
     return cache_dir() / f"asap_cpu-{digest.hexdigest()[:16]}.so"
 
 
-def _build(path: Path) -> None:
+def _build(path: Path, extra_flags: tuple[str, ...]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".so.tmp", dir=path.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([_compiler(), *CFLAGS, "-o", tmp, str(SOURCE), "-lm"],
+        proc = subprocess.run([_compiler(), *CFLAGS, *extra_flags, "-o", tmp, str(SOURCE), "-lm"],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         if proc.returncode != 0:
             first = (proc.stderr.strip().splitlines() or ["(no message)"])[0]
@@ -128,17 +130,39 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if os.environ.get("ASAP_NATIVE", "1") == "0":
         return None, "disabled by ASAP_NATIVE=0"
     try:
-        path = _library_path()
-        if not path.exists():
-            _build(path)
-        lib = ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(_built_library()))
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"native kernel unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     fn = lib.asap_forward_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR,
-                   _PTR, _I64, _PTR, _I64, ctypes.c_double, ctypes.c_double, _PTR, _PTR, ctypes.c_int, _PTR, _PTR]  # fmt: skip
+                   _PTR, _I64, _PTR, _I64, ctypes.c_double, ctypes.c_double, _PTR, _PTR, ctypes.c_int, _PTR, _PTR,
+                   ctypes.c_int]  # fmt: skip
+    lib.asap_closure_blocks_f32.restype = ctypes.c_int
+    lib.asap_closure_blocks_f32.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, ctypes.c_double, _PTR, ctypes.c_int]
+    lib.asap_openmp.restype = ctypes.c_int
+    lib.asap_openmp.argtypes = []
     return lib, None
+
+
+def _built_library() -> Path:
+    """The cached library, built if needed: the OpenMP build if it exists or builds, else the serial one."""
+    paths = {flags: _library_path(flags) for flags in (OPENMP_FLAGS, ())}
+    for path in paths.values():
+        if path.exists():
+            return path
+    try:
+        _build(paths[OPENMP_FLAGS], OPENMP_FLAGS)
+        return paths[OPENMP_FLAGS]
+    except (OSError, subprocess.SubprocessError):
+        _build(paths[()], ())
+        return paths[()]
+
+
+def threaded() -> bool:
+    """Whether the kernels split their heads over torch's threads (the library was built with OpenMP)."""
+    lib, _ = _load()
+    return lib is not None and bool(lib.asap_openmp())
 
 
 def unavailable() -> str | None:
@@ -160,6 +184,17 @@ def supports(*tensors: Tensor) -> str | None:
         return f"native kernels: fp32/fp16/bf16 inputs of one dtype only, got {sorted({str(t.dtype) for t in tensors})}"
     if q.dim() != 4 or q.shape != k.shape or any(t.dim() != 4 or t.shape[:-1] != q.shape[:-1] for t in tensors):
         return "native kernels: self-attention tensors (b, h, n, d) with q and k of one shape only"
+    return _inference_reason(tensors)
+
+
+def supports_blocks(*tensors: Tensor) -> str | None:
+    """None if :func:`closure_blocks` can serve a closure on these tensors: fp32 CPU, no autograd, built."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return "native kernels: the closure blocks take fp32 CPU tensors only"
+    return _inference_reason(tensors)
+
+
+def _inference_reason(tensors) -> str | None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "native kernels: inference only (no autograd)"
     if torch.compiler.is_compiling():
@@ -225,12 +260,44 @@ def asap_forward_native(
         L, _ptr(dirs), _ptr(coef), _ptr(c_mean), 0 if c_mean is None else c_mean.stride(0), _ptr(c_norm),
         0 if c_norm is None else c_norm.stride(0),
         float(scale), float(eps), _ptr(mask), _strides(mask), int(center), _ptr(f_out), _ptr(out),
+        torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise RuntimeError("native kernels failed: out of memory for the workspace")
     if v is None:
         return f_out
     return (out, f_out) if return_dual else out
+
+
+#: Floats per vector in the kernels: the row length of :func:`closure_blocks`'s blocks is a multiple of it.
+LANES = 16
+
+
+def closure_blocks(scores: Tensor, bias: Tensor, den: Tensor, *, alpha: float, columns: int) -> None:
+    """The elementwise passes of the one-exponential closure on score blocks, in place (one native call).
+
+    ``scores (c, n, ld)``, ``ld`` a multiple of :data:`LANES`, holds ``S_ij`` in its first ``columns = m``
+    columns (the others are scratch) and ``bias (c, n)`` holds ``f_i / eps``, so that
+    ``W = alpha S + bias`` (``alpha = scale / eps > 0``). On return ``scores`` holds ``E_ij w_j`` (0 past
+    column ``m``), with ``E_ij = exp(W_ij - c_j - r_i)`` (``c_j`` the column maxima of ``W``, ``r_i <= 0`` the
+    row maxima of ``W - c``) and ``w_j = 1 / sum_i E_ij e^{r_i}``, and ``den (c, n)`` holds ``sum_j E_ij w_j``:
+    the closure's rows are ``(scores @ v) / den`` (:func:`asap.attention.closure.shared_exp_closure`).
+    fp32, contiguous, no padding (every score finite); the blocks are split over torch's threads.
+    """
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(reason)
+    c, n, ld = scores.shape
+    tensors = (scores, bias, den)
+    if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
+        raise ValueError("native closure_blocks: contiguous fp32 CPU tensors only")
+    if bias.shape != (c, n) or den.shape != (c, n) or ld % LANES or not 0 < columns <= ld:
+        raise ValueError(f"native closure_blocks: shapes {[tuple(t.shape) for t in tensors]} and columns={columns} "
+                         f"do not match (c, n, ld), ld a multiple of {LANES} and at least columns")
+    status = lib.asap_closure_blocks_f32(_ptr(scores), c, n, columns, ld, _ptr(bias), float(alpha), _ptr(den),
+                                         torch.get_num_threads())  # fmt: skip
+    if status:
+        raise RuntimeError("native kernels failed: out of memory for the workspace")
 
 
 def _f32(t: Tensor) -> Tensor:

@@ -25,6 +25,9 @@
 #endif
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define LANES 16
 typedef float vfloat __attribute__((vector_size(4 * LANES)));
@@ -453,22 +456,109 @@ static void run_head(const problem_t *p, int64_t bh, const workspace_t *w) {
 #define FLUSH_SUBNORMALS_END
 #endif
 
-/* Runs every head of the problem on the calling thread (the Python side explains why not several).
- * Returns 0 on success, 1 if the workspace could not be allocated. */
-static int run_problem(const problem_t *p) {
+/* Runs heads [first, last) on the calling thread with its own workspace (and its own FTZ/DAZ: the
+ * control register is per thread). Returns 0 on success, 1 if the workspace could not be allocated. */
+static int run_heads(const problem_t *p, int64_t first, int64_t last) {
+    if (first >= last) return 0;
     FLUSH_SUBNORMALS_BEGIN
     workspace_t w;
     char *buf = workspace_alloc(&w, p);
     if (buf) {
-        for (int64_t bh = 0; bh < p->b * p->h; bh++) run_head(p, bh, &w);
+        for (int64_t bh = first; bh < last; bh++) run_head(p, bh, &w);
         free(buf);
     }
     FLUSH_SUBNORMALS_END
     return buf ? 0 : 1;
 }
 
+/* Splits the b*h heads into `threads` contiguous runs of (almost) equal length, one per OpenMP thread.
+ * Built with -fopenmp, the library's libgomp.so.1 is the one torch already loaded (the dynamic linker
+ * matches the soname), so these threads are torch's own pool: they are awake right after torch's ops and
+ * never compete with it. Heads are independent, so the result does not depend on the split. */
+static int run_problem(const problem_t *p, int threads) {
+    const int64_t heads = p->b * p->h;
+    if (threads > heads) threads = (int)heads;
+#ifdef _OPENMP
+    if (threads > 1) {
+        int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+        {
+            const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
+            failed |= run_heads(p, heads * part / parts, heads * (part + 1) / parts);
+        }
+        return failed;
+    }
+#endif
+    return run_heads(p, 0, heads);
+}
+
+/* 1 if the library was built with OpenMP (the `threads` argument is honoured), else 0. */
+int asap_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 static void copy_strides(int64_t *dst, const int64_t *src, int count) {
     for (int i = 0; i < count; i++) dst[i] = src ? src[i] : 0;
+}
+
+/* The elementwise passes of the one-exponential closure on one score block that torch's GEMM wrote
+ * (asap/attention/closure.py has the algebra): s (n, ld), ld a multiple of LANES, holds S_ij in its
+ * first m columns (the rest is scratch) and bias (n) holds f_i / eps, so W_ij = alpha s_ij + bias_i
+ * (alpha = scale / eps > 0). In place, s becomes E_ij w_j (0 past column m), with E_ij =
+ * exp(W_ij - c_j - r_i) (c_j the column maxima of W, r_i <= 0 the row maxima of W - c) and
+ * w_j = 1 / sum_i E_ij e^{r_i}; den (n) gets sum_j E_ij w_j, so that the rows are (s v) / den.
+ * Four passes over the block (column maxima; per row, its maximum and then its exponentials while the
+ * row is in L1; the weights) where the PyTorch ops take nine; whole vectors only (the padded columns
+ * are masked), since a partial vector per row costs more than the passes at short rows.
+ * colmax, colsum: scratch (ld). */
+HOT static void closure_block(float *s, int64_t ld, const float *bias, float alpha, int64_t n, int64_t m,
+                              float *colmax, float *colsum, float *den) {
+    const vfloat minus_inf = (vfloat){0} - __builtin_inff();
+    vint lane;
+    for (int l = 0; l < LANES; l++) lane[l] = l;
+    for (int64_t j0 = 0; j0 < ld; j0 += LANES) {
+        store(colmax + j0, minus_inf);
+        store(colsum + j0, (vfloat){0});
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = s + i * ld;
+        for (int64_t j0 = 0; j0 < ld; j0 += LANES) {
+            const vfloat w = vselect(lane + (int32_t)j0 < (int32_t)m, load(row + j0) * alpha + bias[i], minus_inf);
+            store(colmax + j0, vmax(w, load(colmax + j0)));
+        }
+    }
+    for (int64_t i = 0; i < n; i++) {
+        float *row = s + i * ld;
+        vfloat rmax = minus_inf;
+        for (int64_t j0 = 0; j0 < ld; j0 += LANES) {
+            const vfloat x = load(row + j0) * alpha + bias[i] - load(colmax + j0);
+            const vfloat masked = vselect(lane + (int32_t)j0 < (int32_t)m, x, minus_inf); /* exp gives 0 there */
+            store(row + j0, masked);
+            rmax = vmax(masked, rmax);
+        }
+        const float r = hmax(rmax); /* <= 0, finite: the row's maxima are finite */
+        const float er = __builtin_expf(r);
+        for (int64_t j0 = 0; j0 < ld; j0 += LANES) {
+            const vfloat e = vexp(load(row + j0) - r);
+            store(row + j0, e);
+            store(colsum + j0, load(colsum + j0) + e * er);
+        }
+    }
+    for (int64_t j = 0; j < ld; j++) colsum[j] = j < m ? 1.0f / colsum[j] : 0.0f; /* the weights w_j */
+    for (int64_t i = 0; i < n; i++) {
+        float *row = s + i * ld;
+        vfloat total = {0};
+        for (int64_t j0 = 0; j0 < ld; j0 += LANES) {
+            const vfloat e = load(row + j0) * load(colsum + j0);
+            store(row + j0, e);
+            total += e;
+        }
+        den[i] = hsum(total);
+    }
 }
 
 /* The entry point (see asap/attention/native/__init__.py). v, out NULL: the dual map only (into
@@ -478,7 +568,7 @@ int asap_forward_f32(const float *q, const float *k, const float *v, int64_t b, 
                      const float *f_in, const int64_t *f_strides, int64_t L, const float *dirs, const float *coef,
                      const float *c_mean, int64_t c_mean_stride, const float *c_norm, int64_t c_norm_stride,
                      double scale, double eps, const uint8_t *valid, const int64_t *valid_strides, int center,
-                     float *f_out, float *out) {
+                     float *f_out, float *out, int threads) {
     problem_t p = {.q = q, .k = k, .v = v, .b = b, .h = h, .n = n, .d = d, .dv = dv, .L = L, .Lp = padded(L),
                    .f_in = f_in, .dirs = dirs, .coef = coef, .c_mean = c_mean, .cms = c_mean_stride,
                    .c_norm = c_norm, .cns = c_norm_stride, .scale = scale, .eps = eps, .valid = valid,
@@ -488,5 +578,37 @@ int asap_forward_f32(const float *q, const float *k, const float *v, int64_t b, 
     copy_strides(p.vs, v_strides, 4);
     copy_strides(p.fs, f_strides, 3);
     copy_strides(p.ms, valid_strides, 2);
-    return run_problem(&p);
+    return run_problem(&p, threads);
+}
+
+/* Entry point of the closure's elementwise passes over c score blocks (see closure_block), the blocks
+ * split over `threads` OpenMP threads: s (c, n, ld) with m <= ld columns used, bias (c, n), den (c, n), all
+ * contiguous. Returns 0, 1 if the scratch could not be allocated, 2 if ld is not a multiple of LANES. */
+int asap_closure_blocks_f32(float *s, int64_t c, int64_t n, int64_t m, int64_t ld, const float *bias, double alpha,
+                            float *den, int threads) {
+    if (ld % LANES != 0 || ld < m) return 2;
+    if (threads > c) threads = (int)c;
+    if (threads < 1) threads = 1;
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) reduction(| : failed) if (threads > 1)
+#endif
+    {
+        int64_t part = 0, parts = 1;
+#ifdef _OPENMP
+        part = omp_get_thread_num();
+        parts = omp_get_num_threads();
+#endif
+        float *scratch = (float *)malloc(sizeof(float) * (size_t)(2 * ld));
+        if (!scratch) {
+            failed |= 1;
+        } else {
+            FLUSH_SUBNORMALS_BEGIN
+            for (int64_t p = c * part / parts; p < c * (part + 1) / parts; p++)
+                closure_block(s + p * n * ld, ld, bias + p * n, (float)alpha, n, m, scratch, scratch + ld, den + p * n);
+            FLUSH_SUBNORMALS_END
+            free(scratch);
+        }
+    }
+    return failed;
 }
