@@ -4,10 +4,12 @@
 linear dual map (:meth:`asap.attention.dual_map.SliceDualMap._forward_fused`: self-attention, optional
 token padding, the moment extras ``qk_mean`` and ``q_norm``), the closure with one exponential per score
 (:func:`asap.attention.closure.shared_exp_closure`), or both; the maths is in ``asap_cpu.c``. It exists
-for the short sequences of real teachers (17 to ~100 tokens), where the PyTorch path is ~40 small ops and
+for the short sequences of real teachers (17 to ~128 tokens), where the PyTorch path is ~40 small ops and
 two NumPy sorts whose fixed cost is most of ASAP's time; ``scripts/bench_asap_paths.py`` measures both
-paths, and the dispatch rules use the crossovers (:data:`DUAL_MAP_MAX_N`, :func:`closure_worth_it`): the
-map on short rows, the closure on short padded rows (unpadded, PyTorch's one-exponential closure is as fast).
+paths, and the dispatch rules use the crossovers (:data:`DUAL_MAP_MAX_N`, :func:`closure_worth_it`,
+:func:`fused_worth_it`): the map on short rows, the closure on short padded rows. At every length,
+:func:`closure_blocks` runs the elementwise passes of the unpadded one-exponential closure between torch's
+GEMMs.
 
 Building. The source is compiled once per source version and compiler with the system C compiler
 (``$CC``, else ``cc``; ``-O3 -fPIC -shared``, no ``-march=native``: on x86-64 GCC the hot
@@ -21,8 +23,12 @@ keep the PyTorch path (the same result to fp32 rounding).
 
 Inference only: no autograd (callers check :func:`supports`), CPU tensors, fp32 compute (fp16/bf16
 inputs are widened first, as the PyTorch path does; fp64 inputs, the references, stay on the PyTorch
-path). A call releases the GIL and runs on the calling thread (a version that split the heads over POSIX
-threads gained nothing beside torch's own pool; see :func:`fused_worth_it`).
+path). A call releases the GIL and splits the ``(b, h)`` problems over torch's threads
+(``torch.get_num_threads()``) with OpenMP: built with ``-fopenmp``, the library's ``libgomp.so.1`` is the one
+torch already loaded (the dynamic linker matches the soname), so its workers are torch's own, awake right
+after torch's ops (an earlier version with POSIX threads competed with that pool and gained nothing).
+Results do not depend on the thread count (each problem runs on one thread). A compiler without OpenMP
+builds a single-threaded library instead (:func:`threaded` says which).
 """
 
 from __future__ import annotations
@@ -45,21 +51,18 @@ CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu99", "-Wno-ps
 #: Tried first; a compiler without OpenMP (Apple's clang) builds the single-threaded library instead.
 OPENMP_FLAGS = ("-fopenmp",)
 #: When the native kernels beat the PyTorch paths (``scripts/bench_asap_paths.py``,
-#: ``results/bench/asap_paths_1_thread.json``, softmax calls at one thread). The dual map
-#: (:meth:`asap.attention.dual_map.SliceDualMap.forward`) up to :data:`DUAL_MAP_MAX_N` tokens: 1.39 against
-#: 3.52 (32 x 4 x 17, d = 16), 1.59 / 0.73 / 0.63 against 3.86 / 1.85 / 1.06 (8 x 8 x n x 64, n = 16 / 64 /
-#: 96), but 0.66 against 0.60 at n = 128 (its ranks are O(n^2)). The closure (``backend="auto"`` of
-#: :func:`asap.attention.functional.asap_attention`, :func:`closure_worth_it`) only for padded rows
-#: (``padding_mask``) up to :data:`CLOSURE_MAX_N`: padded, 0.91-1.43 against 2.14-3.44 for the two-pass
-#: closure (every padded row measured, n <= 128); unpadded, the one-exponential PyTorch closure was as fast
-#: or faster (1.48 against 1.73 at 8 x 8 x 16 x 64, 1.08 against 1.59 at n = 32).
+#: ``results/bench/asap_paths_*.json``, softmax calls; the figures below are from the runs of
+#: 2026-12-04 on the 2-core EPYC, torch's default 2 threads / one thread). The dual map
+#: (:meth:`asap.attention.dual_map.SliceDualMap.forward`) up to :data:`DUAL_MAP_MAX_N` tokens: at
+#: 8 x 8 x n x 64, 1.34 / 0.59 / 0.59 against 4.75 / 1.73 / 0.97 (n = 16 / 64 / 128, two threads) and
+#: 1.37 / 0.78 / 0.62 against 3.84 / 1.57 / 0.68 (one thread); at n = 128 and d = 16 or 32 one thread
+#: ties or loses by up to 20 % (its ranks are O(n^2)), two threads win. The closure alone
+#: (``backend="auto"`` of :func:`asap.attention.functional.asap_attention`, :func:`closure_worth_it`)
+#: only for padded rows (``padding_mask``) up to :data:`CLOSURE_MAX_N`: padded, 0.89-1.48 against
+#: 1.58-2.60 for the PyTorch closures (every padded row measured, n <= 128); unpadded, the
+#: one-exponential closure with native passes (:func:`closure_blocks`) is faster at d >= 32.
 DUAL_MAP_MAX_N = 128
 CLOSURE_MAX_N = 128
-# The kernels run on the calling thread only. A first version split the heads over POSIX threads; at
-# torch's default 2 threads on the 2-core machine it gained nothing (scripts/bench_asap_paths.py with that
-# version, not kept: the native closure took 0.39 ms at 32 x 4 x 17 x 16 with two kernel threads and
-# 0.40 ms with one) while torch's own paths did gain; the likely cause is competition with torch's thread
-# pool, whose workers keep spinning after each parallel region.
 
 
 def closure_worth_it(n: int, *, padded: bool) -> bool:
@@ -68,21 +71,22 @@ def closure_worth_it(n: int, *, padded: bool) -> bool:
 
 
 #: :class:`asap.attention.operators.AsapOperator` runs its map and closure as one native call
-#: (:func:`fused_worth_it`) on padded rows up to :data:`DUAL_MAP_MAX_N`, and on unpadded rows up to
-#: :data:`FUSED_MAX_N_UNPADDED` when torch runs one thread. Measured (``asap_auto`` against
-#: ``sinkhorn_k3`` in ``results/bench/asap_paths_*.json``, softmax calls): padded, 1.44-2.49 against
-#: 3.31-4.18 at one thread and 2.62-2.86 against 3.90-5.80 at two (8 x 8 x n x 64, n = 16 ... 64, and
-#: 32 x 4 x 17 x 16); unpadded at one thread 2.96 / 2.52 / 1.99 against 3.23 / 2.55 / 2.39 (n = 16 / 32 /
-#: 64), but at two threads, where the single-threaded kernel meets torch's two-threaded closure, 4.01
-#: against 3.21 (n = 32): there the map alone goes native and the closure stays PyTorch's.
-FUSED_MAX_N_UNPADDED = 64
+#: (:func:`fused_worth_it`) on padded rows up to :data:`DUAL_MAP_MAX_N`, and on unpadded rows of
+#: ``n * d <= FUSED_MAX_ND_UNPADDED``: there the kernel's own score loop is cheap and one call saves the
+#: operator's second dispatch; above it torch's GEMMs make the split path (the native map, then the
+#: one-exponential closure) faster. Measured (``asap_fused`` against ``asap_split``, softmax calls, two
+#: threads / one thread): fused 2.42 / 2.73 against 2.75 / 2.76 at 8 x 8 x 16 x 64, 2.24 / 2.38 against
+#: 2.86 / 2.70 at 32 x 4 x 17 x 16, 2.74 / 2.63 against 2.92 / 2.74 at 32 x 4 x 50 x 16; split 2.41 / 2.54
+#: against 2.50 / 2.87 at 8 x 8 x 32 x 64, 1.50 / 2.08 against 1.72 / 2.24 at n = 64, 2.06 / 2.25 against
+#: 2.20 / 2.21 at 16 x 12 x 64 x 32. Padded, the two are the same calls.
+FUSED_MAX_ND_UNPADDED = 1024
 
 
-def fused_worth_it(n: int, *, padded: bool) -> bool:
+def fused_worth_it(n: int, d: int, *, padded: bool) -> bool:
     """Whether the operator's one-call native path (map and closure) is the measured choice."""
     if padded:
         return n <= DUAL_MAP_MAX_N
-    return n <= FUSED_MAX_N_UNPADDED and torch.get_num_threads() == 1
+    return n * d <= FUSED_MAX_ND_UNPADDED
 
 
 _I64 = ctypes.c_int64
