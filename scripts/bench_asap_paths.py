@@ -6,13 +6,12 @@ run (asap.bench.measure.benchmark) times, in softmax-call units (softmax on the 
 * the closure alone from a given f_hat: backend "flash" (two fused attention passes), "shared"
   (one exponential; unpadded fp32 with its elementwise passes native) at several chunk sizes and with the
   PyTorch ops (``closure_shared_torch``), and "native" (the C kernel, up to n = 128);
-* the fused dual map (L = 16, qk_mean + q_norm) alone: as dispatched (``dual_map``: the C kernel up to
-  asap.attention.native.DUAL_MAP_MAX_N) and the PyTorch path (``dual_map_torch``; up to n = 128);
-* the whole AsapOperator with backend "auto", its one-call native path (``asap_fused``, up to
-  asap.attention.native.DUAL_MAP_MAX_N) and, unpadded, the map then the shared closure (``asap_split``),
-  and Sinkhorn K = 3 and K = 11 for scale.
+* the fused dual map (L = 16, qk_mean + q_norm) alone: as dispatched (``dual_map``: the C kernel) and
+  the PyTorch path (``dual_map_torch``);
+* the whole AsapOperator with backend "auto", its one-call native path (``asap_fused``, up to n = 128)
+  and, unpadded, the map then the shared closure (``asap_split``), and Sinkhorn K = 3 and K = 11 for scale.
 
-The native rules (asap.attention.native.DUAL_MAP_MAX_N, closure_worth_it) come from these rows.
+The native rules (asap.attention.native.closure_worth_it, fused_worth_it) come from these rows.
 
 Writes a JSON (machine, threads, load average, command) and prints one line per shape:
 
@@ -38,7 +37,7 @@ SHAPES = [(8, 8, 16, 64), (8, 8, 32, 64), (8, 8, 64, 64), (8, 8, 96, 64), (8, 8,
           (8, 8, 512, 64), (8, 8, 1024, 64), (32, 4, 17, 16), (128, 4, 17, 16), (32, 4, 50, 16), (32, 4, 128, 16),
           (32, 4, 512, 16), (16, 12, 64, 32), (16, 12, 128, 32), (16, 12, 256, 32)]
 CHUNKS = (2**20, 4 * 2**20, 16 * 2**20)
-NATIVE_ROWS_MAX_N = 128  # the native and PyTorch-map rows, where the crossovers are
+NATIVE_ROWS_MAX_N = 128  # the rows of the native closure and the one-call operator, where their crossovers are
 
 
 def _torch_map(dual_map, q, k, *, scale, valid):
@@ -69,14 +68,12 @@ def run_shape(b: int, h: int, n: int, d: int, *, padded: bool, budget: float) ->
     }
     if n <= NATIVE_ROWS_MAX_N and native.unavailable() is None:
         fns["closure_native"] = lambda: asap_attention(q, k, v, f, padding_mask=valid, backend="native")
-    if n <= native.DUAL_MAP_MAX_N and native.unavailable() is None:  # map and closure in one native call
+        # map and closure in one native call
         fused = build_operator("asap", num_heads=h, head_dim=d, backend="native", dual_map=op.dual_map)
         fns["asap_fused"] = lambda: fused(q, k, v, padding_mask=valid)
         if not padded:  # the map, then the one-exponential closure: the unpadded alternative to the fused call
             split = build_operator("asap", num_heads=h, head_dim=d, backend="shared", dual_map=op.dual_map)
             fns["asap_split"] = lambda: split(q, k, v)
-    else:
-        del fns["dual_map_torch"]
     for chunk in CHUNKS:
         fns[f"closure_shared_{chunk >> 10}k"] = (
             lambda chunk=chunk: shared_exp_closure(q, k, v, f, scale=scale, eps=1.0, valid=valid, chunk_bytes=chunk))

@@ -79,6 +79,30 @@ def test_dual_map_ties_and_nan():
     assert out[1, 2].isnan().all() and out[0].isfinite().all()
 
 
+@pytest.mark.parametrize("n", [97, 128, 200])
+def test_sorted_dual_map_matches_the_fp64_design_matrix(n):
+    """Above 96 valid tokens the slices are sorted by a bitonic network instead of ranked by counting:
+    against the fp64 reference with ties (repeated tokens, -0 and +0), padding (a sequence counted, one
+    sorted, one empty), any layout bit-equal, and a NaN token making that (b, h) NaN."""
+    m = _map(("qk_mean", "q_norm"), slices=20)
+    q, k = torch.randn(4, 3, n, 16), torch.randn(4, 3, n, 16)
+    q[:, :, 1], k[:, :, 3] = q[:, :, 0], k[:, :, 2]  # tied projections on every slice
+    q[0, 0, 5], q[0, 0, 6] = 0.0, -0.0  # projections exactly 0 and -0
+    valid = _valid(n, lengths=(n, n - 40, 50, 0))
+    for pad in (None, valid):
+        expected = map_reference(m, q.double(), k.double(), scale=0.3,
+                                 attn_mask=None if pad is None else key_padding_to_attn_mask(pad))  # fmt: skip
+        got = m(q, k, scale=0.3, padding_mask=pad)
+        torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=2e-5 * expected.abs().max().item())
+        for layout in LAYOUTS[1:]:
+            q2, k2 = relayout(q, layout), relayout(k, layout)
+            torch.testing.assert_close(m(q2, k2, scale=0.3, padding_mask=pad),
+                                       m(q2.contiguous(), k2.contiguous(), scale=0.3, padding_mask=pad), rtol=0, atol=0)
+    q[1, 2, 100 % n, 3] = float("nan")
+    out = m(q, k, scale=0.3)
+    assert out[1, 2].isnan().all() and out[0].isfinite().all()
+
+
 @pytest.mark.parametrize("eps", [0.3, 1.0])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("shape", [(4, 3, 17, 16, 16), (4, 2, 50, 32, 24), (4, 1, 1, 8, 8)])

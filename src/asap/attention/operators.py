@@ -188,7 +188,7 @@ class AsapOperator(AttentionOperator):
         """
         dual_map = self.dual_map
         n = q.shape[-2]
-        if not isinstance(dual_map, SliceDualMap) or n > native.DUAL_MAP_MAX_N:
+        if not isinstance(dual_map, SliceDualMap):
             return None
         if not native.fused_worth_it(n, q.shape[-1], padded=padding_mask is not None) and self.backend != "native":
             return None

@@ -6,8 +6,8 @@ token padding, the moment extras ``qk_mean`` and ``q_norm``), the closure with o
 (:func:`asap.attention.closure.shared_exp_closure`), or both; the maths is in ``asap_cpu.c``. It exists
 for the short sequences of real teachers (17 to ~128 tokens), where the PyTorch path is ~40 small ops and
 two NumPy sorts whose fixed cost is most of ASAP's time; ``scripts/bench_asap_paths.py`` measures both
-paths, and the dispatch rules use the crossovers (:data:`DUAL_MAP_MAX_N`, :func:`closure_worth_it`,
-:func:`fused_worth_it`): the map on short rows, the closure on short padded rows. At every length,
+paths, and the dispatch rules use the crossovers (:func:`closure_worth_it`, :func:`fused_worth_it`): the
+map at every length, the closure on short padded rows. At every length,
 :func:`closure_blocks` runs the elementwise passes of the unpadded one-exponential closure between torch's
 GEMMs.
 
@@ -53,15 +53,14 @@ OPENMP_FLAGS = ("-fopenmp",)
 #: When the native kernels beat the PyTorch paths (``scripts/bench_asap_paths.py``,
 #: ``results/bench/asap_paths_*.json``, softmax calls; the figures below are from the runs of
 #: 2026-12-04 on the 2-core EPYC, torch's default 2 threads / one thread). The dual map
-#: (:meth:`asap.attention.dual_map.SliceDualMap.forward`) up to :data:`DUAL_MAP_MAX_N` tokens: at
-#: 8 x 8 x n x 64, 1.34 / 0.59 / 0.59 against 4.75 / 1.73 / 0.97 (n = 16 / 64 / 128, two threads) and
-#: 1.37 / 0.78 / 0.62 against 3.84 / 1.57 / 0.68 (one thread); at n = 128 and d = 16 or 32 one thread
-#: ties or loses by up to 20 % (its ranks are O(n^2)), two threads win. The closure alone
-#: (``backend="auto"`` of :func:`asap.attention.functional.asap_attention`, :func:`closure_worth_it`)
-#: only for padded rows (``padding_mask``) up to :data:`CLOSURE_MAX_N`: padded, 0.89-1.48 against
-#: 1.58-2.60 for the PyTorch closures (every padded row measured, n <= 128); unpadded, the
-#: one-exponential closure with native passes (:func:`closure_blocks`) is faster at d >= 32.
-DUAL_MAP_MAX_N = 128
+#: (:meth:`asap.attention.dual_map.SliceDualMap.forward`) at every length: ranks by counting up to 96
+#: tokens, a bitonic sort above; at 8 x 8 x n x 64, 1.34 / 0.59 against 4.75 / 1.73 (n = 16 / 64, two
+#: threads), 1.37 / 0.78 against 3.84 / 1.57 (one thread), and 0.46 / 0.21 / 0.12 / 0.04 against
+#: 0.72 / 0.29 / 0.20 / 0.09 at n = 128 / 512 / 1024 / 4096 (one thread, an interleaved run of the map
+#: alone). The closure alone (``backend="auto"`` of :func:`asap.attention.functional.asap_attention`,
+#: :func:`closure_worth_it`) only for padded rows (``padding_mask``) up to :data:`CLOSURE_MAX_N`: padded,
+#: 0.89-1.48 against 1.58-2.60 for the PyTorch closures (every padded row measured, n <= 128); unpadded,
+#: the one-exponential closure with native passes (:func:`closure_blocks`) is faster at d >= 32.
 CLOSURE_MAX_N = 128
 
 
@@ -71,7 +70,7 @@ def closure_worth_it(n: int, *, padded: bool) -> bool:
 
 
 #: :class:`asap.attention.operators.AsapOperator` runs its map and closure as one native call
-#: (:func:`fused_worth_it`) on padded rows up to :data:`DUAL_MAP_MAX_N`, and on unpadded rows of
+#: (:func:`fused_worth_it`) on padded rows up to :data:`CLOSURE_MAX_N`, and on unpadded rows of
 #: ``n * d <= FUSED_MAX_ND_UNPADDED``: there the kernel's own score loop is cheap and one call saves the
 #: operator's second dispatch; above it torch's GEMMs make the split path (the native map, then the
 #: one-exponential closure) faster. Measured (``asap_fused`` against ``asap_split``, softmax calls, two
@@ -85,7 +84,7 @@ FUSED_MAX_ND_UNPADDED = 1024
 def fused_worth_it(n: int, d: int, *, padded: bool) -> bool:
     """Whether the operator's one-call native path (map and closure) is the measured choice."""
     if padded:
-        return n <= DUAL_MAP_MAX_N
+        return n <= CLOSURE_MAX_N
     return n * d <= FUSED_MAX_ND_UNPADDED
 
 

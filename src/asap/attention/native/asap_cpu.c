@@ -32,6 +32,8 @@
 #define LANES 16
 typedef float vfloat __attribute__((vector_size(4 * LANES)));
 typedef int32_t vint __attribute__((vector_size(4 * LANES)));
+#define SORT_LANES 8 /* LANES is a multiple of it */
+typedef int32_t vint8 __attribute__((vector_size(4 * SORT_LANES)));
 
 /* x86-64 GCC: also build AVX2 and AVX-512 versions of the hot loops, picked at load time by the CPU
  * (the library itself is built without -march=native, so a cache shared between machines stays valid);
@@ -151,6 +153,71 @@ HOT static void ranks(const float *v, int64_t n, int64_t Lp, int32_t *rank) {
         }
 }
 
+/* The smallest power of 2 >= x (the row count of the bitonic sorts). */
+static int64_t pow2_at_least(int64_t x) {
+    int64_t r = 1;
+    while (r < x) r <<= 1;
+    return r;
+}
+
+/* Up to this many valid tokens the ranks are counted (O(n^2), no branches); above it the slices are
+ * sorted by a bitonic network (O(n log^2 n)). Both give the same order: by value, ties by token index. */
+#define RANKS_MAX_N 96
+
+/* Every lane of v (nv, Lp) sorted by value, ties by token index, into sorted (P, Lp) with the token
+ * indices in index (P, Lp), or the values only if index is NULL; P = nv rounded up to a power of 2, the
+ * rows past nv padded with +inf and indices past nv, so they sort last and the first nv rows are the result. A bitonic sorting network:
+ * its compare-exchanges do not depend on the data, so all LANES slices of a vector sort at once without
+ * a branch (a comparison sort takes one slice at a time and mispredicts on random data). */
+HOT static void sort_lanes(const float *v, int64_t nv, int64_t Lp, float *sorted, int32_t *index) {
+    const int64_t P = pow2_at_least(nv);
+    /* The network compares integer keys (a float's bits, the negative ones' magnitude bits flipped, order
+     * like the floats; -0 is made +0 first, so that it ties with 0 as a float comparison would) in
+     * vectors of 8: GCC scalarises 16-lane comparisons combined into masks where the hardware has 8-lane
+     * registers (the AVX2 clone: 14x slower), while 8-lane ones map to single instructions everywhere. */
+    int32_t *key = (int32_t *)sorted;
+    for (int64_t r = 0; r < P; r++)
+        for (int64_t l = 0; l < Lp; l++) {
+            float x = r < nv ? v[r * Lp + l] + 0.0f : __builtin_inff();
+            int32_t bits;
+            memcpy(&bits, &x, sizeof bits);
+            key[r * Lp + l] = bits ^ ((bits >> 31) & 0x7fffffff);
+            if (index) index[r * Lp + l] = (int32_t)r;
+        }
+    for (int64_t l0 = 0; l0 < Lp; l0 += SORT_LANES)
+        for (int64_t k = 2; k <= P; k <<= 1)
+            for (int64_t j = k >> 1; j > 0; j >>= 1)
+                for (int64_t i = 0; i < P; i++) {
+                    const int64_t partner = i ^ j;
+                    if (partner <= i) continue;
+                    int32_t *ka = key + i * Lp + l0, *kb = key + partner * Lp + l0;
+                    vint8 a, b;
+                    memcpy(&a, ka, sizeof a);
+                    memcpy(&b, kb, sizeof b);
+                    vint8 after = a > b; /* a belongs after b */
+                    if (index) {         /* ties by token index */
+                        int32_t *ia = index + i * Lp + l0, *ib = index + partner * Lp + l0;
+                        vint8 ai, bi;
+                        memcpy(&ai, ia, sizeof ai);
+                        memcpy(&bi, ib, sizeof bi);
+                        after |= (a == b) & (ai > bi);
+                        if (i & k) after = ~after; /* this half sorts descending */
+                        const vint8 ilo = (bi & after) | (ai & ~after), ihi = (ai & after) | (bi & ~after);
+                        memcpy(ia, &ilo, sizeof ilo);
+                        memcpy(ib, &ihi, sizeof ihi);
+                    } else if (i & k) {
+                        after = ~after;
+                    }
+                    const vint8 lo = (b & after) | (a & ~after), hi = (a & after) | (b & ~after);
+                    memcpy(ka, &lo, sizeof lo);
+                    memcpy(kb, &hi, sizeof hi);
+                }
+    for (int64_t r = 0; r < nv * Lp; r++) { /* keys back to floats, in place */
+        const int32_t bits = key[r] ^ ((key[r] >> 31) & 0x7fffffff);
+        memcpy(sorted + r, &bits, sizeof bits);
+    }
+}
+
 /* exp of every lane (Cephes' single-precision polynomial after a base-2 range reduction, about 1 ulp
  * on [-87, 88]); below -87.3, including -inf, the result is exactly 0. */
 VECTOR_HELPER vfloat vexp(vfloat x) {
@@ -205,8 +272,8 @@ typedef struct {
 typedef struct {
     double *f;                         /* (n) query dual of the valid tokens */
     int64_t *tokens;                   /* (n) indices of the valid tokens */
-    int32_t *rank_x, *rank_y, *order;  /* (n, Lp) */
-    float *xl, *yl, *xs, *ys;          /* (n, Lp) projections of the valid tokens; sorted */
+    int32_t *rank_x, *rank_y, *order;  /* (P, Lp), P = n rounded up to a power of 2: ranks; y's sort indices; order */
+    float *xl, *yl, *xs, *ys;          /* (n, Lp) projections of the valid tokens; (P, Lp) sorted */
     float *dirs_t, *kbar, *qsq, *qk;   /* (d, Lp) this head's directions, transposed and zero-padded; (d padded to LANES); (n); (n) */
     float *scores, *kt, *vp, *acc;     /* closure: (n, mp), (d, mp), (n, dvp), (dvp); mp, dvp: n, dv padded to LANES */
     float *colsum, *weight;            /* (mp), (mp) */
@@ -215,12 +282,12 @@ typedef struct {
 static int64_t padded(int64_t x) { return (x + LANES - 1) / LANES * LANES; }
 
 static char *workspace_alloc(workspace_t *w, const problem_t *p) {
-    const int64_t n = p->n, d = p->d, Lp = p->Lp, mp = padded(p->n), dvp = padded(p->dv);
+    const int64_t n = p->n, d = p->d, Lp = p->Lp, mp = padded(p->n), dvp = padded(p->dv), P = pow2_at_least(p->n);
     const int closure = p->out != NULL, dual = p->f_in == NULL;
-    const size_t floats = (dual ? (size_t)(4 * n * Lp + d * Lp + padded(d) + 2 * n) : 0) +
+    const size_t floats = (dual ? (size_t)(2 * n * Lp + 2 * P * Lp + d * Lp + padded(d) + 2 * n) : 0) +
                           (closure ? (size_t)(n * mp + d * mp + n * dvp + dvp + 2 * mp) : 0);
     const size_t bytes = sizeof(double) * (size_t)n + sizeof(int64_t) * (size_t)n +
-                         (dual ? sizeof(int32_t) * (size_t)(3 * n * Lp) : 0) + sizeof(float) * floats + 64;
+                         (dual ? sizeof(int32_t) * (size_t)(3 * P * Lp) : 0) + sizeof(float) * floats + 64;
     char *buf = (char *)malloc(bytes);
     if (!buf) return NULL;
     memset(w, 0, sizeof(*w));
@@ -229,13 +296,13 @@ static char *workspace_alloc(workspace_t *w, const problem_t *p) {
     float *next = (float *)(w->tokens + n);
     if (dual) {
         w->rank_x = (int32_t *)next;
-        w->rank_y = w->rank_x + n * Lp;
-        w->order = w->rank_y + n * Lp;
-        w->xl = (float *)(w->order + n * Lp);
+        w->rank_y = w->rank_x + P * Lp;
+        w->order = w->rank_y + P * Lp;
+        w->xl = (float *)(w->order + P * Lp);
         w->yl = w->xl + n * Lp;
         w->xs = w->yl + n * Lp;
-        w->ys = w->xs + n * Lp;
-        w->dirs_t = w->ys + n * Lp;
+        w->ys = w->xs + P * Lp;
+        w->dirs_t = w->ys + P * Lp;
         w->kbar = w->dirs_t + d * Lp;
         w->qsq = w->kbar + padded(d);
         w->qk = w->qsq + n;
@@ -287,16 +354,22 @@ static void dual_map_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv
             return;
         }
 
-    /* sort every slice (by rank), then one running sum per slice added to the queries by rank */
-    ranks(w->xl, nv, Lp, w->rank_x);
-    ranks(w->yl, nv, Lp, w->rank_y);
-    for (int64_t t = 0; t < nv; t++)
-        for (int64_t l = 0; l < L; l++) {
-            const int64_t rx = w->rank_x[t * Lp + l] * Lp + l;
-            w->xs[rx] = w->xl[t * Lp + l];
-            w->order[rx] = (int32_t)t;
-            w->ys[w->rank_y[t * Lp + l] * Lp + l] = w->yl[t * Lp + l];
-        }
+    /* sort every slice (xs, ys, and order: the token of each rank of x), then one running sum per slice
+     * added to the queries by rank */
+    if (nv <= RANKS_MAX_N) {
+        ranks(w->xl, nv, Lp, w->rank_x);
+        ranks(w->yl, nv, Lp, w->rank_y);
+        for (int64_t t = 0; t < nv; t++)
+            for (int64_t l = 0; l < L; l++) {
+                const int64_t rx = w->rank_x[t * Lp + l] * Lp + l;
+                w->xs[rx] = w->xl[t * Lp + l];
+                w->order[rx] = (int32_t)t;
+                w->ys[w->rank_y[t * Lp + l] * Lp + l] = w->yl[t * Lp + l];
+            }
+    } else {
+        sort_lanes(w->xl, nv, Lp, w->xs, w->order);
+        sort_lanes(w->yl, nv, Lp, w->ys, NULL); /* y's order is not needed, only its sorted values */
+    }
     const float *coef = p->coef + hi * L;
     for (int64_t l = 0; l < L; l++) {
         const double c = -p->scale * coef[l];
