@@ -190,7 +190,7 @@ class AsapOperator(AttentionOperator):
         n = q.shape[-2]
         if not isinstance(dual_map, SliceDualMap):
             return None
-        if not native.fused_worth_it(n, q.shape[-1], padded=padding_mask is not None) and self.backend != "native":
+        if not native.fused_worth_it(n) and self.backend != "native":
             return None
         arguments = dual_map.native_arguments()
         if arguments is None or native.supports(q, k, v) is not None:

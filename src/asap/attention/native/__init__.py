@@ -70,22 +70,20 @@ def closure_worth_it(n: int, *, padded: bool) -> bool:
 
 
 #: :class:`asap.attention.operators.AsapOperator` runs its map and closure as one native call
-#: (:func:`fused_worth_it`) on padded rows up to :data:`CLOSURE_MAX_N`, and on unpadded rows of
-#: ``n * d <= FUSED_MAX_ND_UNPADDED``: there the kernel's own score loop is cheap and one call saves the
-#: operator's second dispatch; above it torch's GEMMs make the split path (the native map, then the
-#: one-exponential closure) faster. Measured (``asap_fused`` against ``asap_split``, softmax calls, two
-#: threads / one thread): fused 2.42 / 2.73 against 2.75 / 2.76 at 8 x 8 x 16 x 64, 2.24 / 2.38 against
-#: 2.86 / 2.70 at 32 x 4 x 17 x 16, 2.74 / 2.63 against 2.92 / 2.74 at 32 x 4 x 50 x 16; split 2.41 / 2.54
-#: against 2.50 / 2.87 at 8 x 8 x 32 x 64, 1.50 / 2.08 against 1.72 / 2.24 at n = 64, 2.06 / 2.25 against
-#: 2.20 / 2.21 at 16 x 12 x 64 x 32. Padded, the two are the same calls.
-FUSED_MAX_ND_UNPADDED = 1024
+#: (:func:`fused_worth_it`) on rows up to :data:`CLOSURE_MAX_N` tokens, padded or not, rather than the
+#: native map then the one-exponential closure with torch's GEMMs (the split path). Back to back
+#: (``asap_fused`` against ``asap_split`` in ``results/bench/asap_paths_*.json``, operands in cache) the
+#: split path is ahead at d >= 32 and n >= 32 (2.54 against 2.87 softmax calls at 8 x 8 x 32 x 64, one
+#: thread); between the layers of a model (``scripts/bench_fused_vs_split.py``: each call after an MLP
+#: block, ``results/bench/fused_vs_split_*.json``) the one call is as fast or faster at every measured
+#: shape up to n = 128: 0.85 / 1.40 / 2.94 / 7.96 ms against 1.23 / 1.51 / 2.92 / 8.04 at 8 x 8 x n x 64,
+#: n = 16 / 32 / 64 / 128, one thread; 0.66 / 0.86 / 1.70 / 4.17 against 0.96 / 1.11 / 1.97 / 4.56 at two.
 
 
-def fused_worth_it(n: int, d: int, *, padded: bool) -> bool:
-    """Whether the operator's one-call native path (map and closure) is the measured choice."""
-    if padded:
-        return n <= CLOSURE_MAX_N
-    return n * d <= FUSED_MAX_ND_UNPADDED
+def fused_worth_it(n: int) -> bool:
+    """Whether the operator's one-call native path (map and closure) is the measured choice for rows of
+    ``n`` tokens (padded or not: measured as fast or faster on both up to :data:`CLOSURE_MAX_N`)."""
+    return n <= CLOSURE_MAX_N
 
 
 _I64 = ctypes.c_int64
