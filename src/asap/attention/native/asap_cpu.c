@@ -181,9 +181,10 @@ static int64_t pow2_at_least(int64_t x) {
 
 /* Every lane of v (nv, Lp) sorted by value, ties by token index, into sorted (P, Lp) with the token
  * indices in index (P, Lp), or the values only if index is NULL; P = nv rounded up to a power of 2, the
- * rows past nv padded with +inf and indices past nv, so they sort last and the first nv rows are the result. A bitonic sorting network:
- * its compare-exchanges do not depend on the data, so all LANES slices of a vector sort at once without
- * a branch (a comparison sort takes one slice at a time and mispredicts on random data). */
+ * rows past nv padded with +inf and indices past nv, so that they sort last and the first nv rows are
+ * the result. A bitonic sorting network: its compare-exchanges do not depend on the data, so the
+ * SORT_LANES slices of a vector sort at once without a branch (a comparison sort takes one slice at a
+ * time and mispredicts on random data). */
 HOT static void sort_lanes(const float *v, int64_t nv, int64_t Lp, float *sorted, int32_t *index) {
     const int64_t P = pow2_at_least(nv);
     /* The network compares integer keys (a float's bits, the negative ones' magnitude bits flipped, order
@@ -287,7 +288,7 @@ typedef struct {
 typedef struct {
     double *f;                         /* (n) query dual of the valid tokens */
     int64_t *tokens;                   /* (n) indices of the valid tokens */
-    int32_t *rank_x, *rank_y, *order;  /* (P, Lp), P = n rounded up to a power of 2: ranks; y's sort indices; order */
+    int32_t *rank_x, *rank_y, *order;  /* (P, Lp), P = n rounded up to a power of 2: x's and y's ranks; the token of each rank of x */
     float *xl, *yl, *xs, *ys;          /* (n, Lp) projections of the valid tokens; (P, Lp) sorted */
     float *dirs_t, *kbar, *qsq, *qk;   /* (d, Lp) this head's directions, transposed and zero-padded; (d padded to LANES); (n); (n) */
     float *scores, *kt, *vp, *acc;     /* closure: (n, mp), (d, mp), (n, dvp), (dvp); mp, dvp: n, dv padded to LANES */
