@@ -167,9 +167,9 @@ def _chunk_buffer(numel: int) -> Tensor:
 
     A fresh multi-MiB tensor is a fresh ``mmap`` whenever glibc's heuristics decide so, and then every
     call page-faults its way through it: measured at 8 x 8 x 64 x 64, ~480 faults and +0.8 ms (0.6 softmax
-    calls) per call, depending on what ran before. The buffer is at most one chunk
-    (:data:`SHARED_CHUNK_BYTES`, or one block up to :data:`SHARED_MAX_BLOCK_BYTES` when the dispatcher
-    sends larger ones here) per thread that ran the closure.
+    calls) per call, depending on what ran before. The buffer holds one chunk: :data:`SHARED_CHUNK_BYTES`,
+    or one block per torch thread when blocks are larger (up to :data:`SHARED_MAX_BLOCK_BYTES` each from
+    the dispatcher), kept per Python thread that ran the closure.
     """
     buffer = getattr(_workspace, "buffer", None)
     if buffer is None or buffer.numel() < numel:

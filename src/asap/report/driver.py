@@ -13,7 +13,7 @@ from pathlib import Path
 
 from asap.io import atomic_write_text
 from asap.report.accuracy import ACCURACY_SCHEMA, render_accuracy
-from asap.report.asap_paths import ASAP_PATHS_SCHEMA, render_asap_paths
+from asap.report.asap_paths import ASAP_PATHS_SCHEMA, FUSED_VS_SPLIT_SCHEMA, render_asap_paths
 from asap.report.compile import render_compile
 from asap.report.core import Doc, Section, load_docs
 from asap.report.fidelity import FIDELITY_SCHEMAS, render_fidelity
@@ -47,8 +47,9 @@ SECTIONS: tuple[Section, ...] = (
     Section("fidelity", "Fidelity plane: ASAP with warm-start steps against truncated Sinkhorn, per layer",
             ("fidelity/*.json",), render_fidelity, "`asap bench fidelity`", schemas=FIDELITY_SCHEMAS),
     Section("asap_paths", "ASAP's CPU paths: closure backends, dual map, whole operator",
-            ("bench/asap_paths_*.json",), render_asap_paths, "`python scripts/bench_asap_paths.py --out ...`",
-            schemas=(ASAP_PATHS_SCHEMA,)),
+            ("bench/asap_paths_*.json", "bench/fused_vs_split_*.json"), render_asap_paths,
+            "`python scripts/bench_asap_paths.py --out ...`, `python scripts/bench_fused_vs_split.py --out ...`",
+            schemas=(ASAP_PATHS_SCHEMA, FUSED_VS_SPLIT_SCHEMA)),
     Section("triton_gpu", "ASAP on a GPU: Triton kernels against SDPA and Sinkhorn", ("bench/triton_gpu*.json",),
             render_triton_gpu, "`bash scripts/bench_gpu.sh` on a CUDA machine", schemas=(TRITON_GPU_SCHEMA,)),
     Section("teachers", "Trained models (teachers and baselines)", ("teachers/*/eval_*.json",), render_teachers,

@@ -73,11 +73,11 @@ def closure_worth_it(n: int, *, padded: bool) -> bool:
 #: (:func:`fused_worth_it`) on rows up to :data:`CLOSURE_MAX_N` tokens, padded or not, rather than the
 #: native map then the one-exponential closure with torch's GEMMs (the split path). Back to back
 #: (``asap_fused`` against ``asap_split`` in ``results/bench/asap_paths_*.json``, operands in cache) the
-#: split path is ahead at d >= 32 and n >= 32 (2.54 against 2.87 softmax calls at 8 x 8 x 32 x 64, one
-#: thread); between the layers of a model (``scripts/bench_fused_vs_split.py``: each call after an MLP
-#: block, ``results/bench/fused_vs_split_*.json``) the one call is as fast or faster at every measured
-#: shape up to n = 128: 0.85 / 1.40 / 2.94 / 7.96 ms against 1.23 / 1.51 / 2.92 / 8.04 at 8 x 8 x n x 64,
-#: n = 16 / 32 / 64 / 128, one thread; 0.66 / 0.86 / 1.70 / 4.17 against 0.96 / 1.11 / 1.97 / 4.56 at two.
+#: split path is ahead at d >= 32 and n >= 32; between the layers of a model
+#: (``scripts/bench_fused_vs_split.py``: each call after an MLP block, ``results/bench/fused_vs_split_*.json``)
+#: the one call is faster up to n = 50 (0.63 / 1.20 ms against 0.87 / 1.40 at 8 x 8 x n x 64, n = 16 / 32,
+#: one thread; 0.53 / 0.81 against 0.76 / 1.05 at two; 0.52 against 0.60 at 32 x 4 x 17 x 16) and within
+#: 5 % either way from n = 64 to 128, where one rule for all short rows keeps the dispatch simple.
 
 
 def fused_worth_it(n: int) -> bool:
