@@ -396,7 +396,8 @@ class SliceDualMap(DualMap):
         """``n = m``: the matching is rank to rank (padding sorted last), the coefficients fold into the steps.
 
         Without autograd, the rows go to a kernel: on the CPU (every length; measured faster than this
-        path from 16 to 4096 tokens) the native C kernel (:meth:`_forward_native`),
+        path at every shape of ``scripts/bench_asap_paths.py``, 17 to 1024 tokens) the native C kernel
+        (:meth:`_forward_native`),
         on CUDA (where :func:`asap.attention.triton_dual_map.worth_it`, no landmark feature) the Triton
         kernel of :mod:`asap.attention.triton_dual_map`, one launch instead of ~25.
         """

@@ -51,16 +51,16 @@ CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu99", "-Wno-ps
 #: Tried first; a compiler without OpenMP (Apple's clang) builds the single-threaded library instead.
 OPENMP_FLAGS = ("-fopenmp",)
 #: When the native kernels beat the PyTorch paths (``scripts/bench_asap_paths.py``,
-#: ``results/bench/asap_paths_*.json``, softmax calls; the figures below are from the runs of
-#: 2026-12-04 on the 2-core EPYC, torch's default 2 threads / one thread). The dual map
-#: (:meth:`asap.attention.dual_map.SliceDualMap.forward`) at every length: ranks by counting up to 96
-#: tokens, a bitonic sort above; at 8 x 8 x n x 64, 1.34 / 0.59 against 4.75 / 1.73 (n = 16 / 64, two
-#: threads), 1.37 / 0.78 against 3.84 / 1.57 (one thread), and 0.46 / 0.21 / 0.12 / 0.04 against
-#: 0.72 / 0.29 / 0.20 / 0.09 at n = 128 / 512 / 1024 / 4096 (one thread, an interleaved run of the map
-#: alone). The closure alone (``backend="auto"`` of :func:`asap.attention.functional.asap_attention`,
-#: :func:`closure_worth_it`) only for padded rows (``padding_mask``) up to :data:`CLOSURE_MAX_N`: padded,
-#: 0.89-1.48 against 1.58-2.60 for the PyTorch closures (every padded row measured, n <= 128); unpadded,
-#: the one-exponential closure with native passes (:func:`closure_blocks`) is faster at d >= 32.
+#: ``results/bench/asap_paths_*.json``, softmax calls, the 2-core EPYC, torch's default 2 threads / one
+#: thread). The dual map (:meth:`asap.attention.dual_map.SliceDualMap.forward`) at every length: ranks by
+#: counting up to 96 tokens, a bitonic sort above; at 8 x 8 x n x 64 unpadded, 1.09 / 0.50 against
+#: 3.98 / 1.48 (n = 16 / 64, two threads), 1.25 / 0.72 against 3.94 / 1.35 (one thread), and
+#: 0.42 / 0.19 / 0.10 against 0.59 / 0.27 / 0.19 at n = 128 / 512 / 1024 (one thread). The closure alone
+#: (``backend="auto"`` of :func:`asap.attention.functional.asap_attention`, :func:`closure_worth_it`) only
+#: for padded rows (``padding_mask``) up to :data:`CLOSURE_MAX_N`: padded, 0.90-1.57 against 1.37-2.88 for
+#: the best PyTorch closure (every padded row measured, n <= 128, both thread counts); unpadded, the
+#: one-exponential closure with its native passes (:func:`closure_blocks`) is faster at every measured
+#: shape (0.99-1.36 against 1.35-1.79 at one thread).
 CLOSURE_MAX_N = 128
 
 
