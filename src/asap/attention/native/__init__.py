@@ -76,8 +76,9 @@ def closure_worth_it(n: int, *, padded: bool) -> bool:
 #: split path is ahead at d >= 32 and n >= 32; between the layers of a model
 #: (``scripts/bench_fused_vs_split.py``: each call after an MLP block, ``results/bench/fused_vs_split_*.json``)
 #: the one call is faster up to n = 50 (0.63 / 1.20 ms against 0.87 / 1.40 at 8 x 8 x n x 64, n = 16 / 32,
-#: one thread; 0.53 / 0.81 against 0.76 / 1.05 at two; 0.52 against 0.60 at 32 x 4 x 17 x 16) and within
-#: 5 % either way from n = 64 to 128, where one rule for all short rows keeps the dispatch simple.
+#: one thread; 0.53 / 0.81 against 0.76 / 1.05 at two; 0.52 against 0.60 at 32 x 4 x 17 x 16) and from
+#: n = 64 to 128 at most 5 % slower and up to 15 % faster, where one rule for all short rows keeps the
+#: dispatch simple.
 
 
 def fused_worth_it(n: int) -> bool:
