@@ -182,9 +182,10 @@ class AsapOperator(AttentionOperator):
     def _forward_native(self, q, k, v, *, scale: float, padding_mask) -> Tensor | None:
         """The linear dual map and the closure in one native call (CPU inference, short self-attention).
 
-        Taken where it is the measured choice (:func:`asap.attention.native.fused_worth_it`), or always
-        with ``backend="native"``. None when this call cannot take it (another map kind, the landmark feature, long rows, autograd,
-        no native build, ...): the caller then runs the map and :func:`asap_attention` as usual.
+        Taken where it is the measured choice (:func:`asap.attention.native.fused_worth_it`: rows up to
+        128 tokens), or always with ``backend="native"``. None when this call cannot take it (another map
+        kind, the landmark feature, longer rows, autograd, no native build, ...): the caller then runs the
+        map and :func:`asap_attention` as usual.
         """
         dual_map = self.dual_map
         n = q.shape[-2]
