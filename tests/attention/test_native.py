@@ -313,3 +313,43 @@ def test_closure_blocks_refuse_what_they_cannot_take():
         native.closure_blocks(scores, bias, den, alpha=1.0, columns=17)
     assert native.supports_blocks(scores.double()) is not None
     assert native.supports_blocks(scores.requires_grad_(True)) == "native kernels: inference only (no autograd)"
+
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs an AVX2 CPU")
+def test_the_avx2_build_agrees_with_the_one_this_cpu_picks(monkeypatch, tmp_path):
+    """The library built for AVX2 (8 floats per vector: what laptops and AMD Zen 1-3 run) gives the map,
+    output and closure blocks of the build this CPU picks (AVX-512 here, where there is one), to the
+    rounding of a horizontal sum in another order; the ranks are exact. Ranks (n <= 96) and sorts,
+    padding, 20 slices (not a multiple of 16) and a closure that masks the columns past m."""
+    m = _map(("qk_mean", "q_norm"), heads=2, slices=20)
+    args = dict(scale=0.3, directions=m.directions.float(), coef=m.coefficients()[:, :20].float())
+    inputs = []
+    for n, lengths in ((17, (17, 5)), (130, (130, 100))):
+        q, k, v = rand_qkv(b=2, h=2, n=n, d=16, dtype=torch.float32)
+        inputs.append((q, k, v, _valid(n, lengths)))
+    scores, bias = torch.randn(3, 20, 48) * 4, torch.randn(3, 20)
+
+    def run():
+        outs = [native.asap_forward_native(q, k, v, return_dual=True, valid=valid, **args) for q, k, v, valid in inputs]
+        s, den = scores.clone(), torch.empty(3, 20)
+        native.closure_blocks(s, bias, den, alpha=0.7, columns=37)
+        return [t for pair in outs for t in pair] + [s, den]
+
+    expected = run()
+    try:
+        monkeypatch.setenv("ASAP_NATIVE_CACHE", str(tmp_path))
+        monkeypatch.setenv("ASAP_NATIVE_ISA", "avx2")
+        native._load.cache_clear()
+        assert native.unavailable() is None and native.instruction_set() == "avx2"
+        assert len(list(tmp_path.glob("*.so"))) == 1  # built here, not taken from the shared cache
+        got = run()
+        monkeypatch.setenv("ASAP_NATIVE_ISA", "sse9")
+        native._load.cache_clear()
+        assert native.unavailable() == ("native kernel unavailable: ASAP_NATIVE_ISA must be one of avx512, avx2, "
+                                        "generic, got 'sse9'")  # fmt: skip
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

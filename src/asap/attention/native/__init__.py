@@ -11,11 +11,14 @@ map at every length, the closure on short padded rows. At every length,
 :func:`closure_blocks` runs the elementwise passes of the unpadded one-exponential closure between torch's
 GEMMs.
 
-Building. The source is compiled once per source version and compiler with the system C compiler
-(``$CC``, else ``cc``; ``-O3 -fPIC -shared``, no ``-march=native``: on x86-64 GCC the hot
-loops carry AVX2 and AVX-512 clones picked at load time, so a cache shared between machines stays valid;
-``-ffp-contract=off``, so that no layout-specialised loop rounds differently: results are bit-equal for
-every memory layout of the inputs)
+Building. The source is compiled once per source version, compiler and instruction set with the system C
+compiler (``$CC``, else ``cc``; ``-O3 -fPIC -shared``; ``-ffp-contract=off``, so that no layout-specialised
+loop rounds differently: results are bit-equal for every memory layout of the inputs), for the widest
+vectors the CPU has, as torch detects them (:func:`instruction_set`: AVX-512 with 16 floats per vector,
+AVX2 with 8; ``generic`` elsewhere, 16 lanes left to the compiler to lower): a library with vectors wider
+than the registers ran 3-8x slower (``results/bench/native_isa_1_thread.json``). Each instruction set has
+its own file, so a cache shared between machines stays valid. ``$ASAP_NATIVE_ISA`` (``avx512``, ``avx2``,
+``generic``) overrides the choice, to test or time another build on one machine. The library goes
 into ``$ASAP_NATIVE_CACHE`` (default ``~/.cache/asap/native``), written to a temporary name and renamed,
 so concurrent processes (DDP ranks) never load a half-written file. No compiler, a failed build or
 ``ASAP_NATIVE=0`` make the kernels unavailable: :func:`unavailable` says why in one line and callers
@@ -101,10 +104,38 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "asap" / "native"
 
 
+#: Compiler flags per instruction set: the target and the floats per vector of the kernels (``ASAP_LANES``).
+ISA_FLAGS = {
+    "avx512": ("-mavx512f", "-DASAP_LANES=16"),
+    "avx2": ("-mavx2", "-DASAP_LANES=8"),
+    "generic": (),
+}
+
+
+def instruction_set() -> str:
+    """The build for this CPU: ``$ASAP_NATIVE_ISA`` if set, else from torch's CPU capability (``AVX512``
+    -> ``avx512``, ``AVX2`` -> ``avx2``, anything else, e.g. ARM, -> ``generic``).
+
+    Raises:
+        ValueError: ``$ASAP_NATIVE_ISA`` is not one of :data:`ISA_FLAGS`.
+    """
+    chosen = os.environ.get("ASAP_NATIVE_ISA")
+    if chosen is not None:
+        if chosen not in ISA_FLAGS:
+            raise ValueError(f"ASAP_NATIVE_ISA must be one of {', '.join(ISA_FLAGS)}, got {chosen!r}")
+        return chosen
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(capability, "generic")
+
+
+def _cflags() -> tuple[str, ...]:
+    return CFLAGS + ISA_FLAGS[instruction_set()]
+
+
 def _library_path(extra_flags: tuple[str, ...]) -> Path:
     """Cache file named by a hash of the source, flags, compiler name and platform."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + extra_flags).encode(), _compiler().encode(),
+    for part in (SOURCE.read_bytes(), " ".join(_cflags() + extra_flags).encode(), _compiler().encode(),
                  f"{sys.platform}-{platform.machine()}".encode()):  # fmt: skip
         digest.update(part)
     return cache_dir() / f"asap_cpu-{digest.hexdigest()[:16]}.so"
@@ -115,7 +146,7 @@ def _build(path: Path, extra_flags: tuple[str, ...]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".so.tmp", dir=path.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([_compiler(), *CFLAGS, *extra_flags, "-o", tmp, str(SOURCE), "-lm"],
+        proc = subprocess.run([_compiler(), *_cflags(), *extra_flags, "-o", tmp, str(SOURCE), "-lm"],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         if proc.returncode != 0:
             first = (proc.stderr.strip().splitlines() or ["(no message)"])[0]
@@ -133,6 +164,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, "disabled by ASAP_NATIVE=0"
     try:
         lib = ctypes.CDLL(str(_built_library()))
+    except ValueError as exc:
+        return None, f"native kernel unavailable: {exc}"
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"native kernel unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     fn = lib.asap_forward_f32
@@ -271,7 +304,7 @@ def asap_forward_native(
     return (out, f_out) if return_dual else out
 
 
-#: Floats per vector in the kernels: the row length of :func:`closure_blocks`'s blocks is a multiple of it.
+#: A multiple of the floats per vector of every build: the row length of :func:`closure_blocks`'s blocks.
 LANES = 16
 
 

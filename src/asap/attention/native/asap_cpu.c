@@ -29,23 +29,24 @@
 #include <omp.h>
 #endif
 
-#define LANES 16
+/* Floats per vector: the build passes the widest the CPU has (-DASAP_LANES=16 with -mavx512f, 8 with
+ * -mavx2; see asap/attention/native/__init__.py), since GCC lowers vectors wider than the registers
+ * badly (a 16-lane vector on AVX2 went through memory and scalar comparisons: 3-8x slower than the
+ * AVX-512 build on the same CPU). A build for an unknown CPU keeps 16 and lets the compiler lower them. */
+#ifndef ASAP_LANES
+#define ASAP_LANES 16
+#endif
+#define LANES ASAP_LANES
 typedef float vfloat __attribute__((vector_size(4 * LANES)));
 typedef int32_t vint __attribute__((vector_size(4 * LANES)));
 #define SORT_LANES 8 /* LANES is a multiple of it */
 typedef int32_t vint8 __attribute__((vector_size(4 * SORT_LANES)));
+_Static_assert(LANES % SORT_LANES == 0, "LANES is a multiple of SORT_LANES");
 
-/* x86-64 GCC: also build AVX2 and AVX-512 versions of the hot loops, picked at load time by the CPU
- * (the library itself is built without -march=native, so a cache shared between machines stays valid);
- * elsewhere the vectors are lowered to what the target has. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HOT __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
+/* Functions with the hot loops (a marker: the whole library is built for one instruction set). */
 #define HOT
-#endif
 
-/* Vector helpers are always inlined: a separate copy would be built for the default target and called
- * from the AVX clones with another calling convention for 64-byte vectors. */
+/* Vector helpers are always inlined, so that their vectors stay in registers. */
 #define VECTOR_HELPER static inline __attribute__((always_inline))
 
 VECTOR_HELPER vfloat load(const float *p) {
@@ -154,8 +155,8 @@ HOT static void ranks(const float *v, int64_t n, int64_t Lp, int32_t *rank) {
 }
 
 /* Whether any of x[0..count) (count a multiple of SORT_LANES) is NaN: its bits, sign cleared, above
- * those of +inf. Integer comparisons in 8-lane vectors: this runs outside the cloned loops, where a
- * 16-lane float comparison is split into scalar ones (it took a fifth of the map at n = 32). */
+ * those of +inf. Integer comparisons in 8-lane vectors, native on every x86-64 build (a 16-lane float
+ * comparison outside the AVX-512 code was split into scalar ones: a fifth of the map at n = 32). */
 HOT static int any_nan(const float *x, int64_t count) {
     vint8 found = {0};
     for (int64_t i = 0; i < count; i += SORT_LANES) {
@@ -190,7 +191,7 @@ HOT static void sort_lanes(const float *v, int64_t nv, int64_t Lp, float *sorted
     /* The network compares integer keys (a float's bits, the negative ones' magnitude bits flipped, order
      * like the floats; -0 is made +0 first, so that it ties with 0 as a float comparison would) in
      * vectors of 8: GCC scalarises 16-lane comparisons combined into masks where the hardware has 8-lane
-     * registers (the AVX2 clone: 14x slower), while 8-lane ones map to single instructions everywhere. */
+     * registers (14x slower on AVX2), while 8-lane ones map to single instructions everywhere. */
     int32_t *key = (int32_t *)sorted;
     for (int64_t r = 0; r < P; r++)
         for (int64_t l = 0; l < Lp; l++) {
@@ -411,6 +412,8 @@ HOT static void closure_head(const problem_t *p, int64_t bi, int64_t hi, int64_t
     const int64_t *tokens = w->tokens;
     const float alpha = (float)(p->scale / p->eps), minus_inf = -__builtin_inff();
     float *scores = w->scores, *kt = w->kt, *vp = w->vp;
+    vint lane;
+    for (int l = 0; l < LANES; l++) lane[l] = l;
 
     for (int64_t e = 0; e < d; e++)  /* keys transposed, (d, mp), zero past nv */
         for (int64_t j = 0; j < mp; j++) kt[e * mp + j] = j < nv ? k[tokens[j] * p->ks[2] + e * p->ks[3]] : 0.0f;
@@ -437,10 +440,9 @@ HOT static void closure_head(const problem_t *p, int64_t bi, int64_t hi, int64_t
                 for (int64_t u = 0; u < TOKENS; u++) acc[u] += key * qi[u][e * p->qs[3]];
             }
             vfloat m = load(colmax + j0);
+            const vint key = lane + (int32_t)j0 < (int32_t)nv; /* a valid key */
             for (int64_t u = 0; u < rows; u++) {
-                vfloat sc = acc[u] * alpha + bias[u];
-                for (int64_t l = 0; l < LANES; l++)
-                    if (j0 + l >= nv) sc[l] = minus_inf;
+                const vfloat sc = vselect(key, acc[u] * alpha + bias[u], (vfloat){0} + minus_inf);
                 store(scores + (i0 + u) * mp + j0, sc);
                 m = vmax(sc, m);
             }
