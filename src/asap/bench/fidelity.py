@@ -15,7 +15,8 @@ receives (captured by a forward pre-hook while the teacher runs on real inputs):
    valid queries, the mean row KL(teacher || candidate) and the L1
    column-marginal error. The candidates are ASAP
    with ``extra_steps = j`` (ASAP as a warm start: ``2 + j`` half-steps from the
-   predicted dual) and Sinkhorn truncated to ``K`` half-steps from zero (the
+   predicted dual; the :class:`~asap.attention.operators.AsapOperator` that
+   ``asap compile`` ships, with its dispatch) and Sinkhorn truncated to ``K`` half-steps from zero (the
    teacher stopped early: ASAP's real competitor);
 3. the cost of each candidate is measured on the same held-out ``q, k, v``, in
    one interleaved run (:func:`asap.bench.measure.benchmark`), with padding
@@ -50,8 +51,8 @@ from torch import Tensor, nn
 
 from asap.argtypes import add_field_options, cli, finite_float, int_list, nonnegative_int, positive_float, positive_int
 from asap.attention.dual_map import DEFAULT_EXTRA_FEATURES, DUAL_MAPS
-from asap.attention.functional import asap_attention, sinkhorn_attention, softmax_attention
-from asap.attention.operators import AttentionOperator, SinkhornOperator, call_mask
+from asap.attention.functional import sinkhorn_attention, softmax_attention
+from asap.attention.operators import AsapOperator, AttentionOperator, SinkhornOperator, call_mask
 from asap.bench.measure import benchmark
 from asap.compile.direct import MAP_LR, MAP_STEPS, fit_map
 from asap.compile.swap import extra_feature_list
@@ -226,18 +227,15 @@ def layer_plane(
             log(f"{kind} map L={num_slices}: held-out R2 "
                 + " ".join(f"{r:.3f}" for r in stats["r2_held_out"]) + f" ({entry['fit_s']:.1f} s)")  # fmt: skip
 
-            def f_hat(c: LayerCall, dual_map=dual_map) -> Tensor:
-                return dual_map(c.q, c.k, scale=scale, padding_mask=c.valid, center=False)
-
             for j in config.extra_steps:
                 name = asap_key(kind, num_slices, j)
-                figures = mean_figures(lambda c, j=j, f_hat=f_hat: _attention(
-                    asap_attention, c, f_hat=f_hat(c), eps=eps, scale=scale, extra_steps=j))  # fmt: skip
+                # the compiled operator asap compile ships (its dispatch included: one native call on short rows)
+                op = AsapOperator(num_heads=call0.q.shape[1], head_dim=call0.q.shape[-1], eps=eps, scale=scale,
+                                  extra_steps=j, dual_map=dual_map)  # fmt: skip
+                figures = mean_figures(lambda c, op=op: _attention(op, c))
                 points.append({"method": name, "family": "asap", "map": kind, "L": num_slices, "extra_steps": j,
                                **figures})  # fmt: skip
-                timed[name] = lambda j=j, f_hat=f_hat: asap_attention(
-                    call0.q, call0.k, call0.v, f_hat(call0), eps=eps, scale=scale, extra_steps=j,
-                    padding_mask=call0.valid)  # fmt: skip
+                timed[name] = lambda op=op: op(call0.q, call0.k, call0.v, padding_mask=call0.valid)
     load_before = load_average()
     run = benchmark(timed, device="cpu", warmup=2, repeats=config.repeats, min_repeats=min(3, config.repeats), budget_s=config.budget_s,
                     measure_memory=False)  # fmt: skip
