@@ -21,7 +21,7 @@
  */
 #include <stdint.h>
 #if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 #include <stdlib.h>
 #include <string.h>
@@ -291,7 +291,8 @@ typedef struct {
     int64_t *tokens;                   /* (n) indices of the valid tokens */
     int32_t *rank_x, *rank_y, *order;  /* (P, Lp), P = n rounded up to a power of 2: x's and y's ranks; the token of each rank of x */
     float *xl, *yl, *xs, *ys;          /* (n, Lp) projections of the valid tokens; (P, Lp) sorted */
-    float *dirs_t, *kbar, *qsq, *qk;   /* (d, Lp) this head's directions, transposed and zero-padded; (d padded to LANES); (n); (n) */
+    float *dirs_t, *kbar, *qsq, *qk;   /* (h, d, Lp) every head's directions, transposed and zero-padded; (d padded to LANES); (n); (n) */
+    uint8_t *dirs_ready;               /* (h) whether dirs_t holds that head's (filled on first use: once per head, not per problem) */
     float *scores, *kt, *vp, *acc;     /* closure: (n, mp), (d, mp), (n, dvp), (dvp); mp, dvp: n, dv padded to LANES */
     float *colsum, *weight;            /* (mp), (mp) */
 } workspace_t;
@@ -301,10 +302,10 @@ static int64_t padded(int64_t x) { return (x + LANES - 1) / LANES * LANES; }
 static char *workspace_alloc(workspace_t *w, const problem_t *p) {
     const int64_t n = p->n, d = p->d, Lp = p->Lp, mp = padded(p->n), dvp = padded(p->dv), P = pow2_at_least(p->n);
     const int closure = p->out != NULL, dual = p->f_in == NULL;
-    const size_t floats = (dual ? (size_t)(2 * n * Lp + 2 * P * Lp + d * Lp + padded(d) + 2 * n) : 0) +
+    const size_t floats = (dual ? (size_t)(2 * n * Lp + 2 * P * Lp + p->h * d * Lp + padded(d) + 2 * n) : 0) +
                           (closure ? (size_t)(n * mp + d * mp + n * dvp + dvp + 2 * mp) : 0);
     const size_t bytes = sizeof(double) * (size_t)n + sizeof(int64_t) * (size_t)n +
-                         (dual ? sizeof(int32_t) * (size_t)(3 * P * Lp) : 0) + sizeof(float) * floats + 64;
+                         (dual ? sizeof(int32_t) * (size_t)(3 * P * Lp) + (size_t)p->h : 0) + sizeof(float) * floats + 64;
     char *buf = (char *)malloc(bytes);
     if (!buf) return NULL;
     memset(w, 0, sizeof(*w));
@@ -320,7 +321,7 @@ static char *workspace_alloc(workspace_t *w, const problem_t *p) {
         w->xs = w->yl + n * Lp;
         w->ys = w->xs + P * Lp;
         w->dirs_t = w->ys + P * Lp;
-        w->kbar = w->dirs_t + d * Lp;
+        w->kbar = w->dirs_t + p->h * d * Lp;
         w->qsq = w->kbar + padded(d);
         w->qk = w->qsq + n;
         next = w->qk + n;
@@ -332,6 +333,11 @@ static char *workspace_alloc(workspace_t *w, const problem_t *p) {
         w->acc = w->vp + n * dvp;
         w->colsum = w->acc + dvp;
         w->weight = w->colsum + mp;
+        next = w->weight + mp;
+    }
+    if (dual) {
+        w->dirs_ready = (uint8_t *)next;
+        memset(w->dirs_ready, 0, (size_t)p->h);
     }
     return buf;
 }
@@ -344,10 +350,14 @@ static void dual_map_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv
     const int64_t *tokens = w->tokens;
     double *f = w->f;
 
-    const float *dirs = p->dirs + hi * L * d;
-    for (int64_t e = 0; e < d; e++)
-        for (int64_t l = 0; l < Lp; l++) w->dirs_t[e * Lp + l] = l < L ? dirs[l * d + e] : 0.0f;
-    project(q, k, p->qs[2], p->qs[3], p->ks[2], p->ks[3], tokens, nv, d, Lp, w->dirs_t, w->xl, w->yl);
+    float *dirs_t = w->dirs_t + hi * d * Lp;
+    if (!w->dirs_ready[hi]) {
+        const float *dirs = p->dirs + hi * L * d;
+        for (int64_t e = 0; e < d; e++)
+            for (int64_t l = 0; l < Lp; l++) dirs_t[e * Lp + l] = l < L ? dirs[l * d + e] : 0.0f;
+        w->dirs_ready[hi] = 1;
+    }
+    project(q, k, p->qs[2], p->qs[3], p->ks[2], p->ks[3], tokens, nv, d, Lp, dirs_t, w->xl, w->yl);
 
     /* the moment extras: f_t = c_mean scale <q_t, kbar> + c_norm scale^2 |q_t|^2 (kbar from the key sum) */
     const double c_mean = p->c_mean ? p->c_mean[hi * p->cms] * p->scale / (double)nv : 0.0;
@@ -400,6 +410,39 @@ static void dual_map_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv
     }
 }
 
+/* kt (d, mp) = the nv valid keys (token j at k + tokens[j] * kn, feature e at + e * kd) transposed, zero
+ * past nv, one masked vector gather per LANES keys and feature; returns 0 (nothing written) where the
+ * build has no gathers (generic) or an offset does not fit 32 bits. */
+HOT static int transpose_keys_gather(const float *k, const int64_t *tokens, int64_t nv, int64_t d, int64_t kn,
+                                     int64_t kd, int64_t mp, float *kt) {
+#if (defined(__AVX512F__) && LANES == 16) || (defined(__AVX2__) && LANES == 8)
+    if (kn < 0 || kd < 0 || (nv > 0 && (tokens[nv - 1] * kn + (d - 1) * kd) > INT32_MAX)) return 0;
+    for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
+        vint rows = {0}, valid = {0};
+        for (int l = 0; l < LANES; l++)
+            if (j0 + l < nv) {
+                rows[l] = (int32_t)(tokens[j0 + l] * kn);
+                valid[l] = -1;
+            }
+        for (int64_t e = 0; e < d; e++) {
+            const vint offsets = rows + (int32_t)(e * kd);
+#if LANES == 16
+            const __mmask16 mask = nv - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nv - j0)) - 1u);
+            const vfloat got = (vfloat)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, (__m512i)offsets, k, 4);
+#else
+            const vfloat got = (vfloat)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), k, (__m256i)offsets,
+                                                                 (__m256)valid, 4);
+#endif
+            store(kt + e * mp + j0, got);
+        }
+    }
+    return 1;
+#else
+    (void)k, (void)tokens, (void)nv, (void)d, (void)kn, (void)kd, (void)mp, (void)kt;
+    return 0;
+#endif
+}
+
 /* ASAP's closure on the nv valid tokens of one head, with one exponential per score (the maths of
  * asap/attention/closure.py): W_ij = (S_ij + f_i)/eps - c_j - r_i with c_j the column max and r_i the
  * row max after it, E = exp(W), w_j = 1 / sum_i E_ij e^{r_i}, out_i = sum_j E_ij w_j v_j / sum_j E_ij w_j. */
@@ -415,10 +458,28 @@ HOT static void closure_head(const problem_t *p, int64_t bi, int64_t hi, int64_t
     vint lane;
     for (int l = 0; l < LANES; l++) lane[l] = l;
 
-    for (int64_t e = 0; e < d; e++)  /* keys transposed, (d, mp), zero past nv */
-        for (int64_t j = 0; j < mp; j++) kt[e * mp + j] = j < nv ? k[tokens[j] * p->ks[2] + e * p->ks[3]] : 0.0f;
-    for (int64_t j = 0; j < nv; j++)  /* values, (nv, dvp), zero past dv */
-        for (int64_t c = 0; c < dvp; c++) vp[j * dvp + c] = c < dv ? v[tokens[j] * p->vs[2] + c * p->vs[3]] : 0.0f;
+    /* keys transposed, (d, mp), zero past nv; values, (nv, dvp), zero past dv. The keys by vector gathers
+     * where the build has them and the offsets fit 32 bits, else row by row with one row pointer each
+     * (these copies were a fifth of the whole call at n = 32 when every element recomputed its address);
+     * whole value rows copied where their features are contiguous. */
+    if (!transpose_keys_gather(k, tokens, nv, d, p->ks[2], p->ks[3], mp, kt)) {
+        for (int64_t j = 0; j < nv; j++) {
+            const float *key = k + tokens[j] * p->ks[2];
+            for (int64_t e = 0; e < d; e++) kt[e * mp + j] = key[e * p->ks[3]];
+        }
+        for (int64_t e = 0; e < d; e++)
+            for (int64_t j = nv; j < mp; j++) kt[e * mp + j] = 0.0f;
+    }
+    for (int64_t j = 0; j < nv; j++) {
+        const float *value = v + tokens[j] * p->vs[2];
+        float *row = vp + j * dvp;
+        if (p->vs[3] == 1) {
+            memcpy(row, value, sizeof(float) * (size_t)dv);
+        } else {
+            for (int64_t c = 0; c < dv; c++) row[c] = value[c * p->vs[3]];
+        }
+        for (int64_t c = dv; c < dvp; c++) row[c] = 0.0f;
+    }
 
     /* scores (S + f)/eps, -inf at padding keys, TOKENS rows at a time (independent multiply-add chains,
      * one load of keys for all); column maxima */
@@ -502,7 +563,11 @@ HOT static void closure_head(const problem_t *p, int64_t bi, int64_t hi, int64_t
             for (int64_t u = 0; u < rows; u++) {
                 float *o = out + tokens[i0 + u] * dv;
                 const vfloat r = acc[u] * inv[u];
-                for (int64_t c = c0; c < dv && c < c0 + LANES; c++) o[c] = r[c - c0];
+                if (c0 + LANES <= dv) {
+                    store(o + c0, r);
+                } else {
+                    for (int64_t c = c0; c < dv; c++) o[c] = r[c - c0];
+                }
             }
         }
     }
