@@ -43,9 +43,6 @@ typedef int32_t vint __attribute__((vector_size(4 * LANES)));
 typedef int32_t vint8 __attribute__((vector_size(4 * SORT_LANES)));
 _Static_assert(LANES % SORT_LANES == 0, "LANES is a multiple of SORT_LANES");
 
-/* Functions with the hot loops (a marker: the whole library is built for one instruction set). */
-#define HOT
-
 /* Vector helpers are always inlined, so that their vectors stay in registers. */
 #define VECTOR_HELPER static inline __attribute__((always_inline))
 
@@ -80,7 +77,7 @@ VECTOR_HELPER vfloat load_strided(const float *p, int64_t stride, int64_t count)
 /* The moment inputs over the nv valid tokens: the key sum kbar (d), the squared query norms qsq (nv)
  * and qk (nv), <q_t, kbar>. Features go LANES at a time, in the same order for every layout (so the
  * result is bit-equal for contiguous, transposed or sliced rows). */
-HOT static void moments(const float *q, const float *k, int64_t qn, int64_t qd, int64_t kn, int64_t kd,
+static void moments(const float *q, const float *k, int64_t qn, int64_t qd, int64_t kn, int64_t kd,
                         const int64_t *tokens, int64_t nv, int64_t d, float *kbar, float *qsq, float *qk) {
     const int64_t dp = (d + LANES - 1) / LANES * LANES;
     for (int64_t e = 0; e < dp; e++) kbar[e] = 0.0f; /* padded to dp: the tail lanes stay 0 */
@@ -111,7 +108,7 @@ HOT static void moments(const float *q, const float *k, int64_t qn, int64_t qd, 
  * the multiply-adds overlap instead of waiting on one another, and each row of directions is loaded
  * once for all of them. */
 #define TOKENS 4
-HOT static void project(const float *q, const float *k, int64_t qn, int64_t qd, int64_t kn, int64_t kd,
+static void project(const float *q, const float *k, int64_t qn, int64_t qd, int64_t kn, int64_t kd,
                         const int64_t *tokens, int64_t nv, int64_t d, int64_t Lp, const float *dirs_t, float *xl,
                         float *yl) {
     for (int64_t t0 = 0; t0 < nv; t0 += TOKENS) {
@@ -143,7 +140,7 @@ HOT static void project(const float *q, const float *k, int64_t qn, int64_t qd, 
  * by token index (each lane's ranks are a permutation). O(n^2) comparisons, but branch-free, LANES at
  * a time: for the short rows of real teachers this beats comparison sorts, whose branches mispredict
  * on random data and which sort one slice at a time. */
-HOT static void ranks(const float *v, int64_t n, int64_t Lp, int32_t *rank) {
+static void ranks(const float *v, int64_t n, int64_t Lp, int32_t *rank) {
     for (int64_t l0 = 0; l0 < Lp; l0 += LANES)
         for (int64_t i = 0; i < n; i++) {
             const vfloat vi = load(v + i * Lp + l0);
@@ -157,7 +154,7 @@ HOT static void ranks(const float *v, int64_t n, int64_t Lp, int32_t *rank) {
 /* Whether any of x[0..count) (count a multiple of SORT_LANES) is NaN: its bits, sign cleared, above
  * those of +inf. Integer comparisons in 8-lane vectors, native on every x86-64 build (a 16-lane float
  * comparison outside the AVX-512 code was split into scalar ones: a fifth of the map at n = 32). */
-HOT static int any_nan(const float *x, int64_t count) {
+static int any_nan(const float *x, int64_t count) {
     vint8 found = {0};
     for (int64_t i = 0; i < count; i += SORT_LANES) {
         vint8 bits;
@@ -186,7 +183,7 @@ static int64_t pow2_at_least(int64_t x) {
  * the result. A bitonic sorting network: its compare-exchanges do not depend on the data, so the
  * SORT_LANES slices of a vector sort at once without a branch (a comparison sort takes one slice at a
  * time and mispredicts on random data). */
-HOT static void sort_lanes(const float *v, int64_t nv, int64_t Lp, float *sorted, int32_t *index) {
+static void sort_lanes(const float *v, int64_t nv, int64_t Lp, float *sorted, int32_t *index) {
     const int64_t P = pow2_at_least(nv);
     /* The network compares integer keys (a float's bits, the negative ones' magnitude bits flipped, order
      * like the floats; -0 is made +0 first, so that it ties with 0 as a float comparison would) in
@@ -413,21 +410,23 @@ static void dual_map_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv
 /* kt (d, mp) = the nv valid keys (token j at k + tokens[j] * kn, feature e at + e * kd) transposed, zero
  * past nv, one masked vector gather per LANES keys and feature; returns 0 (nothing written) where the
  * build has no gathers (generic) or an offset does not fit 32 bits. */
-HOT static int transpose_keys_gather(const float *k, const int64_t *tokens, int64_t nv, int64_t d, int64_t kn,
+static int transpose_keys_gather(const float *k, const int64_t *tokens, int64_t nv, int64_t d, int64_t kn,
                                      int64_t kd, int64_t mp, float *kt) {
 #if (defined(__AVX512F__) && LANES == 16) || (defined(__AVX2__) && LANES == 8)
     if (kn < 0 || kd < 0 || (nv > 0 && (tokens[nv - 1] * kn + (d - 1) * kd) > INT32_MAX)) return 0;
     for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
-        vint rows = {0}, valid = {0};
-        for (int l = 0; l < LANES; l++)
-            if (j0 + l < nv) {
-                rows[l] = (int32_t)(tokens[j0 + l] * kn);
-                valid[l] = -1;
-            }
+        vint rows = {0}, valid = {0}; /* the keys of this block are a prefix of it */
+        for (int l = 0; l < LANES && j0 + l < nv; l++) {
+            rows[l] = (int32_t)(tokens[j0 + l] * kn);
+            valid[l] = -1;
+        }
+#if LANES == 16
+        const __mmask16 mask = nv - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nv - j0)) - 1u);
+        (void)valid;
+#endif
         for (int64_t e = 0; e < d; e++) {
             const vint offsets = rows + (int32_t)(e * kd);
 #if LANES == 16
-            const __mmask16 mask = nv - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nv - j0)) - 1u);
             const vfloat got = (vfloat)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, (__m512i)offsets, k, 4);
 #else
             const vfloat got = (vfloat)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), k, (__m256i)offsets,
@@ -446,7 +445,7 @@ HOT static int transpose_keys_gather(const float *k, const int64_t *tokens, int6
 /* ASAP's closure on the nv valid tokens of one head, with one exponential per score (the maths of
  * asap/attention/closure.py): W_ij = (S_ij + f_i)/eps - c_j - r_i with c_j the column max and r_i the
  * row max after it, E = exp(W), w_j = 1 / sum_i E_ij e^{r_i}, out_i = sum_j E_ij w_j v_j / sum_j E_ij w_j. */
-HOT static void closure_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv, const workspace_t *w,
+static void closure_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv, const workspace_t *w,
                              float *out) {
     const int64_t d = p->d, dv = p->dv, mp = padded(nv), dvp = padded(dv);
     const float *q = p->q + bi * p->qs[0] + hi * p->qs[1];
@@ -665,7 +664,7 @@ static void copy_strides(int64_t *dst, const int64_t *src, int count) {
  * row is in L1; the weights) where the PyTorch ops take nine; whole vectors only (the padded columns
  * are masked), since a partial vector per row costs more than the passes at short rows.
  * colmax, colsum: scratch (ld). */
-HOT static void closure_block(float *s, int64_t ld, const float *bias, float alpha, int64_t n, int64_t m,
+static void closure_block(float *s, int64_t ld, const float *bias, float alpha, int64_t n, int64_t m,
                               float *colmax, float *colsum, float *den) {
     const vfloat minus_inf = (vfloat){0} - __builtin_inff();
     vint lane;
