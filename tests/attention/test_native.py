@@ -316,18 +316,21 @@ def test_closure_blocks_refuse_what_they_cannot_take():
 
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs an AVX2 CPU")
-def test_the_avx2_build_agrees_with_the_one_this_cpu_picks(monkeypatch, tmp_path):
-    """The library built for AVX2 (8 floats per vector: what laptops and AMD Zen 1-3 run) gives the map,
-    output and closure blocks of the build this CPU picks (AVX-512 here, where there is one), to the
-    rounding of a horizontal sum in another order; the ranks are exact. Ranks (n <= 96) and sorts,
-    padding, 20 slices (not a multiple of 16) and a closure that masks the columns past m."""
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_other_builds_agree_with_the_one_this_cpu_picks(monkeypatch, tmp_path, isa):
+    """The library built for AVX2 (8 floats per vector, key gathers: what laptops and AMD Zen 1-3 run) and
+    the generic build (16 lanes lowered by the compiler, keys copied row by row) give the map, output and
+    closure blocks of the build this CPU picks, to the rounding of a horizontal sum in another order; the
+    ranks are exact. Ranks (n <= 96) and sorts, padding, 20 slices (not a multiple of 16), transposed
+    keys and a closure that masks the columns past m."""
+    if isa == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the AVX2 build needs an AVX2 CPU")
     m = _map(("qk_mean", "q_norm"), heads=2, slices=20)
     args = dict(scale=0.3, directions=m.directions.float(), coef=m.coefficients()[:, :20].float())
     inputs = []
     for n, lengths in ((17, (17, 5)), (130, (130, 100))):
         q, k, v = rand_qkv(b=2, h=2, n=n, d=16, dtype=torch.float32)
-        inputs.append((q, k, v, _valid(n, lengths)))
+        inputs.append((q, relayout(k, "transposed"), v, _valid(n, lengths)))
     scores, bias = torch.randn(3, 20, 48) * 4, torch.randn(3, 20)
 
     def run():
@@ -339,9 +342,9 @@ def test_the_avx2_build_agrees_with_the_one_this_cpu_picks(monkeypatch, tmp_path
     expected = run()
     try:
         monkeypatch.setenv("ASAP_NATIVE_CACHE", str(tmp_path))
-        monkeypatch.setenv("ASAP_NATIVE_ISA", "avx2")
+        monkeypatch.setenv("ASAP_NATIVE_ISA", isa)
         native._load.cache_clear()
-        assert native.unavailable() is None and native.instruction_set() == "avx2"
+        assert native.unavailable() is None and native.instruction_set() == isa
         assert len(list(tmp_path.glob("*.so"))) == 1  # built here, not taken from the shared cache
         got = run()
         monkeypatch.setenv("ASAP_NATIVE_ISA", "sse9")
