@@ -16,7 +16,7 @@ GRID=(--device cpu --dtype float32 --batch-size 8 --heads 8 --head-dim 64 --teac
 for part in ${parts[@]}; do
   case $part in
     ops1)  # the operator grid, forward, one thread: softmax calls, ratios to K = 3 / 11 / 21
-      $PY -m asap.bench.operators "${GRID[@]}" --lengths 16,32,64,128,256,512,1024,2048 --iters 3,5,11,21 \
+      $PY -m asap.bench.operators "${GRID[@]}" --lengths 16,32,64,128,256,512,1024,2048,4096 --iters 3,5,11,21 \
         --padding 0.0 --methods softmax,sinkhorn,asap --backward-max-length 512 --max-length esp=128 --warmup 1 \
         --repeats 7 --min-repeats 1 --budget-s 2.0 --no-backward --threads 1 \
         --out results/bench/operators_cpu_1thread.json ;;
