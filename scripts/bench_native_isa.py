@@ -3,13 +3,15 @@
 The library is built for the widest vectors the CPU has (``asap.attention.native.instruction_set``); a CPU
 with AVX-512 never runs the AVX2 build that most laptops and many cloud CPUs (AMD Zen 1-3, Intel client
 parts) run. Each *variant* builds the library from a C source for one instruction set
-(``$ASAP_NATIVE_ISA``) into its own cache file, and runs in its own process; the processes alternate round by round (``--rounds``), and each one times ASAP's operator
-(random coefficients, the dispatched native path), softmax attention and Sinkhorn K = 3 interleaved on the
-same inputs, so every ASAP time is also a ratio to softmax and to K = 3 measured side by side. Medians over
-the rounds. ``--variant LABEL=SOURCE[:ISA]`` adds one (SOURCE ``-`` = the installed ``asap_cpu.c``, ISA
-``avx512``, ``avx2`` or ``generic``, default this CPU's); the default compares this CPU's build of the
-installed source with its AVX2 build. The AVX2 build's times on an AVX-512 CPU say how its code compares,
-not what an AVX2 CPU (with torch's AVX2 kernels for softmax and Sinkhorn) would measure. Writes a JSON (machine, threads, load average, command)::
+(``$ASAP_NATIVE_ISA``) into its own cache file and runs in its own process; the processes alternate round
+by round (``--rounds``), and each one times ASAP's operator (random coefficients, the dispatched native
+path), softmax attention and Sinkhorn K = 3 interleaved on the same inputs, so every ASAP time is also a
+ratio to softmax and to K = 3 measured side by side. Medians over the rounds.
+``--variant LABEL=SOURCE[:ISA]`` adds one (SOURCE ``-`` = the installed ``asap_cpu.c``; ISA ``avx512``,
+``avx2`` or ``generic``, default this CPU's); the default compares this CPU's build of the installed
+source with its AVX2 build. The AVX2 build's times on an AVX-512 CPU say how its code compares, not what
+an AVX2 CPU (with torch's AVX2 kernels for softmax and Sinkhorn) would measure. Writes a JSON (machine,
+threads, load average, command)::
 
     python scripts/bench_native_isa.py --threads 1 --out results/bench/native_isa_1_thread.json
 """
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             env = {key: value for key, value in os.environ.items() if key != "ASAP_NATIVE_ISA"}
             if isa:
                 env["ASAP_NATIVE_ISA"] = isa
-            proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--out", "-",
+            proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--out", str(args.out),
                                    "--worker", source], capture_output=True, text=True, check=True, env=env)  # fmt: skip
             rounds[label].append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
