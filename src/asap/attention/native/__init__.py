@@ -74,14 +74,14 @@ def closure_worth_it(n: int, *, padded: bool) -> bool:
 
 #: :class:`asap.attention.operators.AsapOperator` runs its map and closure as one native call
 #: (:func:`fused_worth_it`) on rows up to :data:`CLOSURE_MAX_N` tokens, padded or not, rather than the
-#: native map then the one-exponential closure with torch's GEMMs (the split path). Back to back
-#: (``asap_fused`` against ``asap_split`` in ``results/bench/asap_paths_*.json``, operands in cache) the
-#: split path is ahead at d >= 32 and n >= 32; between the layers of a model
-#: (``scripts/bench_fused_vs_split.py``: each call after an MLP block, ``results/bench/fused_vs_split_*.json``)
-#: the one call is faster up to n = 50 (0.63 / 1.20 ms against 0.87 / 1.40 at 8 x 8 x n x 64, n = 16 / 32,
-#: one thread; 0.53 / 0.81 against 0.76 / 1.05 at two; 0.52 against 0.60 at 32 x 4 x 17 x 16) and from
-#: n = 64 to 128 at most 5 % slower and up to 15 % faster, where one rule for all short rows keeps the
-#: dispatch simple.
+#: native map then the one-exponential closure with torch's GEMMs (the split path). Between the layers of
+#: a model (``scripts/bench_fused_vs_split.py``: each call after an MLP block,
+#: ``results/bench/fused_vs_split_*.json``) the one call is faster at every measured shape up to
+#: n = 128 at one thread (0.61 / 0.96 ms against 0.89 / 1.28 at 8 x 8 x n x 64, n = 16 / 32; 9-14 % at
+#: n = 64-128) and at two threads but one (16 x 12 x 128 x 32: 4 % slower; 0.39 / 0.61 against
+#: 0.62 / 0.97 at n = 16 / 32). Back to back with the operands in cache (``asap_fused`` against
+#: ``asap_split`` in ``results/bench/asap_paths_*.json``, measured before the one call's copies were
+#: made cheaper) the split path was ahead at d >= 32 and n >= 32.
 
 
 def fused_worth_it(n: int) -> bool:
