@@ -28,10 +28,10 @@ import torch
 
 from asap.attention import asap_attention, build_operator, native, sinkhorn_attention, softmax_attention
 from asap.attention.closure import shared_exp_closure
-from asap.bench.measure import benchmark
+from asap.bench.measure import benchmark, write_script_result
 from asap.bench.operators import padding_for
-from asap.env import load_average, machine_info
-from asap.io import atomic_write_json, command_line, method_key
+from asap.env import load_average
+from asap.io import method_key
 
 SHAPES = [(8, 8, 16, 64), (8, 8, 32, 64), (8, 8, 64, 64), (8, 8, 96, 64), (8, 8, 128, 64), (8, 8, 256, 64),
           (8, 8, 512, 64), (8, 8, 1024, 64), (32, 4, 17, 16), (128, 4, 17, 16), (32, 4, 50, 16), (32, 4, 128, 16),
@@ -105,12 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             calls = row["softmax_calls"]
             print(f"b{b} h{h} n{n} d{d} {'padded' if padded else 'full  '} "
                   + " ".join(f"{k}={v:.2f}" for k, v in calls.items() if k != "softmax"), flush=True)
-    command = command_line("python scripts/bench_asap_paths.py", argv if argv is not None else sys.argv[1:])
-    doc = {"schema": "asap.scripts.asap_paths/1", "command": command,
-           "machine": machine_info("cpu"), "load_average_before": load_before, "load_average_after": load_average(),
-           "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out, doc)
+    write_script_result(args.out, schema="asap.scripts.asap_paths/1", script="scripts/bench_asap_paths.py",
+                        argv=argv if argv is not None else sys.argv[1:], load_before=load_before, rows=rows)
     print(f"wrote {args.out}")
     return 0
 

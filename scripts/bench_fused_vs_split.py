@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from asap.attention import build_operator, sinkhorn_attention
-from asap.env import load_average, machine_info
-from asap.io import atomic_write_json, command_line
+from asap.bench.measure import write_script_result
+from asap.env import load_average
+
 
 SHAPES = [(8, 8, 16, 64), (8, 8, 32, 64), (8, 8, 64, 64), (8, 8, 128, 64), (32, 4, 17, 16), (32, 4, 50, 16),
           (16, 12, 64, 32), (16, 12, 128, 32)]
@@ -63,11 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     for b, h, n, d in SHAPES:
         rows.append(run_shape(b, h, n, d))
         print(f"b{b} h{h} n{n} d{d} " + " ".join(f"{k}={v:.3f}ms" for k, v in rows[-1]["median_ms"].items()), flush=True)
-    command = command_line("python scripts/bench_fused_vs_split.py", argv if argv is not None else sys.argv[1:])
-    doc = {"schema": "asap.scripts.fused_vs_split/1", "command": command, "machine": machine_info("cpu"),
-           "load_average_before": load_before, "load_average_after": load_average(), "rounds": ROUNDS, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out, doc)
+    write_script_result(args.out, schema="asap.scripts.fused_vs_split/1", script="scripts/bench_fused_vs_split.py",
+                        argv=argv if argv is not None else sys.argv[1:], load_before=load_before, rounds=ROUNDS,
+                        rows=rows)  # fmt: skip
     print(f"wrote {args.out}")
     return 0
 

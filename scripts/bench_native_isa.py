@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.worker, args.threads)))
         return 0
-    from asap.env import load_average, machine_info
-    from asap.io import atomic_write_json, command_line
+    from asap.bench.measure import write_script_result
+    from asap.env import load_average
 
     variants = {}
     for text in args.variant or ["default=-", "avx2=-:avx2"]:
@@ -107,11 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             ms = {name: 1e3 * statistics.median(run["shapes"][shape][name] for run in runs) for name in first}
             results[label]["shapes"][shape] = {"median_ms": ms, "asap_softmax_calls": ms["asap"] / ms["softmax"],
                                                "k3_over_asap": ms["sinkhorn_k3"] / ms["asap"]}  # fmt: skip
-    doc = {"command": command_line("python scripts/bench_native_isa.py", sys.argv[1:] if argv is None else argv),
-           "machine": machine_info("cpu"), "threads": args.threads, "rounds": args.rounds, "calls_per_round": CALLS,
-           "variants": {label: {"source": s, "isa": isa or "this CPU's"} for label, (s, isa) in variants.items()},
-           "load_average_before": load_before, "load_average_after": load_average(), "results": results}  # fmt: skip
-    atomic_write_json(args.out, doc)
+    write_script_result(args.out, schema="asap.scripts.native_isa/1", script="scripts/bench_native_isa.py",
+                        argv=sys.argv[1:] if argv is None else argv, load_before=load_before, threads=args.threads,
+                        rounds=args.rounds, calls_per_round=CALLS, results=results,
+                        variants={label: {"source": s, "isa": isa or "this CPU's"} for label, (s, isa) in variants.items()})  # fmt: skip
     for label, result in results.items():
         for shape, row in result["shapes"].items():
             print(f"{label:>10} ({result['isa']}) {shape:>14}  asap {row['median_ms']['asap']:.3f} ms  "

@@ -40,12 +40,16 @@ import gc
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from asap.env import load_average, machine_info
+from asap.io import atomic_write_json, command_line
 
 # Messages of the CPU allocator when malloc fails (c10/core/impl/alloc_cpu.cpp); CUDA raises torch.OutOfMemoryError.
 _CPU_OOM_MESSAGES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
@@ -342,3 +346,15 @@ def time_operators_ms(operators: Mapping[str, nn.Module], inputs: tuple, *, repe
         run = benchmark({name: (lambda op=op: op(q, k, k, attn_mask=mask)) for name, op in operators.items()},
                         device=device, warmup=1, repeats=repeats, min_repeats=repeats, measure_memory=False)  # fmt: skip
     return {name: 1e3 * result.timing.median_s for name, result in run.results.items()}
+
+
+
+def write_script_result(out: Path, *, schema: str, script: str, argv: Sequence[str],
+                        load_before: list[float] | None, **fields: Any) -> None:  # fmt: skip
+    """The JSON of a benchmark script under ``scripts/`` (``script`` its path): ``schema``, its command line,
+    the CPU machine record, the load average before (``load_before``, read before timing) and now, then
+    ``fields``; the folder of ``out`` is created, the file written atomically."""
+    doc = {"schema": schema, "command": command_line(f"python {script}", argv), "machine": machine_info("cpu"),
+           "load_average_before": load_before, "load_average_after": load_average(), **fields}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, doc)
