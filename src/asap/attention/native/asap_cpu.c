@@ -290,8 +290,8 @@ typedef struct {
     float *xl, *yl, *xs, *ys;          /* (n, Lp) projections of the valid tokens; (P, Lp) sorted */
     float *dirs_t, *kbar, *qsq, *qk;   /* (h, d, Lp) every head's directions, transposed and zero-padded; (d padded to LANES); (n); (n) */
     uint8_t *dirs_ready;               /* (h) whether dirs_t holds that head's (filled on first use: once per head, not per problem) */
-    float *scores, *kt, *vp, *acc;     /* closure: (n, mp), (d, mp), (n, dvp), (dvp); mp, dvp: n, dv padded to LANES */
-    float *colsum, *weight;            /* (mp), (mp) */
+    float *scores, *kt, *vp;           /* closure: (n, mp), (d, mp), (n, dvp); mp, dvp: n, dv padded to LANES */
+    float *colsum, *weight;            /* (mp) each: column sums, then weights; column maxima */
 } workspace_t;
 
 static int64_t padded(int64_t x) { return (x + LANES - 1) / LANES * LANES; }
@@ -300,7 +300,7 @@ static char *workspace_alloc(workspace_t *w, const problem_t *p) {
     const int64_t n = p->n, d = p->d, Lp = p->Lp, mp = padded(p->n), dvp = padded(p->dv), P = pow2_at_least(p->n);
     const int closure = p->out != NULL, dual = p->f_in == NULL;
     const size_t floats = (dual ? (size_t)(2 * n * Lp + 2 * P * Lp + p->h * d * Lp + padded(d) + 2 * n) : 0) +
-                          (closure ? (size_t)(n * mp + d * mp + n * dvp + dvp + 2 * mp) : 0);
+                          (closure ? (size_t)(n * mp + d * mp + n * dvp + 2 * mp) : 0);
     const size_t bytes = sizeof(double) * (size_t)n + sizeof(int64_t) * (size_t)n +
                          (dual ? sizeof(int32_t) * (size_t)(3 * P * Lp) + (size_t)p->h : 0) + sizeof(float) * floats + 64;
     char *buf = (char *)malloc(bytes);
@@ -327,8 +327,7 @@ static char *workspace_alloc(workspace_t *w, const problem_t *p) {
         w->scores = next;
         w->kt = w->scores + n * mp;
         w->vp = w->kt + d * mp;
-        w->acc = w->vp + n * dvp;
-        w->colsum = w->acc + dvp;
+        w->colsum = w->vp + n * dvp;
         w->weight = w->colsum + mp;
         next = w->weight + mp;
     }
@@ -442,6 +441,63 @@ static int transpose_keys_gather(const float *k, const int64_t *tokens, int64_t 
 #endif
 }
 
+/* The closure's elementwise passes on one block of scores (the maths of asap/attention/closure.py), shared
+ * by the one-call path (closure_head, whose GEMM writes W_ij = alpha S_ij + bias_i itself: raw = 0) and the
+ * split path (closure_block, on the S_ij of torch's GEMM: raw = 1). Rows of ld floats, the first m columns
+ * used (the rest masked: whole vectors only, since a partial vector per row costs more than the passes at
+ * short rows). With raw a constant at each call, the compiler drops the affine step where it is 0. */
+
+/* W_ij - c_j for the LANES columns from j0, -inf past column m. */
+VECTOR_HELPER vfloat shifted(const float *row, int64_t j0, float alpha, float b, const float *colmax, int64_t m,
+                             vint lane, int raw) {
+    const vfloat w = raw ? load(row + j0) * alpha + b : load(row + j0);
+    return vselect(lane + (int32_t)j0 < (int32_t)m, w - load(colmax + j0), (vfloat){0} - __builtin_inff());
+}
+
+/* Per row, r_i = max_j (W_ij - c_j) <= 0 (finite: a valid row has a valid key), then in place
+ * E_ij = exp(W_ij - c_j - r_i) (0 past column m) and colsum_j = sum_i E_ij e^{r_i}. The row is read twice
+ * while it is in L1 and written once. */
+VECTOR_HELPER void exponentials(float *s, int64_t ld, const float *bias, float alpha, int64_t n, int64_t m,
+                                const float *colmax, float *colsum, int raw) {
+    vint lane;
+    for (int l = 0; l < LANES; l++) lane[l] = l;
+    for (int64_t j0 = 0; j0 < ld; j0 += LANES) store(colsum + j0, (vfloat){0});
+    for (int64_t i = 0; i < n; i++) {
+        float *row = s + i * ld;
+        const float b = raw ? bias[i] : 0.0f;
+        vfloat rmax = (vfloat){0} - __builtin_inff();
+        for (int64_t j0 = 0; j0 < ld; j0 += LANES) {
+            const vfloat x = shifted(row, j0, alpha, b, colmax, m, lane, raw);
+            store(row + j0, x);
+            rmax = vmax(x, rmax);
+        }
+        const float r = hmax(rmax);
+        const float er = __builtin_expf(r);
+        for (int64_t j0 = 0; j0 < ld; j0 += LANES) {
+            const vfloat e = vexp(load(row + j0) - r);
+            store(row + j0, e);
+            store(colsum + j0, load(colsum + j0) + e * er);
+        }
+    }
+}
+
+/* In place, colsum_j becomes the weight w_j = 1 / colsum_j (0 past column m). */
+VECTOR_HELPER void invert_column_sums(float *colsum, int64_t ld, int64_t m) {
+    for (int64_t j = 0; j < ld; j++) colsum[j] = j < m ? 1.0f / colsum[j] : 0.0f;
+}
+
+/* One row of E in place becomes E_ij w_j (the row softmax up to its factor); returns its sum, the row's
+ * denominator. */
+VECTOR_HELPER float weigh_row(float *row, const float *weight, int64_t ld) {
+    vfloat total = {0};
+    for (int64_t j0 = 0; j0 < ld; j0 += LANES) {
+        const vfloat e = load(row + j0) * load(weight + j0);
+        store(row + j0, e);
+        total += e;
+    }
+    return hsum(total);
+}
+
 /* ASAP's closure on the nv valid tokens of one head, with one exponential per score (the maths of
  * asap/attention/closure.py): W_ij = (S_ij + f_i)/eps - c_j - r_i with c_j the column max and r_i the
  * row max after it, E = exp(W), w_j = 1 / sum_i E_ij e^{r_i}, out_i = sum_j E_ij w_j v_j / sum_j E_ij w_j. */
@@ -482,7 +538,7 @@ static void closure_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv,
 
     /* scores (S + f)/eps, -inf at padding keys, TOKENS rows at a time (independent multiply-add chains,
      * one load of keys for all); column maxima */
-    float *colmax = w->colsum; /* reused below as the column sums */
+    float *colmax = w->weight, *colsum = w->colsum;
     for (int64_t j0 = 0; j0 < mp; j0 += LANES) store(colmax + j0, (vfloat){0} + minus_inf);
     for (int64_t i0 = 0; i0 < nv; i0 += TOKENS) {
         const int64_t rows = nv - i0 < TOKENS ? nv - i0 : TOKENS;
@@ -509,48 +565,19 @@ static void closure_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv,
             store(colmax + j0, m);
         }
     }
-    /* W = scores - c_j - r_i, E = exp(W); column sums of E_ij e^{r_i} */
-    float *colsum = w->colsum, *weight = w->weight;
-    for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
-        vfloat c = load(colsum + j0);
-        c = vselect(c == minus_inf, (vfloat){0}, c); /* padding columns: keep them -inf, not NaN */
-        store(weight + j0, c);                /* the column maxima, until the weights replace them */
-        store(colsum + j0, (vfloat){0});
-    }
-    for (int64_t i = 0; i < nv; i++) {
-        float *row = scores + i * mp;
-        vfloat rmax = (vfloat){0} + minus_inf;
-        for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
-            const vfloat s = load(row + j0) - load(weight + j0);
-            store(row + j0, s);
-            rmax = vmax(s, rmax);
-        }
-        const float r = hmax(rmax); /* <= 0, finite: a valid row has a valid key */
-        const float er = __builtin_expf(r);
-        for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
-            const vfloat e = vexp(load(row + j0) - r);
-            store(row + j0, e);
-            store(colsum + j0, load(colsum + j0) + e * er);
-        }
-    }
-    for (int64_t j = 0; j < mp; j++) weight[j] = j < nv ? 1.0f / colsum[j] : 0.0f;
-    /* rows: out_i = sum_j E_ij w_j v_j / sum_j E_ij w_j, TOKENS rows at a time */
+    exponentials(scores, mp, NULL, 1.0f, nv, nv, colmax, colsum, 0);
+    invert_column_sums(colsum, mp, nv);
+    /* rows: out_i = sum_j E_ij w_j v_j / sum_j E_ij w_j, TOKENS rows at a time, each row weighed right
+     * before the GEMM reads it (in L1) */
+    const float *weight = colsum;
     float inv[TOKENS];
     for (int64_t i0 = 0; i0 < nv; i0 += TOKENS) {
         const int64_t rows = nv - i0 < TOKENS ? nv - i0 : TOKENS;
         const float *erow[TOKENS];
-        for (int64_t u = 0; u < TOKENS; u++) {
+        for (int64_t u = 0; u < TOKENS; u++) { /* a short last block repeats its last row */
             const int64_t i = i0 + (u < rows ? u : rows - 1);
             float *row = scores + i * mp;
-            if (u < rows) {
-                vfloat total = {0};
-                for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
-                    const vfloat e = load(row + j0) * load(weight + j0);
-                    store(row + j0, e);
-                    total += e;
-                }
-                inv[u] = 1.0f / hsum(total);
-            }
+            if (u < rows) inv[u] = 1.0f / weigh_row(row, weight, mp);
             erow[u] = row;
         }
         for (int64_t c0 = 0; c0 < dvp; c0 += LANES) {
@@ -661,53 +688,23 @@ static void copy_strides(int64_t *dst, const int64_t *src, int count) {
  * exp(W_ij - c_j - r_i) (c_j the column maxima of W, r_i <= 0 the row maxima of W - c) and
  * w_j = 1 / sum_i E_ij e^{r_i}; den (n) gets sum_j E_ij w_j, so that the rows are (s v) / den.
  * Four passes over the block (column maxima; per row, its maximum and then its exponentials while the
- * row is in L1; the weights) where the PyTorch ops take nine; whole vectors only (the padded columns
- * are masked), since a partial vector per row costs more than the passes at short rows.
- * colmax, colsum: scratch (ld). */
+ * row is in L1; the weights) where the PyTorch ops take nine. colmax, colsum: scratch (ld). */
 static void closure_block(float *s, int64_t ld, const float *bias, float alpha, int64_t n, int64_t m,
                               float *colmax, float *colsum, float *den) {
-    const vfloat minus_inf = (vfloat){0} - __builtin_inff();
     vint lane;
     for (int l = 0; l < LANES; l++) lane[l] = l;
-    for (int64_t j0 = 0; j0 < ld; j0 += LANES) {
-        store(colmax + j0, minus_inf);
-        store(colsum + j0, (vfloat){0});
-    }
+    for (int64_t j0 = 0; j0 < ld; j0 += LANES) store(colmax + j0, (vfloat){0} - __builtin_inff());
     for (int64_t i = 0; i < n; i++) {
         const float *row = s + i * ld;
         for (int64_t j0 = 0; j0 < ld; j0 += LANES) {
-            const vfloat w = vselect(lane + (int32_t)j0 < (int32_t)m, load(row + j0) * alpha + bias[i], minus_inf);
+            const vfloat w = vselect(lane + (int32_t)j0 < (int32_t)m, load(row + j0) * alpha + bias[i],
+                                     (vfloat){0} - __builtin_inff());
             store(colmax + j0, vmax(w, load(colmax + j0)));
         }
     }
-    for (int64_t i = 0; i < n; i++) {
-        float *row = s + i * ld;
-        vfloat rmax = minus_inf;
-        for (int64_t j0 = 0; j0 < ld; j0 += LANES) {
-            const vfloat x = load(row + j0) * alpha + bias[i] - load(colmax + j0);
-            const vfloat masked = vselect(lane + (int32_t)j0 < (int32_t)m, x, minus_inf); /* exp gives 0 there */
-            store(row + j0, masked);
-            rmax = vmax(masked, rmax);
-        }
-        const float r = hmax(rmax); /* <= 0, finite: the row's maxima are finite */
-        const float er = __builtin_expf(r);
-        for (int64_t j0 = 0; j0 < ld; j0 += LANES) {
-            const vfloat e = vexp(load(row + j0) - r);
-            store(row + j0, e);
-            store(colsum + j0, load(colsum + j0) + e * er);
-        }
-    }
-    for (int64_t j = 0; j < ld; j++) colsum[j] = j < m ? 1.0f / colsum[j] : 0.0f; /* the weights w_j */
-    for (int64_t i = 0; i < n; i++) {
-        float *row = s + i * ld;
-        vfloat total = {0};
-        for (int64_t j0 = 0; j0 < ld; j0 += LANES) {
-            const vfloat e = load(row + j0) * load(colsum + j0);
-            store(row + j0, e);
-            total += e;
-        }
-        den[i] = hsum(total);
-    }
+    exponentials(s, ld, bias, alpha, n, m, colmax, colsum, 1);
+    invert_column_sums(colsum, ld, m);
+    for (int64_t i = 0; i < n; i++) den[i] = weigh_row(s + i * ld, colsum, ld);
 }
 
 /* The entry point (see asap/attention/native/__init__.py). v, out NULL: the dual map only (into
