@@ -39,8 +39,15 @@
 #define LANES ASAP_LANES
 typedef float vfloat __attribute__((vector_size(4 * LANES)));
 typedef int32_t vint __attribute__((vector_size(4 * LANES)));
-#define SORT_LANES 8 /* LANES is a multiple of it */
-typedef int32_t vint8 __attribute__((vector_size(4 * SORT_LANES)));
+/* Lanes of the integer vectors of the sorts and NaN checks: 16 where AVX-512 compares them natively, else 8
+ * (GCC scalarises 16-lane integer comparisons combined into masks where the registers hold 8 lanes: 14x
+ * slower on AVX2), so that LANES is a multiple of it. */
+#if defined(__AVX512F__) && LANES % 16 == 0
+#define SORT_LANES 16
+#else
+#define SORT_LANES 8
+#endif
+typedef int32_t vsort __attribute__((vector_size(4 * SORT_LANES)));
 _Static_assert(LANES % SORT_LANES == 0, "LANES is a multiple of SORT_LANES");
 
 /* Vector helpers are always inlined, so that their vectors stay in registers. */
@@ -155,9 +162,9 @@ static void ranks(const float *v, int64_t n, int64_t Lp, int32_t *rank) {
  * those of +inf. Integer comparisons in 8-lane vectors, native on every x86-64 build (a 16-lane float
  * comparison outside the AVX-512 code was split into scalar ones: a fifth of the map at n = 32). */
 static int any_nan(const float *x, int64_t count) {
-    vint8 found = {0};
+    vsort found = {0};
     for (int64_t i = 0; i < count; i += SORT_LANES) {
-        vint8 bits;
+        vsort bits;
         memcpy(&bits, x + i, sizeof bits);
         found |= (bits & 0x7fffffff) > 0x7f800000;
     }
@@ -187,8 +194,7 @@ static void sort_lanes(const float *v, int64_t nv, int64_t Lp, float *sorted, in
     const int64_t P = pow2_at_least(nv);
     /* The network compares integer keys (a float's bits, the negative ones' magnitude bits flipped, order
      * like the floats; -0 is made +0 first, so that it ties with 0 as a float comparison would) in
-     * vectors of 8: GCC scalarises 16-lane comparisons combined into masks where the hardware has 8-lane
-     * registers (14x slower on AVX2), while 8-lane ones map to single instructions everywhere. */
+     * vectors of SORT_LANES (16 with AVX-512, where they are native, else 8). */
     int32_t *key = (int32_t *)sorted;
     for (int64_t r = 0; r < P; r++)
         for (int64_t l = 0; l < Lp; l++) {
@@ -201,30 +207,31 @@ static void sort_lanes(const float *v, int64_t nv, int64_t Lp, float *sorted, in
     for (int64_t l0 = 0; l0 < Lp; l0 += SORT_LANES)
         for (int64_t k = 2; k <= P; k <<= 1)
             for (int64_t j = k >> 1; j > 0; j >>= 1)
-                for (int64_t i = 0; i < P; i++) {
-                    const int64_t partner = i ^ j;
-                    if (partner <= i) continue;
-                    int32_t *ka = key + i * Lp + l0, *kb = key + partner * Lp + l0;
-                    vint8 a, b;
-                    memcpy(&a, ka, sizeof a);
-                    memcpy(&b, kb, sizeof b);
-                    vint8 after = a > b; /* a belongs after b */
-                    if (index) {         /* ties by token index */
-                        int32_t *ia = index + i * Lp + l0, *ib = index + partner * Lp + l0;
-                        vint8 ai, bi;
-                        memcpy(&ai, ia, sizeof ai);
-                        memcpy(&bi, ib, sizeof bi);
-                        after |= (a == b) & (ai > bi);
-                        if (i & k) after = ~after; /* this half sorts descending */
-                        const vint8 ilo = (bi & after) | (ai & ~after), ihi = (ai & after) | (bi & ~after);
-                        memcpy(ia, &ilo, sizeof ilo);
-                        memcpy(ib, &ihi, sizeof ihi);
-                    } else if (i & k) {
-                        after = ~after;
+                for (int64_t i0 = 0; i0 < P; i0 += 2 * j) { /* the pairs (i, i + j), i's bit j clear */
+                    const int descending = (i0 & k) != 0; /* the same for the whole run: 2 j <= k */
+                    for (int64_t i = i0; i < i0 + j; i++) {
+                        int32_t *ka = key + i * Lp + l0, *kb = key + (i + j) * Lp + l0;
+                        vsort a, b;
+                        memcpy(&a, ka, sizeof a);
+                        memcpy(&b, kb, sizeof b);
+                        vsort after = a > b; /* a belongs after b */
+                        if (index) {         /* ties by token index */
+                            int32_t *ia = index + i * Lp + l0, *ib = index + (i + j) * Lp + l0;
+                            vsort ai, bi;
+                            memcpy(&ai, ia, sizeof ai);
+                            memcpy(&bi, ib, sizeof bi);
+                            after |= (a == b) & (ai > bi);
+                            if (descending) after = ~after;
+                            const vsort ilo = (bi & after) | (ai & ~after), ihi = (ai & after) | (bi & ~after);
+                            memcpy(ia, &ilo, sizeof ilo);
+                            memcpy(ib, &ihi, sizeof ihi);
+                        } else if (descending) {
+                            after = ~after;
+                        }
+                        const vsort lo = (b & after) | (a & ~after), hi = (a & after) | (b & ~after);
+                        memcpy(ka, &lo, sizeof lo);
+                        memcpy(kb, &hi, sizeof hi);
                     }
-                    const vint8 lo = (b & after) | (a & ~after), hi = (a & after) | (b & ~after);
-                    memcpy(ka, &lo, sizeof lo);
-                    memcpy(kb, &hi, sizeof hi);
                 }
     for (int64_t r = 0; r < nv * Lp; r++) { /* keys back to floats, in place */
         const int32_t bits = key[r] ^ ((key[r] >> 31) & 0x7fffffff);
