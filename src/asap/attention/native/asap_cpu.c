@@ -240,7 +240,27 @@ static void sort_lanes(const float *v, int64_t nv, int64_t Lp, float *sorted, in
 }
 
 /* exp of every lane (Cephes' single-precision polynomial after a base-2 range reduction, about 1 ulp
- * on [-87, 88]); below -87.3, including -inf, the result is exactly 0. */
+ * on [-87, 88]); below -87.3, including -inf, the result is exactly 0; NaN stays NaN. */
+#if defined(__AVX512F__) && LANES == 16
+/* AVX-512 has the reduction's two awkward steps as instructions: rounding (vrndscaleps) and the scaling by
+ * 2^n (vscalefps, from a float n: no integer conversion, shift and add). Rounding to nearest instead of
+ * Cephes' floor(t + 1/2) only differs at exact ties, where either n keeps |r| <= ln 2 / 2. */
+VECTOR_HELPER vfloat vexp(vfloat x) {
+    const __m512 v = (__m512)x;
+    const __mmask16 underflow = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+    const __m512 c = _mm512_min_ps(_mm512_set1_ps(88.0f), v); /* min(88, NaN) is the NaN */
+    const vfloat fn = (vfloat)_mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const vfloat r = (vfloat)c - fn * 0.693359375f + fn * 2.12194440e-4f;
+    vfloat p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return (vfloat)_mm512_maskz_scalef_ps((__mmask16)~underflow, (__m512)p, (__m512)fn);
+}
+#else
 VECTOR_HELPER vfloat vexp(vfloat x) {
     const vint underflow = x < -87.3f;
     x = vselect(x > 88.0f, (vfloat){0} + 88.0f, x);
@@ -262,6 +282,7 @@ VECTOR_HELPER vfloat vexp(vfloat x) {
     vfloat out = vselect(underflow, (vfloat){0}, p * scale);
     return vselect(x != x, x, out); /* NaN stays NaN (the reduction above would make it finite) */
 }
+#endif
 
 VECTOR_HELPER float hmax(vfloat v) {
     float m = v[0];
