@@ -77,16 +77,16 @@ def closure_worth_it(n: int, *, padded: bool) -> bool:
 #: native map then the one-exponential closure with torch's GEMMs (the split path). Between the layers of
 #: a model (``scripts/bench_fused_vs_split.py``: each call after an MLP block,
 #: ``results/bench/fused_vs_split_*.json``) the one call is faster at every measured shape up to
-#: n = 128 at one thread (0.61 / 0.96 ms against 0.89 / 1.28 at 8 x 8 x n x 64, n = 16 / 32; 9-14 % at
-#: n = 64-128) and at two threads but one (16 x 12 x 128 x 32: 4 % slower; 0.39 / 0.61 against
-#: 0.62 / 0.97 at n = 16 / 32). Back to back with the operands in cache (``asap_fused`` against
-#: ``asap_split`` in ``results/bench/asap_paths_*.json``, measured before the one call's copies were
-#: made cheaper) the split path was ahead at d >= 32 and n >= 32.
+#: n = 128, at one thread (0.72-0.87x of the split path's time; 0.65 / 1.08 ms against 0.90 / 1.38 at
+#: 8 x 8 x n x 64, n = 16 / 32) and at two (0.52-0.89x; 0.39 / 0.63 against 0.75 / 0.94). Back to back
+#: with the operands in cache (``asap_fused`` against ``asap_split`` in
+#: ``results/bench/asap_paths_*.json``, measured before the one call's copies were made cheaper) the split
+#: path was ahead at d >= 32 and n >= 32.
 
 
 def fused_worth_it(n: int) -> bool:
     """Whether the operator's one-call native path (map and closure) is the measured choice for rows of
-    ``n`` tokens (padded or not, up to :data:`CLOSURE_MAX_N`: measured faster at every shape but one, see above)."""
+    ``n`` tokens (padded or not, up to :data:`CLOSURE_MAX_N`: measured faster at every shape there, see above)."""
     return n <= CLOSURE_MAX_N
 
 
