@@ -41,7 +41,7 @@ typedef float vfloat __attribute__((vector_size(4 * LANES)));
 typedef int32_t vint __attribute__((vector_size(4 * LANES)));
 /* Lanes of the integer vectors of the sorts and NaN checks: 16 where AVX-512 compares them natively, else 8
  * (GCC scalarises 16-lane integer comparisons combined into masks where the registers hold 8 lanes: 14x
- * slower on AVX2), so that LANES is a multiple of it. */
+ * slower on AVX2). LANES is a multiple of it. */
 #if defined(__AVX512F__) && LANES % 16 == 0
 #define SORT_LANES 16
 #else
@@ -159,8 +159,8 @@ static void ranks(const float *v, int64_t n, int64_t Lp, int32_t *rank) {
 }
 
 /* Whether any of x[0..count) (count a multiple of SORT_LANES) is NaN: its bits, sign cleared, above
- * those of +inf. Integer comparisons in 8-lane vectors, native on every x86-64 build (a 16-lane float
- * comparison outside the AVX-512 code was split into scalar ones: a fifth of the map at n = 32). */
+ * those of +inf. Integer comparisons in vectors of SORT_LANES, native on every x86-64 build (a 16-lane
+ * float comparison outside the AVX-512 code was split into scalar ones: a fifth of the map at n = 32). */
 static int any_nan(const float *x, int64_t count) {
     vsort found = {0};
     for (int64_t i = 0; i < count; i += SORT_LANES) {
