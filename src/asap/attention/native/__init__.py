@@ -56,14 +56,14 @@ OPENMP_FLAGS = ("-fopenmp",)
 #: When the native kernels beat the PyTorch paths (``scripts/bench_asap_paths.py``,
 #: ``results/bench/asap_paths_*.json``, softmax calls, the 2-core EPYC, torch's default 2 threads / one
 #: thread). The dual map (:meth:`asap.attention.dual_map.SliceDualMap.forward`) at every length: ranks by
-#: counting up to 96 tokens, a bitonic sort above; at 8 x 8 x n x 64 unpadded, 1.09 / 0.50 against
-#: 3.98 / 1.48 (n = 16 / 64, two threads), 1.25 / 0.72 against 3.94 / 1.35 (one thread), and
-#: 0.42 / 0.19 / 0.10 against 0.59 / 0.27 / 0.19 at n = 128 / 512 / 1024 (one thread). The closure alone
+#: counting up to 96 tokens, a bitonic sort above; at 8 x 8 x n x 64 unpadded, 1.26 / 0.63 against
+#: 5.31 / 1.72 (n = 16 / 64, two threads), 1.17 / 0.68 against 3.33 / 1.85 (one thread), and
+#: 0.31 / 0.12 / 0.07 against 0.59 / 0.27 / 0.19 at n = 128 / 512 / 1024 (one thread). The closure alone
 #: (``backend="auto"`` of :func:`asap.attention.functional.asap_attention`, :func:`closure_worth_it`) only
-#: for padded rows (``padding_mask``) up to :data:`CLOSURE_MAX_N`: padded, 0.90-1.57 against 1.37-2.88 for
+#: for padded rows (``padding_mask``) up to :data:`CLOSURE_MAX_N`: padded, 0.72-1.28 against 1.46-3.00 for
 #: the best PyTorch closure (every padded row measured, n <= 128, both thread counts); unpadded, the
 #: one-exponential closure with its native passes (:func:`closure_blocks`) is faster at every measured
-#: shape (0.99-1.36 against 1.35-1.79 at one thread).
+#: shape (1.01-1.38 against 1.23-1.82 at one thread).
 CLOSURE_MAX_N = 128
 
 
