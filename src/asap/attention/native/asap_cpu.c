@@ -241,6 +241,20 @@ static void sort_lanes(const float *v, int64_t nv, int64_t Lp, float *sorted, in
 
 /* exp of every lane (Cephes' single-precision polynomial after a base-2 range reduction, about 1 ulp
  * on [-87, 88]); below -87.3, including -inf, the result is exactly 0; NaN stays NaN. */
+
+/* exp(x - fn ln 2) for |x - fn ln 2| <= ln 2 / 2 (ln 2 split in two constants, so that the reduction is
+ * exact to float precision): Cephes' polynomial, shared by both versions of vexp below. */
+VECTOR_HELPER vfloat exp_reduced(vfloat x, vfloat fn) {
+    const vfloat r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+    vfloat p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p;
+}
+
 #if defined(__AVX512F__) && LANES == 16
 /* AVX-512 has the reduction's two awkward steps as instructions: rounding (vrndscaleps) and the scaling by
  * 2^n (vscalefps, from a float n: no integer conversion, shift and add). Rounding to nearest instead of
@@ -251,13 +265,7 @@ VECTOR_HELPER vfloat vexp(vfloat x) {
     const __m512 c = _mm512_min_ps(_mm512_set1_ps(88.0f), v); /* min(88, NaN) is the NaN */
     const vfloat fn = (vfloat)_mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)),
                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const vfloat r = (vfloat)c - fn * 0.693359375f + fn * 2.12194440e-4f;
-    vfloat p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    const vfloat p = exp_reduced((vfloat)c, fn);
     return (vfloat)_mm512_maskz_scalef_ps((__mmask16)~underflow, (__m512)p, (__m512)fn);
 }
 #else
@@ -269,13 +277,7 @@ VECTOR_HELPER vfloat vexp(vfloat x) {
     vint n = __builtin_convertvector(t, vint);
     n += __builtin_convertvector(n, vfloat) > t; /* truncation to floor: a true comparison is -1 */
     const vfloat fn = __builtin_convertvector(n, vfloat);
-    vfloat r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-    vfloat p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    const vfloat p = exp_reduced(x, fn);
     vint bits = (n + 127) << 23;
     vfloat scale;
     memcpy(&scale, &bits, sizeof scale);
