@@ -20,7 +20,8 @@ from asap.attention.dual_map import (
 from asap.transport.masks import key_padding_to_attn_mask
 from tests.attention.test_layouts import LAYOUTS, relayout
 
-EXTRAS = ((), ("qk_mean",), ("qk_mean", "q_norm"), ("lse_landmarks",), ("qk_mean", "q_norm", "lse_landmarks"))
+EXTRAS = ((), ("qk_mean",), ("qk_mean", "q_norm"), ("lse_landmarks",), ("qk_mean", "q_norm", "lse_landmarks"),
+          ("lse_keys",), ("qk_mean", "q_norm", "lse_keys"))
 
 
 def _map(extras, *, heads=3, d=5, slices=7, dtype=torch.float64):
@@ -175,14 +176,45 @@ def test_landmark_lse_takes_evenly_spaced_valid_keys(left_padded):
     torch.testing.assert_close(whole, _landmark_lse(q, k, scale=0.7, cols=torch.ones(3, 1, 20, dtype=torch.bool)))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_landmark_feature_any_layout_matches_the_fp64_reference(layout):
-    """fp32 fused forward with ``lse_landmarks`` on strided, sliced and expanded inputs, padded, against fp64.
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_keys_lse_is_the_row_normaliser_over_valid_keys(left_padded, monkeypatch):
+    """``lse_keys``: log mean_j exp(scale q_i.k_j) over each row's valid keys, however the blocks fall."""
+    import math
 
-    Not bit-equal across layouts (the landmark scores are a matrix product whose summation order follows the
+    from asap.attention import dual_map
+
+    q, k = torch.randn(3, 2, 20, 4, dtype=torch.float64), torch.randn(3, 2, 20, 4, dtype=torch.float64)
+    lengths = [20, 9, 0]
+    valid = torch.arange(20)[None] < torch.tensor(lengths)[:, None]
+    if left_padded:
+        valid = valid.flip(-1)
+    expected = torch.zeros(3, 2, 20, dtype=torch.float64)  # a sequence with no valid key: 0
+    for b, n_valid in enumerate(lengths):
+        if n_valid:
+            keys = valid[b].nonzero().squeeze(-1)
+            expected[b] = torch.logsumexp(0.7 * q[b] @ k[b][:, keys].transpose(-1, -2), dim=-1) - math.log(n_valid)
+    for block_bytes in (dual_map.KEYS_LSE_BLOCK_BYTES, 20 * 20 * 8, 3 * 20 * 20 * 8):  # one block, 1 and 3 problems
+        monkeypatch.setattr(dual_map, "KEYS_LSE_BLOCK_BYTES", block_bytes)
+        torch.testing.assert_close(dual_map._keys_lse(q, k, scale=0.7, cols=valid[:, None, :]), expected, rtol=1e-12, atol=1e-12)
+        with torch.enable_grad():  # the autograd branch (logsumexp) gives the same values
+            got = dual_map._keys_lse(q.requires_grad_(), k, scale=0.7, cols=valid[:, None, :])
+        (grad,) = torch.autograd.grad(got.sum(), q)
+        assert grad.isfinite().all() and not grad[2].any()  # the sequence without keys: no gradient
+        q = q.detach()
+        torch.testing.assert_close(got.detach(), expected, rtol=1e-12, atol=1e-12)
+    whole = dual_map._keys_lse(q, k, scale=0.7, cols=None)
+    torch.testing.assert_close(whole, torch.logsumexp(0.7 * q @ k.transpose(-1, -2), dim=-1) - math.log(20))
+
+
+@pytest.mark.parametrize("extras", [("qk_mean", "q_norm", "lse_landmarks"), ("qk_mean", "lse_keys")])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_product_feature_any_layout_matches_the_fp64_reference(layout, extras):
+    """fp32 fused forward with a log-sum-exp extra on strided, sliced and expanded inputs, padded, against fp64.
+
+    Not bit-equal across layouts (the extra's scores are a matrix product whose summation order follows the
     layout), so each layout is held to the fp64 design-matrix reference instead.
     """
-    m = _map(("qk_mean", "q_norm", "lse_landmarks"))
+    m = _map(extras)
     q, k = torch.randn(2, 3, 8, 5, dtype=torch.float64), torch.randn(2, 3, 8, 5, dtype=torch.float64)
     q2, k2 = relayout(q, layout), relayout(k, layout)
     valid = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])

@@ -34,7 +34,8 @@ def _map(extras, *, heads=3, d=16, slices=16, seed=3):
     return m
 
 
-@pytest.mark.parametrize("extras", [(), ("qk_mean",), ("q_norm",), ("qk_mean", "q_norm"), ("qk_mean", "q_norm", "lse_landmarks")])
+@pytest.mark.parametrize("extras", [(), ("qk_mean",), ("q_norm",), ("qk_mean", "q_norm"), ("qk_mean", "q_norm", "lse_landmarks"),
+                                    ("qk_mean", "q_norm", "lse_keys")])
 @pytest.mark.parametrize("slices", [1, 5, 16, 20])
 @pytest.mark.parametrize("padded", [False, True])
 def test_dual_map_matches_the_fp64_design_matrix(extras, slices, padded):

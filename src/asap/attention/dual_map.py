@@ -18,7 +18,14 @@ The extras cost ``O(n d)`` (no ``n x m`` work, no extra sort):
   :data:`NUM_LANDMARKS` landmark keys evenly spaced over the valid keys, the
   first and the last included (``[CLS]`` and ``[SEP]`` in a BERT-style encoder,
   where attention sinks sit): a cheap sample of the row normaliser that the
-  two moment features above only expand to second order. ``O(n M d)``, no sort.
+  two moment features above only expand to second order. ``O(n M d)``, no sort;
+* ``"lse_keys"``: ``log mean_j exp(scale <q_i, k_j>)`` over every valid key, the
+  row normaliser itself (at ``eps = 1``, minus the query dual of Sinkhorn's
+  first half-step): the landmark feature with every key a landmark. Not cheap:
+  ``O(n m d)``, one matrix product and one exponential per score, the cost of
+  a Sinkhorn half-step, counted in the operator's measured time like the
+  rest. It is there because it carries most of what the map misses on sharp
+  attention (results/fidelity: MiniLM).
 
 A slice potential carries the linear term only through
 ``<theta, q_i> <theta, kbar>``, so L random directions represent it only if
@@ -79,7 +86,9 @@ from asap.transport.sliced import argsort_and_sort_last, project, query_potentia
 
 SliceType = Literal["random", "axis"]
 SLICE_TYPES: tuple[str, ...] = ("random", "axis")
-EXTRA_FEATURES: tuple[str, ...] = ("qk_mean", "q_norm", "lse_landmarks")
+EXTRA_FEATURES: tuple[str, ...] = ("qk_mean", "q_norm", "lse_landmarks", "lse_keys")
+#: The extras that need a matrix product of queries and keys (the kernels take only the moment extras).
+PRODUCT_FEATURES: tuple[str, ...] = ("lse_landmarks", "lse_keys")
 #: Landmark keys of the ``"lse_landmarks"`` extra feature.
 NUM_LANDMARKS = 8
 #: The default of ``asap compile``: both, chosen by the ablations in ``results/compile/*/ablation_features``.
@@ -169,6 +178,52 @@ def _landmark_lse(q: Tensor, k: Tensor, *, scale: float, cols: Tensor | None) ->
     return torch.logsumexp(scores, dim=-1) - math.log(NUM_LANDMARKS)
 
 
+#: ``lse_keys``: largest ``(c, n, m)`` block of scores formed at once (bytes of the work dtype); the rows are
+#: independent, so blocks of ``(b, h)`` problems bound the memory without changing the result.
+KEYS_LSE_BLOCK_BYTES = 4 * 2**20
+
+
+def _keys_lse(q: Tensor, k: Tensor, *, scale: float, cols: Tensor | None) -> Tensor:
+    """``log mean_j exp(scale <q_i, k_j>)`` over the valid keys ``cols (b, 1 or h, m)`` (None: all): ``(b, h, n)``.
+
+    The scores are formed for blocks of ``(b, h)`` problems of at most :data:`KEYS_LSE_BLOCK_BYTES`, never
+    as one ``(b, h, n, m)`` tensor; reduced in the dtype of ``q`` (fp32 or fp64, the caller's work dtype),
+    with the row maximum subtracted. A row with no valid key gives 0 (its queries are masked anyway). No
+    host sync. Without autograd the blocks are exponentiated in place.
+    """
+    b, h, n, d = q.shape
+    m = k.shape[-2]
+    problems = b * h
+    qs, ks = q.reshape(problems, n, d), k.reshape(problems, m, d)
+    keys = None if cols is None else cols.expand(b, h, m).reshape(problems, 1, m)
+    count = torch.full((problems, 1), float(m), dtype=q.dtype, device=q.device) if keys is None else \
+        keys.sum(-1).to(q.dtype)  # fmt: skip
+    per_block = max(1, KEYS_LSE_BLOCK_BYTES // max(1, n * m * q.element_size()))
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    parts = []
+    for start in range(0, problems, per_block):  # static Python loop: no host sync
+        part = slice(start, min(start + per_block, problems))
+        s = torch.bmm(qs[part], ks[part].transpose(-1, -2)).mul_(scale)  # (c, n, m)
+        if keys is not None:  # the lowest finite value, not -inf: a row without keys stays finite (and its gradient 0)
+            s = s.masked_fill_(~keys[part], torch.finfo(s.dtype).min)
+        if grad:
+            lse = torch.logsumexp(s, dim=-1)
+        else:
+            top = s.amax(dim=-1, keepdim=True)
+            lse = s.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
+        parts.append(lse)
+    lse = torch.cat(parts) - count.clamp(min=1).log()
+    if keys is not None:
+        lse = torch.where(count > 0, lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
+    return lse.reshape(b, h, n)
+
+
+def _product_features(q: Tensor, k: Tensor, name: str, *, scale: float, cols: Tensor | None) -> Tensor:
+    """One extra of :data:`PRODUCT_FEATURES`, uncentred ``(b, h, n)``."""
+    fn = _landmark_lse if name == "lse_landmarks" else _keys_lse
+    return fn(q, k, scale=scale, cols=cols)
+
+
 def extra_query_features(q: Tensor, k: Tensor, *, names: tuple[str, ...], scale: float, attn_mask: Tensor | None) -> Tensor:
     """Per-token features ``(b, h, E, n)`` (fp32, or fp64 for fp64 inputs), centred over valid queries, 0 at padding."""
     rows, cols = valid_rows_cols(attn_mask, q.shape[-2], k.shape[-2])
@@ -186,6 +241,7 @@ def _extra_query_features(q: Tensor, k: Tensor, *, names: tuple[str, ...], scale
         "qk_mean": lambda: scale * torch.einsum("bhnd,bhd->bhn", q, k_mean),
         "q_norm": lambda: scale**2 * (q * q).sum(-1),
         "lse_landmarks": lambda: _landmark_lse(q, k, scale=scale, cols=cols),
+        "lse_keys": lambda: _keys_lse(q, k, scale=scale, cols=cols),
     }
     feats = torch.stack([computed[name]() for name in names], dim=2)  # (b, h, E, n)
     valid = None if rows is None else rows.expand(*q.shape[:-1]).unsqueeze(2)
@@ -403,7 +459,7 @@ class SliceDualMap(DualMap):
         """
         if self.use_native and native.supports(q, k) is None:
             return self._forward_native(q, k, scale=scale, valid=valid, center=center)
-        if self.use_native and q.device.type == "cuda" and "lse_landmarks" not in self.extra_features:
+        if self.use_native and q.device.type == "cuda" and not self._product_extras():
             from asap.attention import triton_dual_map  # CUDA only: keeps Triton out of CPU imports
 
             if triton_dual_map.worth_it(q) and triton_dual_map.supports_dual_map(q, k, valid) is None:
@@ -445,9 +501,9 @@ class SliceDualMap(DualMap):
         """This map as keyword arguments of :func:`asap.attention.native.asap_forward_native`, or None.
 
         None when the native kernel cannot evaluate it on its own: ``use_native`` is off, or the map has
-        the landmark feature (a matrix product the kernel does not take).
+        an extra of :data:`PRODUCT_FEATURES` (a matrix product the kernel does not take).
         """
-        if not self.use_native or "lse_landmarks" in self.extra_features:
+        if not self.use_native or self._product_extras():
             return None
         return dict(directions=self.directions, coef=self.coef, **self._moment_coefficients())
 
@@ -460,25 +516,33 @@ class SliceDualMap(DualMap):
     def _forward_native(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None, center: bool) -> Tensor:
         """:meth:`_forward_fused` in one native pass per ``(b, h)`` (:mod:`asap.attention.native`); fp32.
 
-        The kernel takes the slices and the two moment extras; the landmark log-sum-exp, a matrix
-        product, is added here.
+        The kernel takes the slices and the two moment extras; the extras of :data:`PRODUCT_FEATURES`
+        (matrix products) are added here.
         """
-        names = self.extra_features
-        landmarks = "lse_landmarks" in names
-        f_hat = native.asap_forward_native(q, k, scale=scale, valid=valid, center=center and not landmarks,
+        products = self._product_extras()
+        f_hat = native.asap_forward_native(q, k, scale=scale, valid=valid, center=center and not products,
                                            directions=self.directions, coef=self.coef, **self._moment_coefficients())  # fmt: skip
-        if not landmarks:
+        if not products:
             return f_hat
-        q, k = q.to(torch.float32), k.to(torch.float32)
-        lse = _landmark_lse(q, k, scale=scale, cols=None if valid is None else valid[:, None, :])
-        f_hat = f_hat.add_(lse.mul_(self.extra_coef[:, names.index("lse_landmarks")][None, :, None]))
+        f_hat = self._add_product_extras(f_hat, q.to(torch.float32), k.to(torch.float32), scale=scale, valid=valid)
         return _center_tokens(f_hat, valid, center)
+
+    def _product_extras(self) -> list[str]:
+        return [name for name in self.extra_features if name in PRODUCT_FEATURES]
+
+    def _add_product_extras(self, out: Tensor, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None) -> Tensor:
+        """``out += sum_e beta_e x_e`` over this map's extras of :data:`PRODUCT_FEATURES` (uncentred), in place."""
+        cols = None if valid is None else valid[:, None, :]
+        for name in self._product_extras():
+            x = _product_features(q, k, name, scale=scale, cols=cols)
+            out = out.add_(x.mul_(self.extra_coef[:, self.extra_features.index(name)].to(x.dtype)[None, :, None]))
+        return out
 
     def _extras(self, q: Tensor, k: Tensor, *, scale: float, valid: Tensor | None) -> Tensor:
         """``sum_e beta_e x_e(i)``, uncentred, ``(b, h, n)`` (a fresh tensor: the slices are added into it).
 
         The two moment extras are one dot product per token: ``<q_i, beta_1 scale kbar + beta_2 scale^2 q_i>``;
-        the landmark log-sum-exp is added to it.
+        the log-sum-exps (:data:`PRODUCT_FEATURES`) are added to it.
         """
         b, h, n, d = q.shape
         if not self.extra_features:
@@ -493,10 +557,7 @@ class SliceDualMap(DualMap):
             c2 = (scale**2 * beta[:, self.extra_features.index("q_norm")])[None, :, None, None]
             partner = q * c2 if partner is None else torch.addcmul(partner, q, c2)
         out = q.new_zeros(b, h, n) if partner is None else torch.linalg.vecdot(q, partner.expand_as(q))
-        if "lse_landmarks" in self.extra_features:
-            lse = _landmark_lse(q, k, scale=scale, cols=None if valid is None else valid[:, None, :])
-            out = out.add_(lse.mul_(beta[:, self.extra_features.index("lse_landmarks")][None, :, None]))
-        return out
+        return self._add_product_extras(out, q, k, scale=scale, valid=valid)
 
 
 #: Longest rows projected with one product per head (scripts/bench_asap_paths.py: faster up to n = 64,
