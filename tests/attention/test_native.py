@@ -145,15 +145,21 @@ def test_closure_far_apart_duals_keep_every_row():
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("extras", [("qk_mean", "q_norm"), ("qk_mean", "lse_keys")])
 @pytest.mark.parametrize("padded", [False, True])
-def test_operator_fused_call_matches_the_fp64_operator(padded):
-    """AsapOperator sends short CPU self-attention to one native call (map and closure); fp64 inputs take PyTorch."""
-    op = build_operator("asap", num_heads=3, head_dim=16, num_slices=16, extra_features=("qk_mean", "q_norm"), eps=0.5)
+def test_operator_fused_call_matches_the_fp64_operator(padded, extras, monkeypatch):
+    """AsapOperator sends short CPU self-attention to one native call (map and closure; with a log-sum-exp
+    extra, the closure from the map's f_hat); fp64 inputs take PyTorch."""
+    op = build_operator("asap", num_heads=3, head_dim=16, num_slices=16, extra_features=extras, eps=0.5)
     op.dual_map.set_coefficients(torch.randn(3, 18))
     q, k, v = rand_qkv(b=4, h=3, n=17, d=16, dtype=torch.float32)
     valid = _valid() if padded else None
+    calls = []
+    kernel = native.asap_forward_native
+    monkeypatch.setattr(native, "asap_forward_native", lambda *a, **kw: calls.append(kw.get("f_hat") is not None) or kernel(*a, **kw))
     with torch.no_grad():
         out = op(q, k, v, padding_mask=valid)
+        assert calls[-1] == ("lse_keys" in extras)  # the closure took f_hat from the map, or ran the map itself
         ref = op.double()(q.double(), k.double(), v.double(), padding_mask=valid)
         op.dual_map.use_native = False  # the PyTorch map and closure, in fp32
         torch_path = op.float()(q, k, v, padding_mask=valid)

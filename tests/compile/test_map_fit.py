@@ -212,6 +212,7 @@ def test_candidates_are_in_increasing_cost():
     costs = [candidate_cost(*c) for c in candidates]
     assert costs == sorted(costs) and len(set(costs)) == len(costs)
     assert candidate_cost("mlp", 0) < candidate_cost("linear", 1) and candidate_cost("linear", 0) == 2.0
+    assert candidate_cost("linear", 0, extra_features=("qk_mean", "lse_keys")) == 3.0  # one more pass over the scores
 
 
 def test_target_tv_takes_the_first_candidate_that_reaches_it(teacher, batches):

@@ -204,7 +204,7 @@ def _keys_lse(q: Tensor, k: Tensor, *, scale: float, cols: Tensor | None) -> Ten
     for start in range(0, problems, per_block):  # static Python loop: no host sync
         part = slice(start, min(start + per_block, problems))
         s = torch.bmm(qs[part], ks[part].transpose(-1, -2)).mul_(scale)  # (c, n, m)
-        if keys is not None:  # the lowest finite value, not -inf: a row without keys stays finite (and its gradient 0)
+        if keys is not None:  # the lowest finite value, not -inf: a row without keys stays finite, gradient 0
             s = s.masked_fill_(~keys[part], torch.finfo(s.dtype).min)
         if grad:
             lse = torch.logsumexp(s, dim=-1)

@@ -184,21 +184,24 @@ class AsapOperator(AttentionOperator):
 
         Taken where it is the measured choice (:func:`asap.attention.native.fused_worth_it`: rows up to
         128 tokens), or always with ``backend="native"``. None when this call cannot take it (another map
-        kind, the landmark feature, longer rows, autograd, no native build, ...): the caller then runs the
-        map and :func:`asap_attention` as usual.
+        kind, longer rows, autograd, no native build, ...): the caller then runs the map and
+        :func:`asap_attention` as usual. A map with a log-sum-exp extra (a matrix product the kernel does
+        not take) runs as the map (the kernel, then the extra) and the native closure from its ``f_hat``.
         """
         dual_map = self.dual_map
         n = q.shape[-2]
-        if not isinstance(dual_map, SliceDualMap):
+        if not isinstance(dual_map, SliceDualMap) or not dual_map.use_native:
             return None
         if not native.fused_worth_it(n) and self.backend != "native":
             return None
-        arguments = dual_map.native_arguments()
-        if arguments is None or native.supports(q, k, v) is not None:
+        if native.supports(q, k, v) is not None:
             return None
         validate_attention_inputs(q, k, v, attn_mask=None, is_causal=False, method="asap")
         padding = validate_padding_mask(padding_mask, q, k, attn_mask=None, method="asap")
         dual_map._check_shape(q)
+        arguments = dual_map.native_arguments()
+        if arguments is None:  # a log-sum-exp extra: the map adds it after its kernel
+            arguments = {"f_hat": dual_map(q, k, scale=scale, padding_mask=padding, center=False)}
         out = native.asap_forward_native(q, k, v, scale=scale, eps=self.eps, valid=padding, center=False, **arguments)
         return out if out.dtype == v.dtype else out.to(v.dtype)
 

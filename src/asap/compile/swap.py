@@ -90,8 +90,9 @@ TARGET_TV_EXTRA_STEPS: tuple[int, ...] = (0, 1, 2)
 MAP_COST_UNITS: dict[str, float] = {"linear": 0.0, "relu": 0.25, "mlp": 0.5}
 
 
-def candidate_cost(kind: str, extra_steps: int) -> float:
-    """Cost of a compiled configuration in *softmax-call units*: ``2 + extra_steps + MAP_COST_UNITS[kind]``.
+def candidate_cost(kind: str, extra_steps: int, *, extra_features: tuple[str, ...] = ()) -> float:
+    """Cost of a compiled configuration in *softmax-call units*: ``2 + extra_steps + MAP_COST_UNITS[kind]``,
+    plus 1 with the ``lse_keys`` feature (a log-sum-exp over every score: one more ``n x m`` pass).
 
     The unit is one pass over the ``n x m`` scores: a log-sum-exp (or softmax)
     over every row or column, which is what one half-step of Sinkhorn and one
@@ -109,7 +110,7 @@ def candidate_cost(kind: str, extra_steps: int) -> float:
     ``asap compile`` times nothing to decide (the measured cost of each path is
     ``asap bench``'s business), and each candidate's cost is recorded with it.
     """
-    return 2.0 + extra_steps + MAP_COST_UNITS[kind]
+    return 2.0 + extra_steps + MAP_COST_UNITS[kind] + (1.0 if "lse_keys" in extra_features else 0.0)
 
 
 def target_tv_candidates() -> list[tuple[str, int]]:
@@ -403,9 +404,9 @@ def select_by_target_tv(calib: LayerCalibration, options: CompileOptions) -> Lay
         fit = fits[kind]
         predict = fit.predict or linear_predict(fit.coef)
         per_head = asap_fidelity(problems, predict, eps=calib.eps, extra_steps=steps)["row_tv_asap"]
+        cost = candidate_cost(kind, steps, extra_features=options.extra_features)
         tried.append({"map": kind, "map_options": fit.operator.dual_map.map_options, "extra_steps": steps,
-                      "cost": candidate_cost(kind, steps), "row_tv": float(per_head.mean()),
-                      "row_tv_per_head": [float(v) for v in per_head]})  # fmt: skip
+                      "cost": cost, "row_tv": float(per_head.mean()), "row_tv_per_head": [float(v) for v in per_head]})  # fmt: skip
         if tried[-1]["row_tv"] <= target:
             chosen = tried[-1]
             break
