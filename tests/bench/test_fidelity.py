@@ -134,6 +134,27 @@ def test_fit_map_linear_is_fit_dual_map_and_richer_maps_are_their_own_fits():
         fit_map(items, kind="mlp", n_iters=5, holdout_fraction=1.0)
 
 
+def test_fit_map_learned_directions_lower_the_early_stopping_kl():
+    """fit_map("linear", refine="directions"): the ridge map's directions and coefficients fitted on the row KL;
+    the kept state is never worse than the ridge one on the early-stopping items, and the map uses it."""
+    from asap.compile.direct import fit_dual_map, fit_map
+
+    calls = _synthetic_calls(2, 8)
+    items = [(c.q, c.k, c.valid) for c in calls[:6]]
+    held = [(c.q, c.k, c.valid) for c in calls[6:]]
+    ridge, _ = fit_dual_map(items, n_iters=5, num_slices=4, held_out=held)
+    learned, stats = fit_map(items, kind="linear", n_iters=5, num_slices=4, held_out=held, steps=30, refine="directions")
+    info = stats["fit_info"]
+    assert stats["fit_items"] == 4 and stats["early_stopping_items"] == 2 and len(stats["r2_held_out"]) == 2
+    assert all(a <= b for a, b in zip(info["kl_learned_directions"], info["kl_random_directions"]))
+    assert any(info["learned_kept"])  # 30 steps on a sharp toy teacher move at least one head
+    moved = (learned.directions - ridge.directions).abs().amax(dim=(-1, -2)) > 0
+    assert moved.tolist() == info["learned_kept"]
+    torch.testing.assert_close(learned.directions.norm(dim=-1), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="refine"):
+        fit_map(items, kind="mlp", n_iters=5, refine="directions")
+
+
 def test_cli_maps_option_and_schema(teacher_run):
     out = teacher_run / "fid" / "maps.json"
     argv = [str(teacher_run / "teacher"), "--calibration", "32", "--held-out", "16", "--batch-size", "16",
@@ -151,3 +172,5 @@ def test_cli_maps_option_and_schema(teacher_run):
         fidelity.main([str(teacher_run / "teacher"), "--maps", "linear,cubic"])
     with pytest.raises(ValueError, match="maps"):
         FidelityConfig(maps=("linear", "linear"))
+    with pytest.raises(ValueError, match="refine"):
+        FidelityConfig(refine="kl")

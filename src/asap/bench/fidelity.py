@@ -94,6 +94,10 @@ class FidelityConfig:
         "Adam steps of the relu/mlp fits, as asap compile", type=positive_int))
     map_lr: float = field(default=MAP_LR, metadata=cli(
         "Adam step size of the relu/mlp fits, as asap compile", type=positive_float))
+    refine: str = field(default="none", metadata=cli(
+        "the linear map's fit: none (ridge, random directions) or directions (directions and coefficients "
+        "learned on the row KL, --map-steps/--map-lr, as asap compile --refine directions)",
+        choices=("none", "directions")))
 
     def __post_init__(self) -> None:
         if not self.maps or len(set(self.maps)) != len(self.maps) or any(m not in DUAL_MAPS for m in self.maps):
@@ -102,6 +106,8 @@ class FidelityConfig:
             raise ValueError(f"map_steps must be an integer >= 1, got {self.map_steps!r}")
         if not (math.isfinite(self.map_lr) and self.map_lr > 0):
             raise ValueError(f"map_lr must be a finite number > 0, got {self.map_lr}")
+        if self.refine not in ("none", "directions"):
+            raise ValueError(f"refine must be 'none' or 'directions', got {self.refine!r}")
         for name in ("slices", "extra_steps", "truncated"):
             values = getattr(self, name)
             low = 0 if name == "extra_steps" else 1
@@ -217,6 +223,7 @@ def layer_plane(
                 [(c.q, c.k, c.valid) for c in fit_calls], kind=kind, n_iters=K, eps=eps, scale=scale,
                 num_slices=num_slices, seed=config.seed, extra_features=config.extra_features, ridge=config.ridge,
                 steps=config.map_steps, lr=config.map_lr, held_out=[(c.q, c.k, c.valid) for c in held_calls],
+                refine=config.refine if kind == "linear" else "none",
             )  # fmt: skip
             entry = {"map": kind, "L": num_slices, "r2_held_out": stats["r2_held_out"], "r2_fit": stats["r2_fit"],
                      "fit_s": round(time.perf_counter() - started, 2)}  # fmt: skip

@@ -145,10 +145,15 @@ def fit_map(
     lr: float = MAP_LR,
     holdout_fraction: float = 0.25,
     held_out: Iterable[tuple] | None = None,
+    refine: str = "none",
 ) -> tuple[Any, dict[str, Any]]:
     """A fitted fp32 dual map of family ``kind`` (``"linear" | "relu" | "mlp"``) and its per-head R2.
 
-    ``"linear"`` is :func:`fit_dual_map` (all ``items`` enter the ridge fit).
+    ``"linear"`` is :func:`fit_dual_map` (all ``items`` enter the ridge fit); with ``refine="directions"``
+    its slice directions and coefficients are then fitted jointly on the row KL, as ``asap compile
+    --refine directions`` fits them (:func:`asap.compile.directions.fit_directions`, ``steps`` Adam steps
+    at ``lr``), from the ridge solution, on the first items, the kept state judged on the last
+    ``holdout_fraction`` of them.
     ``"relu"`` and ``"mlp"`` are fitted as ``asap compile --map`` fits them
     (:func:`asap.compile.map_fit.fit_relu` / :func:`~asap.compile.map_fit.fit_mlp`,
     regression objective, ``steps`` Adam steps at ``lr``): the ridge solution
@@ -159,23 +164,28 @@ def fit_map(
     ``"r2_held_out"``. The stats add ``"fit_info"`` (the fit's stages) for a
     nonlinear kind.
     """
-    if kind == "linear":
-        return fit_dual_map(items, n_iters=n_iters, eps=eps, scale=scale, num_slices=num_slices,
-                            slice_type=slice_type, seed=seed, extra_features=extra_features, ridge=ridge,
-                            held_out=held_out)  # fmt: skip
-    from asap.compile.map_fit import chunks_r2, fit_mlp, fit_relu
-
+    if refine not in ("none", "directions") or (refine == "directions" and kind != "linear"):
+        raise ValueError(f"fit_map: refine is 'none', or 'directions' for the linear map; got {refine!r} for {kind!r}")
     items = list(items)
     if not items:
         raise ValueError("fit_map: no inputs to fit on")
     if not 0 <= holdout_fraction < 1:
         raise ValueError(f"fit_map: holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    stop = min(len(items) - 1, math.ceil(len(items) * holdout_fraction)) if holdout_fraction > 0 else 0
+    fit_items, stop_items = items[: len(items) - stop], items[len(items) - stop :]
+    if kind == "linear":
+        dual_map, stats = fit_dual_map(items, n_iters=n_iters, eps=eps, scale=scale, num_slices=num_slices,
+                                       slice_type=slice_type, seed=seed, extra_features=extra_features, ridge=ridge,
+                                       held_out=held_out)  # fmt: skip
+        if refine == "directions":
+            stats = _learn_directions(dual_map, fit_items, stop_items, held_out, n_iters=n_iters, eps=eps,
+                                      scale=scale, steps=steps, lr=lr)  # fmt: skip
+        return dual_map, stats
+    from asap.compile.map_fit import chunks_r2, fit_mlp, fit_relu
     q0 = items[0][0]
     dual_map = build_dual_map(num_heads=q0.shape[1], head_dim=q0.shape[-1], num_slices=num_slices,
                               slice_type=slice_type, seed=seed, extra_features=tuple(extra_features), kind=kind,
                               map_options=map_options)  # fmt: skip
-    stop = min(len(items) - 1, math.ceil(len(items) * holdout_fraction)) if holdout_fraction > 0 else 0
-    fit_items, stop_items = items[: len(items) - stop], items[len(items) - stop :]
     coef = solve_ridge(accumulate(dual_map, fit_items, n_iters=n_iters, eps=eps, scale=scale), ridge=ridge,
                        what=f"fit_map ({kind})")  # fmt: skip
     features_map = copy.deepcopy(dual_map).double()  # the slices and extras only: the fit leaves them as they are
@@ -199,3 +209,29 @@ def fit_map(
     if held_out is not None:
         stats["r2_held_out"] = chunks_r2(predict, as_chunks(list(held_out)))
     return dual_map, stats
+
+
+def _learn_directions(dual_map: SliceDualMap, fit_items: list[tuple], stop_items: list[tuple],
+                      held_out: Iterable[tuple] | None, *, n_iters: int, eps: float, scale: float | None, steps: int,
+                      lr: float) -> dict[str, Any]:  # fmt: skip
+    """Fit ``dual_map``'s directions and coefficients in place on the row KL of ``fit_items`` (kept state judged
+    on ``stop_items``); the stats: R2 on those items and on ``held_out``, and the fit's ``fit_info``."""
+    from asap.compile.directions import direction_problems, fit_directions, reservoir_r2
+
+    q0 = fit_items[0][0]
+    s = q0.shape[-1] ** -0.5 if scale is None else scale
+    features = lambda q, k, mask: dual_map.features(q, k, scale=s, attn_mask=mask)  # noqa: E731
+    prepare = lambda part: direction_problems(  # noqa: E731
+        [(item[0].detach().float(), item[1].detach().float(), _as_mask(item[2] if len(item) == 3 else None))
+         for item in part], features, num_slices=dual_map.num_slices, scale=s, n_iters=n_iters, eps=eps)  # fmt: skip
+    train, stop = prepare(fit_items), prepare(stop_items)
+    with torch.enable_grad():  # a gradient fit, also when called under no_grad
+        directions, coef, info = fit_directions(dual_map.directions, dual_map.coefficients().float(), train, stop,
+                                                scale=s, eps=eps, steps=steps, lr=lr)  # fmt: skip
+    with torch.no_grad():
+        dual_map.directions.copy_(directions)
+    dual_map.set_coefficients(coef)
+    held = prepare(list(held_out)) if held_out is not None else []
+    return {"r2_fit": reservoir_r2(train, directions, coef, scale=s),
+            "r2_held_out": reservoir_r2(held, directions, coef, scale=s) if held else None,
+            "fit_info": info, "fit_items": len(fit_items), "early_stopping_items": len(stop_items)}  # fmt: skip

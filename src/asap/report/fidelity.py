@@ -95,10 +95,15 @@ def render_fidelity(docs: list[Doc], results_dir: Path) -> Rendered:
                 f"{src.get('max_length')} tokens" if src.get("kind") == "hf" else f"run `{src.get('run_dir')}`")
         if v2:
             config = data["config"]
+            learned = ("; the linear map's directions and coefficients learned on the row KL from the ridge fit "
+                       f"({config['map_steps']} Adam steps, early-stopped likewise)"
+                       if config.get("refine") == "directions" else "")
+            extras = ", ".join(config.get("extra_features") or []) or "none"
             out.lines += [f"### `{doc.rel}`", "",
-                          f"Teacher: {what}. Maps ({', '.join(config['maps'])}; L = "
+                          f"Teacher: {what}. Extra features: {extras}. Maps ({', '.join(config['maps'])}; L = "
                           f"{', '.join(str(L) for L in config['slices'])}; relu/mlp: {config['map_steps']} Adam steps "
-                          f"at {config['map_lr']:g}, early-stopped on the last quarter of the calibration batches) "
+                          f"at {config['map_lr']:g}, early-stopped on the last quarter of the calibration batches"
+                          f"{learned}) "
                           f"fitted on {data['calibration_examples']} examples, figures on {data['held_out_examples']} "
                           "held-out ones: mean row total variation and row KL(teacher || candidate) over valid "
                           "queries, L1 column-marginal error; time: one call on one held-out batch (b x h x n), "
