@@ -113,8 +113,9 @@ def test_operator_figures_come_from_the_json(results_dir):
 
 def test_absent_sections_are_announced_and_the_paper_is_quoted(results_dir):
     text = generate_report(results_dir).read_text()
-    # training cost, compile, accuracy, frozen layer, fidelity, ASAP paths, Triton GPU, teachers, reliability
-    assert text.count("**Not available yet**") == 9
+    # training cost, compile, accuracy, frozen layer, fidelity, compiled models, ASAP paths, Triton GPU,
+    # teachers, reliability
+    assert text.count("**Not available yet**") == 10
     assert f"ASAP {PAPER_CLAIMS['speedup_over_teacher']}x faster" in text
     assert "9.5x at n=512" in text  # our operator speed-up beside the paper's claim
     assert "not measured yet (no training-cost JSON)" in text
@@ -126,8 +127,8 @@ def test_training_cost_and_unknown_schemas_are_rendered(results_dir):
     write(results_dir / "compile" / "run1" / "fidelity.json", {"layers": {"0": {"kl_asap": 0.0123}}, "n_iters": 21})
     (results_dir / "bench" / "command.txt").write_text("training_cost.json: asap bench training-cost --device cpu\n")
     text = generate_report(results_dir).read_text()
-    # accuracy, frozen layer, fidelity, ASAP paths, Triton GPU, teachers, reliability
-    assert text.count("**Not available yet**") == 7
+    # accuracy, frozen layer, fidelity, compiled models, ASAP paths, Triton GPU, teachers, reliability
+    assert text.count("**Not available yet**") == 8
     assert "asap bench training-cost --device cpu" in text
     assert "| esp | 300.0 ms | 300.0 MiB | 7.50x | 12.25x |" in text
     assert "esp takes 7.50x the time and 12.25x the memory of sinkhorn_k3" in text
@@ -265,3 +266,24 @@ def test_gpu_kernels_are_tabulated_with_their_losses(results_dir):
     assert "float16 n=4096 (" not in section.split("NOT faster")[1].split("\n")[0]
     assert "Command: `bash scripts/bench_gpu.sh`" in section
     assert (results_dir / "bench" / "triton_gpu.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_compiled_models_are_tabulated_fastest_first(results_dir):
+    """The compiled-model section carries each model's accuracy, agreement and times from the JSON."""
+    def model(ms, speedup):
+        return {"model_ms": ms, "model_speedup": speedup, "attention_ms": ms / 2, "attention_speedup": speedup + 1}
+
+    doc = {"schema": "asap.scripts.compiled_model_time/1", "teacher": "runs/t", "compiled": "runs/c", "batch_size": 16,
+           "eval_examples": 1000, "command": "python scripts/time_compiled_model.py runs/t runs/c --out x.json",
+           "accuracy": {"teacher": {"accuracy": 0.9, "agreement": 1.0}, "asap": {"accuracy": 0.904, "agreement": 0.981},
+                        "sinkhorn_k3": {"accuracy": 0.8, "agreement": 0.85}},
+           "timing": {"rounds": 5, "threads": 1, "load_average_before": [0.5, 0.5, 0.5],
+                      "models": {"teacher": model(300.0, 1.0), "sinkhorn_k3": model(200.0, 1.5), "asap": model(100.0, 3.0)}}}
+    (results_dir / "bench" / "compiled_model_t.json").write_text(json.dumps(doc))
+    readme = generate_report(results_dir).read_text()
+    section = readme[readme.index("## Compiled models against truncation"):]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert rows[:3] == ["| `asap` | 90.40 | 98.10 | 100.0 (3.00x) | 50.0 (4.00x) |",
+                        "| `sinkhorn_k3` | 80.00 | 85.00 | 200.0 (1.50x) | 100.0 (2.50x) |",
+                        "| `teacher` | 90.00 | 100.00 | 300.0 (1.00x) | 150.0 (2.00x) |"]
+    assert "first 1000 test examples" in section and "Command: `python scripts/time_compiled_model.py" in section

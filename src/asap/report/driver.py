@@ -20,6 +20,7 @@ from asap.report.fidelity import FIDELITY_SCHEMAS, render_fidelity
 from asap.report.frozen_layer import FROZEN_LAYER_SCHEMAS, render_frozen_layer
 from asap.report.operators import OPERATORS_SCHEMA, render_operators
 from asap.report.paper import render_paper
+from asap.report.compiled_model import COMPILED_MODEL_SCHEMA, render_compiled_model
 from asap.report.reliability import RELIABILITY_SCHEMA, render_reliability
 from asap.report.teachers import render_teachers
 from asap.report.training_cost import TRAINING_COST_SCHEMA, render_training_cost
@@ -46,6 +47,10 @@ SECTIONS: tuple[Section, ...] = (
             schemas=FROZEN_LAYER_SCHEMAS, method_keys=True),
     Section("fidelity", "Fidelity plane: ASAP with warm-start steps against truncated Sinkhorn, per layer",
             ("fidelity/*.json",), render_fidelity, "`asap bench fidelity`", schemas=FIDELITY_SCHEMAS),
+    Section("compiled_model", "Compiled models against truncation: accuracy and whole-model time",
+            ("bench/compiled_model_*.json",), render_compiled_model,
+            "`python scripts/time_compiled_model.py TEACHER COMPILED --out results/bench/compiled_model_<name>.json`",
+            schemas=(COMPILED_MODEL_SCHEMA,)),
     Section("asap_paths", "ASAP's CPU paths: closure backends, dual map, whole operator",
             ("bench/asap_paths_*.json", "bench/fused_vs_split_*.json"), render_asap_paths,
             "`python scripts/bench_asap_paths.py --out ...`, `python scripts/bench_fused_vs_split.py --out ...`",
