@@ -5,11 +5,10 @@ run (asap.bench.measure.benchmark) times, in softmax-call units (softmax on the 
 
 * the closure alone from a given f_hat: backend "flash" (two fused attention passes), "shared"
   (one exponential; unpadded fp32 with its elementwise passes native) at several chunk sizes and with the
-  PyTorch ops (``closure_shared_torch``), and "native" (the C kernel, up to n = 128);
+  PyTorch ops (``closure_shared_torch``), and "native" (the C kernel);
 * the fused dual map (L = 16, qk_mean + q_norm) alone: as dispatched (``dual_map``: the C kernel) and
   the PyTorch path (``dual_map_torch``);
-* the whole AsapOperator with backend "auto", its one-call native path (``asap_fused``, up to n = 128)
-  and, unpadded, the map then the shared closure (``asap_split``), and Sinkhorn K = 3 and K = 11 for scale.
+* the whole AsapOperator with backend "auto", its one-call native path (``asap_fused``) and, unpadded, the map then the shared closure (``asap_split``), and Sinkhorn K = 3 and K = 11 for scale.
 
 The native rules (asap.attention.native.closure_worth_it, fused_worth_it) come from these rows.
 
@@ -37,7 +36,7 @@ SHAPES = [(8, 8, 16, 64), (8, 8, 32, 64), (8, 8, 64, 64), (8, 8, 96, 64), (8, 8,
           (8, 8, 512, 64), (8, 8, 1024, 64), (32, 4, 17, 16), (128, 4, 17, 16), (32, 4, 50, 16), (32, 4, 128, 16),
           (32, 4, 512, 16), (16, 12, 64, 32), (16, 12, 128, 32), (16, 12, 256, 32)]
 CHUNKS = (2**20, 4 * 2**20, 16 * 2**20)
-NATIVE_ROWS_MAX_N = 128  # the rows of the native closure and the one-call operator, where their crossovers are
+NATIVE_ROWS_MAX_N = 1024  # the native closure and the one-call operator at every shape: where they stop paying
 
 
 def _torch_map(dual_map, q, k, *, scale, valid):

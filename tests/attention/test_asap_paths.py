@@ -196,14 +196,17 @@ def test_multihead_attention_passes_vectors_and_keeps_its_output():
 def test_auto_rule_reads_flags_only(monkeypatch):
     from asap.attention import native
 
-    n = native.CLOSURE_MAX_N + 1  # beyond the native closure
+    n = native.PADDED_MAX_N + 1  # beyond the native closure
     q, k, v = rand_qkv(b=1, h=1, n=n, d=4, dtype=torch.float32)
     f = torch.zeros(1, 1, n)
     assert choose_asap_backend(q, k, v, f, attn_mask=None, padding_mask=None) == "shared"
     assert choose_asap_backend(q, k, v, f, attn_mask=None, padding_mask=torch.ones(1, n, dtype=torch.bool)) == "flash"
+    expected = "native" if native.unavailable() is None else "flash"
+    m = native.CLOSURE_MAX_N + 1  # padded rows longer than the one-call limit of unpadded ones still go native
+    assert choose_asap_backend(*[t[..., :m, :] for t in (q, k, v)], f[..., :m], attn_mask=None,
+                               padding_mask=torch.ones(1, m, dtype=torch.bool)) == expected  # fmt: skip
     short, pad = [t[..., :8, :] for t in (q, k, v)], torch.ones(1, 8, dtype=torch.bool)
     assert choose_asap_backend(*short, f[..., :8], attn_mask=None, padding_mask=None) == "shared"
-    expected = "native" if native.unavailable() is None else "flash"
     assert choose_asap_backend(*short, f[..., :8], attn_mask=None, padding_mask=pad) == expected
     monkeypatch.setattr(native, "unavailable", lambda: "no compiler")  # the PyTorch paths stay when it cannot build
     assert choose_asap_backend(*short, f[..., :8], attn_mask=None, padding_mask=pad) == "flash"

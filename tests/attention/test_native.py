@@ -121,6 +121,35 @@ def test_closure_matches_the_fp64_reference(eps, padded, shape):
         assert (out[~valid[:, None].expand(b, h, n)] == 0).all()  # padded queries output exactly 0
 
 
+@pytest.mark.parametrize("eps", [0.3, 1.0])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", *LAYOUTS])
+def test_closure_forms_the_keys_lse_extra(eps, padded, layout):
+    """c_lse: the closure adds c_lse_h log mean_j exp(scale q_i.k_j) (valid keys) to f before the c-transform,
+    from its own scores; against the fp64 reference of that dual, any layout, and the returned dual centred."""
+    from asap.attention.dual_map import _keys_lse
+
+    b, h, n, d = 4, 3, 37, 16
+    q, k, v = rand_qkv(b=b, h=h, n=n, d=d, dtype=torch.float32, scale=2.0)
+    f, c_lse = torch.randn(b, h, n), torch.tensor([0.8, -0.5, 1.3])
+    valid = _valid(n) if padded else None
+    q2, k2, v2 = (t if layout == "contiguous" else relayout(t, layout) for t in (q, k, v))
+    out, dual = native.asap_forward_native(q2, k2, v2, scale=0.4, eps=eps, f_hat=f, c_lse=c_lse, valid=valid,
+                                           return_dual=True, center=True)  # fmt: skip
+    cols = None if valid is None else valid[:, None, :]
+    q, k, v = (t.double() for t in (q2, k2, v2))  # "expanded" changes the values (head 0 broadcast)
+    target = f.double() + c_lse.double()[None, :, None] * _keys_lse(q, k, scale=0.4, cols=cols)
+    mask = None if valid is None else key_padding_to_attn_mask(valid)
+    ref = asap_attention_reference(q, k, v, target, eps=eps, scale=0.4, attn_mask=mask)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+    rows = torch.ones(b, h, n, dtype=torch.bool) if valid is None else valid[:, None].expand(b, h, n)
+    weight = rows.double()
+    centred = (target - (target * weight).sum(-1, keepdim=True) / weight.sum(-1, keepdim=True).clamp(min=1)) * weight
+    torch.testing.assert_close(dual.double() * weight, centred, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="c_lse"):
+        native.asap_forward_native(q2, k2, scale=0.4, f_hat=f, c_lse=c_lse)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("d", [16, 40, 48])
 def test_closure_any_layout(layout, d):
@@ -145,11 +174,11 @@ def test_closure_far_apart_duals_keep_every_row():
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("extras", [("qk_mean", "q_norm"), ("qk_mean", "lse_keys")])
+@pytest.mark.parametrize("extras", [("qk_mean", "q_norm"), ("qk_mean", "lse_keys"), ("q_norm", "lse_landmarks")])
 @pytest.mark.parametrize("padded", [False, True])
 def test_operator_fused_call_matches_the_fp64_operator(padded, extras, monkeypatch):
-    """AsapOperator sends short CPU self-attention to one native call (map and closure; with a log-sum-exp
-    extra, the closure from the map's f_hat); fp64 inputs take PyTorch."""
+    """AsapOperator sends short CPU self-attention to one native call (map and closure; lse_keys formed in the
+    kernel, lse_landmarks added by the map and the closure run from its f_hat); fp64 inputs take PyTorch."""
     op = build_operator("asap", num_heads=3, head_dim=16, num_slices=16, extra_features=extras, eps=0.5)
     op.dual_map.set_coefficients(torch.randn(3, 18))
     q, k, v = rand_qkv(b=4, h=3, n=17, d=16, dtype=torch.float32)
@@ -159,7 +188,7 @@ def test_operator_fused_call_matches_the_fp64_operator(padded, extras, monkeypat
     monkeypatch.setattr(native, "asap_forward_native", lambda *a, **kw: calls.append(kw.get("f_hat") is not None) or kernel(*a, **kw))
     with torch.no_grad():
         out = op(q, k, v, padding_mask=valid)
-        assert calls[-1] == ("lse_keys" in extras)  # the closure took f_hat from the map, or ran the map itself
+        assert calls[-1] == ("lse_landmarks" in extras)  # the closure took f_hat from the map, or ran the map itself
         ref = op.double()(q.double(), k.double(), v.double(), padding_mask=valid)
         op.dual_map.use_native = False  # the PyTorch map and closure, in fp32
         torch_path = op.float()(q, k, v, padding_mask=valid)

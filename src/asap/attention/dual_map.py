@@ -194,18 +194,20 @@ def _keys_lse(q: Tensor, k: Tensor, *, scale: float, cols: Tensor | None) -> Ten
     b, h, n, d = q.shape
     m = k.shape[-2]
     problems = b * h
-    qs, ks = q.reshape(problems, n, d), k.reshape(problems, m, d)
+    qs, kt = (q * scale).reshape(problems, n, d), k.reshape(problems, m, d).transpose(-1, -2)  # scale on O(n d)
     keys = None if cols is None else cols.expand(b, h, m).reshape(problems, 1, m)
     count = torch.full((problems, 1), float(m), dtype=q.dtype, device=q.device) if keys is None else \
         keys.sum(-1).to(q.dtype)  # fmt: skip
+    # padding keys as an additive bias of the product (one pass); the lowest finite value, not -inf, so that a
+    # row without keys stays finite (and its gradient 0)
+    bias = None if keys is None else \
+        torch.full(keys.shape, torch.finfo(q.dtype).min, dtype=q.dtype, device=q.device).masked_fill_(keys, 0.0)  # fmt: skip
     per_block = max(1, KEYS_LSE_BLOCK_BYTES // max(1, n * m * q.element_size()))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     parts = []
     for start in range(0, problems, per_block):  # static Python loop: no host sync
         part = slice(start, min(start + per_block, problems))
-        s = torch.bmm(qs[part], ks[part].transpose(-1, -2)).mul_(scale)  # (c, n, m)
-        if keys is not None:  # the lowest finite value, not -inf: a row without keys stays finite, gradient 0
-            s = s.masked_fill_(~keys[part], torch.finfo(s.dtype).min)
+        s = torch.bmm(qs[part], kt[part]) if bias is None else torch.baddbmm(bias[part], qs[part], kt[part])
         if grad:
             lse = torch.logsumexp(s, dim=-1)
         else:
@@ -498,14 +500,19 @@ class SliceDualMap(DualMap):
         return _center_tokens(f_hat, valid, center)
 
     def native_arguments(self) -> dict[str, Any] | None:
-        """This map as keyword arguments of :func:`asap.attention.native.asap_forward_native`, or None.
+        """This map as keyword arguments of :func:`asap.attention.native.asap_forward_native` with the closure
+        (``v`` given), or None.
 
         None when the native kernel cannot evaluate it on its own: ``use_native`` is off, or the map has
-        an extra of :data:`PRODUCT_FEATURES` (a matrix product the kernel does not take).
+        ``lse_landmarks`` (a matrix product the kernel does not take). ``lse_keys`` goes in as ``c_lse``: the
+        kernel forms it from the closure's scores.
         """
-        if not self.use_native or self._product_extras():
+        if not self.use_native or "lse_landmarks" in self.extra_features:
             return None
-        return dict(directions=self.directions, coef=self.coef, **self._moment_coefficients())
+        arguments = dict(directions=self.directions, coef=self.coef, **self._moment_coefficients())
+        if "lse_keys" in self.extra_features:
+            arguments["c_lse"] = self.extra_coef[:, self.extra_features.index("lse_keys")]
+        return arguments
 
     def _moment_coefficients(self) -> dict[str, Tensor | None]:
         """The coefficients ``(h,)`` of the two moment extras as the kernels take them (None: no such feature)."""

@@ -183,16 +183,17 @@ class AsapOperator(AttentionOperator):
         """The linear dual map and the closure in one native call (CPU inference, short self-attention).
 
         Taken where it is the measured choice (:func:`asap.attention.native.fused_worth_it`: rows up to
-        128 tokens), or always with ``backend="native"``. None when this call cannot take it (another map
+        128 tokens, padded rows up to 1024), or always with ``backend="native"``. None when this call cannot take it (another map
         kind, longer rows, autograd, no native build, ...): the caller then runs the map and
-        :func:`asap_attention` as usual. A map with a log-sum-exp extra (a matrix product the kernel does
-        not take) runs as the map (the kernel, then the extra) and the native closure from its ``f_hat``.
+        :func:`asap_attention` as usual. ``lse_keys`` is formed by the kernel from the closure's scores;
+        ``lse_landmarks`` (a matrix product the kernel does not take) runs as the map (the kernel, then the
+        extra) and the native closure from its ``f_hat``.
         """
         dual_map = self.dual_map
         n = q.shape[-2]
         if not isinstance(dual_map, SliceDualMap) or not dual_map.use_native:
             return None
-        if not native.fused_worth_it(n) and self.backend != "native":
+        if not native.fused_worth_it(n, padded=padding_mask is not None) and self.backend != "native":
             return None
         if native.supports(q, k, v) is not None:
             return None
@@ -200,7 +201,7 @@ class AsapOperator(AttentionOperator):
         padding = validate_padding_mask(padding_mask, q, k, attn_mask=None, method="asap")
         dual_map._check_shape(q)
         arguments = dual_map.native_arguments()
-        if arguments is None:  # a log-sum-exp extra: the map adds it after its kernel
+        if arguments is None:  # lse_landmarks: the map adds it after its kernel, the closure takes its f_hat
             arguments = {"f_hat": dual_map(q, k, scale=scale, padding_mask=padding, center=False)}
         out = native.asap_forward_native(q, k, v, scale=scale, eps=self.eps, valid=padding, center=False, **arguments)
         return out if out.dtype == v.dtype else out.to(v.dtype)

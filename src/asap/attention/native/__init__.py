@@ -7,7 +7,7 @@ token padding, the moment extras ``qk_mean`` and ``q_norm``), the closure with o
 for the short sequences of real teachers (17 to ~128 tokens), where the PyTorch path is ~40 small ops and
 two NumPy sorts whose fixed cost is most of ASAP's time; ``scripts/bench_asap_paths.py`` measures both
 paths, and the dispatch rules use the crossovers (:func:`closure_worth_it`, :func:`fused_worth_it`): the
-map at every length, the closure on short padded rows. At every length,
+map at every length, the closure on padded rows (up to 1024 tokens, the longest measured). At every length,
 :func:`closure_blocks` runs the elementwise passes of the unpadded one-exponential closure between torch's
 GEMMs.
 
@@ -60,21 +60,31 @@ OPENMP_FLAGS = ("-fopenmp",)
 #: 5.31 / 1.72 (n = 16 / 64, two threads), 1.17 / 0.68 against 3.33 / 1.85 (one thread), and
 #: 0.31 / 0.12 / 0.07 against 0.59 / 0.27 / 0.19 at n = 128 / 512 / 1024 (one thread). The closure alone
 #: (``backend="auto"`` of :func:`asap.attention.functional.asap_attention`, :func:`closure_worth_it`) only
-#: for padded rows (``padding_mask``) up to :data:`CLOSURE_MAX_N`: padded, 0.72-1.28 against 1.46-3.00 for
-#: the best PyTorch closure (every padded row measured, n <= 128, both thread counts); unpadded, the
-#: one-exponential closure with its native passes (:func:`closure_blocks`) is faster at every measured
-#: shape (1.01-1.38 against 1.23-1.82 at one thread).
+#: for padded rows (``padding_mask``), at every measured length up to :data:`PADDED_MAX_N`: padded, 0.69-1.29
+#: against 1.46-3.06 for the best PyTorch closure (every padded row, n = 16 to 1024, both thread counts);
+#: unpadded, the one-exponential closure with its native passes (:func:`closure_blocks`) is faster at 28 of
+#: the 32 rows (0.70-1.36 against 0.84-2.23 for the native closure, which at n = 1024 loses to MKL's GEMMs;
+#: the native closure is ahead at four, by at most 0.34 calls).
 CLOSURE_MAX_N = 128
+#: Longest padded rows the native closure and the one call take: the longest measured (n = 1024, where
+#: they are still 2.2-2.9x faster than the PyTorch paths); beyond it the workspace grows as n^2 per thread
+#: and nothing is measured.
+PADDED_MAX_N = 1024
 
 
 def closure_worth_it(n: int, *, padded: bool) -> bool:
     """Whether the native closure is measured faster than the PyTorch one for rows of ``n`` tokens."""
-    return padded and n <= CLOSURE_MAX_N
+    return padded and n <= PADDED_MAX_N
 
 
 #: :class:`asap.attention.operators.AsapOperator` runs its map and closure as one native call
-#: (:func:`fused_worth_it`) on rows up to :data:`CLOSURE_MAX_N` tokens, padded or not, rather than the
-#: native map then the one-exponential closure with torch's GEMMs (the split path). Between the layers of
+#: (:func:`fused_worth_it`) on rows up to :data:`CLOSURE_MAX_N` tokens, and on padded rows up to
+#: :data:`PADDED_MAX_N`, rather than the native map then the closure of :func:`closure_worth_it`'s rule.
+#: Padded, at n = 256 / 512 / 1024 (8 x 8 x n x 64, ``results/bench/asap_paths_*.json``): 0.96 / 0.98 /
+#: 1.05 softmax calls against 2.29 / 2.38 / 2.15 for the map then the two-pass closure (two threads), 0.76 /
+#: 0.78 against 2.21 / 2.21 at n = 512 / 1024 (one thread); at MiniLM's 16 x 12 x 256 x 32, 1.04 against
+#: 2.44 (two threads). Unpadded above 128 tokens the split path stays: the one call is within noise of it
+#: at n = 256 and slower at 1024 (2.30 against 1.23, two threads). Between the layers of
 #: a model (``scripts/bench_fused_vs_split.py``: each call after an MLP block,
 #: ``results/bench/fused_vs_split_*.json``) the one call is faster at every measured shape up to
 #: n = 128, at one thread (0.72-0.87x of the split path's time; 0.65 / 1.08 ms against 0.90 / 1.38 at
@@ -84,10 +94,11 @@ def closure_worth_it(n: int, *, padded: bool) -> bool:
 #: path was ahead at d >= 32 and n >= 32.
 
 
-def fused_worth_it(n: int) -> bool:
+def fused_worth_it(n: int, *, padded: bool = False) -> bool:
     """Whether the operator's one-call native path (map and closure) is the measured choice for rows of
-    ``n`` tokens (padded or not, up to :data:`CLOSURE_MAX_N`: measured faster at every shape there, see above)."""
-    return n <= CLOSURE_MAX_N
+    ``n`` tokens: up to :data:`CLOSURE_MAX_N`, padded or not, and padded rows up to :data:`PADDED_MAX_N`
+    (measured faster at every shape there, see above)."""
+    return n <= (PADDED_MAX_N if padded else CLOSURE_MAX_N)
 
 
 _I64 = ctypes.c_int64
@@ -171,8 +182,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     fn = lib.asap_forward_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR,
-                   _PTR, _I64, _PTR, _I64, ctypes.c_double, ctypes.c_double, _PTR, _PTR, ctypes.c_int, _PTR, _PTR,
-                   ctypes.c_int]  # fmt: skip
+                   _PTR, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_double, ctypes.c_double, _PTR, _PTR, ctypes.c_int,
+                   _PTR, _PTR, ctypes.c_int]  # fmt: skip
     lib.asap_closure_blocks_f32.restype = ctypes.c_int
     lib.asap_closure_blocks_f32.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, ctypes.c_double, _PTR, ctypes.c_int]
     lib.asap_openmp.restype = ctypes.c_int
@@ -249,6 +260,7 @@ def asap_forward_native(
     coef: Tensor | None = None,
     c_mean: Tensor | None = None,
     c_norm: Tensor | None = None,
+    c_lse: Tensor | None = None,
     valid: Tensor | None = None,
     center: bool = True,
     return_dual: bool = False,
@@ -262,6 +274,8 @@ def asap_forward_native(
       ``phi_l`` the exact 1-D query potentials of slice ``l`` between the valid queries and keys,
       ``kbar`` the mean valid key, ``c_mean, c_norm (h,)`` any stride (None: no such term); centred over the valid
       queries with ``center=True`` (else off by a constant per ``(b, h)``, which the closure ignores).
+      With the closure, ``c_lse (h,)`` adds the ``lse_keys`` extra, ``c_lse_h log mean_j exp(S_ij)`` over the
+      valid keys, formed from the closure's own scores (one more pass over them, no second product).
     * The closure (``v`` given): ``out = softmax_j((S_ij + g_j)/eps) v`` with ``g = ccol(f)``,
       ``S = scale q k^T``, from ``f_hat (b, h, n)`` if given, else from the map above; one
       exponential per score (:mod:`asap.attention.closure`'s algebra).
@@ -276,6 +290,8 @@ def asap_forward_native(
         raise RuntimeError(reason)
     if f_hat is None and (directions is None or coef is None):
         raise ValueError("native kernels: give f_hat, or the dual map's directions and coef")
+    if c_lse is not None and v is None:
+        raise ValueError("native kernels: c_lse (the lse_keys extra) needs the closure (give v)")
     q, k = _f32(q), _f32(k)
     v = None if v is None else _f32(v)
     b, h, n, d = q.shape
@@ -285,6 +301,7 @@ def asap_forward_native(
     coef = None if coef is None else _f32_contiguous(coef)
     c_mean = None if c_mean is None else _f32(c_mean)
     c_norm = None if c_norm is None else _f32(c_norm)
+    c_lse = None if c_lse is None else _f32(c_lse)
     f_in = None if f_hat is None else _f32(f_hat)
     mask = None if valid is None else (valid if valid.dtype == torch.bool else valid.to(torch.bool))
     want_dual = v is None or return_dual
@@ -293,7 +310,7 @@ def asap_forward_native(
     status = lib.asap_forward_f32(
         _ptr(q), _ptr(k), _ptr(v), b, h, n, d, dv, _strides(q), _strides(k), _strides(v), _ptr(f_in), _strides(f_in),
         L, _ptr(dirs), _ptr(coef), _ptr(c_mean), 0 if c_mean is None else c_mean.stride(0), _ptr(c_norm),
-        0 if c_norm is None else c_norm.stride(0),
+        0 if c_norm is None else c_norm.stride(0), _ptr(c_lse), 0 if c_lse is None else c_lse.stride(0),
         float(scale), float(eps), _ptr(mask), _strides(mask), int(center), _ptr(f_out), _ptr(out),
         torch.get_num_threads(),
     )  # fmt: skip

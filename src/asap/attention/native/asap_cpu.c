@@ -303,7 +303,8 @@ typedef struct {
     const float *coef;          /* (h, L), contiguous: slice coefficients */
     const float *c_mean;        /* (h) with stride cms, or NULL: coefficient of scale <q_i, kbar> */
     const float *c_norm;        /* (h) with stride cns, or NULL: coefficient of scale^2 |q_i|^2 */
-    int64_t cms, cns;
+    const float *c_lse;         /* (h) with stride cls, or NULL: coefficient of log mean_j exp(scale S_ij), closure only */
+    int64_t cms, cns, cls;
     double scale, eps;
     const uint8_t *valid;       /* (b, n) with strides ms[0], ms[1], or NULL */
     int64_t ms[2];
@@ -567,10 +568,45 @@ static void closure_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv,
     }
 
     /* scores (S + f)/eps, -inf at padding keys, TOKENS rows at a time (independent multiply-add chains,
-     * one load of keys for all); column maxima */
+     * one load of keys for all); column maxima. With the lse_keys feature (c_lse), the block's rows are first
+     * written as scale S_ij, each row's log mean_j exp(scale S_ij) is added to its dual while the row is in
+     * L1, and then the rows become (scale S_ij + f_i)/eps: one more pass over the block, no second product. */
     float *colmax = w->weight, *colsum = w->colsum;
     for (int64_t j0 = 0; j0 < mp; j0 += LANES) store(colmax + j0, (vfloat){0} + minus_inf);
-    for (int64_t i0 = 0; i0 < nv; i0 += TOKENS) {
+    if (p->c_lse) {
+        const double beta = p->c_lse[hi * p->cls], log_nv = __builtin_log((double)nv);
+        const float scale = (float)p->scale, inv_eps = (float)(1.0 / p->eps);
+        for (int64_t i0 = 0; i0 < nv; i0 += TOKENS) {
+            const int64_t rows = nv - i0 < TOKENS ? nv - i0 : TOKENS;
+            const float *qi[TOKENS];
+            for (int64_t u = 0; u < TOKENS; u++) qi[u] = q + tokens[i0 + (u < rows ? u : rows - 1)] * p->qs[2];
+            for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
+                vfloat acc[TOKENS] = {{0}};
+                for (int64_t e = 0; e < d; e++) {
+                    const vfloat key = load(kt + e * mp + j0);
+                    for (int64_t u = 0; u < TOKENS; u++) acc[u] += key * qi[u][e * p->qs[3]];
+                }
+                const vint key = lane + (int32_t)j0 < (int32_t)nv;
+                for (int64_t u = 0; u < rows; u++)
+                    store(scores + (i0 + u) * mp + j0, vselect(key, acc[u] * scale, (vfloat){0} + minus_inf));
+            }
+            for (int64_t u = 0; u < rows; u++) {
+                float *row = scores + (i0 + u) * mp;
+                vfloat top = (vfloat){0} + minus_inf, total = {0};
+                for (int64_t j0 = 0; j0 < mp; j0 += LANES) top = vmax(load(row + j0), top);
+                const float r = hmax(top); /* finite: a valid row has a valid key */
+                for (int64_t j0 = 0; j0 < mp; j0 += LANES) total += vexp(load(row + j0) - r);
+                w->f[i0 + u] += beta * ((double)r + __builtin_log((double)hsum(total)) - log_nv);
+                const float fi = (float)w->f[i0 + u];
+                for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
+                    const vfloat sc = (load(row + j0) + fi) * inv_eps; /* -inf stays -inf */
+                    store(row + j0, sc);
+                    store(colmax + j0, vmax(sc, load(colmax + j0)));
+                }
+            }
+        }
+    }
+    for (int64_t i0 = 0; i0 < nv && !p->c_lse; i0 += TOKENS) {
         const int64_t rows = nv - i0 < TOKENS ? nv - i0 : TOKENS;
         const float *qi[TOKENS];
         float bias[TOKENS];
@@ -645,9 +681,15 @@ static void run_head(const problem_t *p, int64_t bh, const workspace_t *w) {
     } else {
         dual_map_head(p, bi, hi, nv, w);
     }
-    if (p->f_out)
-        for (int64_t t = 0; t < nv; t++) p->f_out[bh * n + w->tokens[t]] = (float)w->f[t];
-    if (out) closure_head(p, bi, hi, nv, w, out);
+    if (out) closure_head(p, bi, hi, nv, w, out); /* with c_lse, it adds the lse_keys term to w->f */
+    if (p->f_out) {
+        double mean = 0.0; /* with c_lse the dual map's centring is undone by that term: centre again */
+        if (p->c_lse && p->center) {
+            for (int64_t t = 0; t < nv; t++) mean += w->f[t];
+            mean /= (double)nv;
+        }
+        for (int64_t t = 0; t < nv; t++) p->f_out[bh * n + w->tokens[t]] = (float)(w->f[t] - mean);
+    }
 }
 
 /* Sharp attention drives exponentials towards FLT_MIN, and x86 CPUs take a slow path for every
@@ -743,11 +785,14 @@ int asap_forward_f32(const float *q, const float *k, const float *v, int64_t b, 
                      int64_t dv, const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
                      const float *f_in, const int64_t *f_strides, int64_t L, const float *dirs, const float *coef,
                      const float *c_mean, int64_t c_mean_stride, const float *c_norm, int64_t c_norm_stride,
+                     const float *c_lse, int64_t c_lse_stride,
                      double scale, double eps, const uint8_t *valid, const int64_t *valid_strides, int center,
                      float *f_out, float *out, int threads) {
+    if (c_lse && !out) return 2; /* the lse_keys term is formed from the closure's scores */
     problem_t p = {.q = q, .k = k, .v = v, .b = b, .h = h, .n = n, .d = d, .dv = dv, .L = L, .Lp = padded(L),
                    .f_in = f_in, .dirs = dirs, .coef = coef, .c_mean = c_mean, .cms = c_mean_stride,
-                   .c_norm = c_norm, .cns = c_norm_stride, .scale = scale, .eps = eps, .valid = valid,
+                   .c_norm = c_norm, .cns = c_norm_stride, .c_lse = c_lse, .cls = c_lse_stride,
+                   .scale = scale, .eps = eps, .valid = valid,
                    .center = center, .f_out = f_out, .out = out};
     copy_strides(p.qs, q_strides, 4);
     copy_strides(p.ks, k_strides, 4);
