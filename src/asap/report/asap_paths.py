@@ -22,15 +22,16 @@ def render_asap_paths(docs: list[Doc], results_dir: Path) -> Rendered:
             continue
         rows = doc.data["rows"]
         names = list(dict.fromkeys(n for r in rows for n in r["softmax_calls"] if n != "softmax"))
+        limit = max((r["n"] for r in rows if "asap_fused" in r["softmax_calls"]), default=0)
         out.lines += [f"### `{doc.rel}`", "", "Cost in softmax calls (softmax on the same unpadded inputs = 1); "
                       "padded rows give every method the (b, n) token mask; - where a row does not time that path "
-                      "(the native closure and the one-call operator `asap_fused` only up to n = 128, the split "
+                      f"(the native closure and the one-call operator `asap_fused` up to n = {limit}, the split "
                       "operator `asap_split` unpadded only). `closure_shared_*` is the one-exponential closure "
                       "with its elementwise passes native where the row is unpadded, `closure_shared_torch` the "
-                      "same with PyTorch ops. These measurements set `asap_attention(backend='auto')` (the "
-                      "native closure on short padded rows, else the shared-exponential closure unpadded and "
-                      "the two-pass closure padded) and the operator's one-call rule "
-                      "(`asap.attention.native.fused_worth_it`).", ""]  # fmt: skip
+                      "same with PyTorch ops; `asap_auto` is the operator as dispatched when the file was "
+                      "written. These measurements set `asap_attention(backend='auto')` (the native closure on "
+                      "padded rows, else the shared-exponential closure unpadded) and the operator's one-call "
+                      "rule (`asap.attention.native.fused_worth_it`).", ""]  # fmt: skip
         out.lines += table(["b x h x n x d", "padded", "softmax ms", *names],
                            [[f"{r['b']}x{r['h']}x{r['n']}x{r['d']}", "yes" if r["padded"] else "no",
                              f"{r['softmax_ms']:.3f}", *(_calls(r, n) for n in names)]
