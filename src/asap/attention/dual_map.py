@@ -7,7 +7,7 @@ by ``E`` cheap per-token extras, and the map is linear (docs/method.md sec. 4.3)
 
     f_hat_i = sum_l alpha_{h,l} phi_l(i) + sum_e beta_{h,e} x_e(i),   centred over valid queries.
 
-The extras cost ``O(n d)`` (no ``n x m`` work, no extra sort):
+The first two extras cost ``O(n d)`` (no ``n x m`` work, no extra sort), the other two a matrix product:
 
 * ``"qk_mean"``: ``scale <q_i, mean_j k_j>`` (mean over valid keys): the
   first-order term of the row log-sum-exp that the query dual undoes
@@ -87,7 +87,8 @@ from asap.transport.sliced import argsort_and_sort_last, project, query_potentia
 SliceType = Literal["random", "axis"]
 SLICE_TYPES: tuple[str, ...] = ("random", "axis")
 EXTRA_FEATURES: tuple[str, ...] = ("qk_mean", "q_norm", "lse_landmarks", "lse_keys")
-#: The extras that need a matrix product of queries and keys (the kernels take only the moment extras).
+#: The extras that need a matrix product of queries and keys: the map-only kernels take the moment extras
+#: only, the one-call CPU kernel forms ``lse_keys`` from its closure's scores (``c_lse``).
 PRODUCT_FEATURES: tuple[str, ...] = ("lse_landmarks", "lse_keys")
 #: Landmark keys of the ``"lse_landmarks"`` extra feature.
 NUM_LANDMARKS = 8

@@ -180,11 +180,11 @@ class AsapOperator(AttentionOperator):
         )  # fmt: skip
 
     def _forward_native(self, q, k, v, *, scale: float, padding_mask) -> Tensor | None:
-        """The linear dual map and the closure in one native call (CPU inference, short self-attention).
+        """The linear dual map and the closure in one native call (CPU inference, self-attention).
 
         Taken where it is the measured choice (:func:`asap.attention.native.fused_worth_it`: rows up to
-        128 tokens, padded rows up to 1024), or always with ``backend="native"``. None when this call cannot take it (another map
-        kind, longer rows, autograd, no native build, ...): the caller then runs the map and
+        128 tokens, padded rows up to 1024), or always with ``backend="native"``. None when this call
+        cannot take it (another map kind, longer rows, autograd, no native build, ...): the caller then runs the map and
         :func:`asap_attention` as usual. ``lse_keys`` is formed by the kernel from the closure's scores;
         ``lse_landmarks`` (a matrix product the kernel does not take) runs as the map (the kernel, then the
         extra) and the native closure from its ``f_hat``.
