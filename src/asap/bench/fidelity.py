@@ -452,8 +452,8 @@ def run_fidelity(args: argparse.Namespace, command: str, *, log: Callable[[str],
 
 
 #: FidelityConfig fields on the command line (each option generated from its field, with its default).
-CONFIG_FIELDS = ("slices", "extra_features", "maps", "map_steps", "map_lr", "extra_steps", "truncated", "ridge", "seed",
-                 "budget_s")
+CONFIG_FIELDS = ("slices", "extra_features", "maps", "map_steps", "map_lr", "refine", "extra_steps", "truncated", "ridge",
+                 "seed", "budget_s")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
