@@ -248,6 +248,20 @@ def test_build_failure_and_opt_out_fall_back(monkeypatch, tmp_path):
     assert native.unavailable() is None
 
 
+def test_the_library_is_named_by_the_source_as_first_read(monkeypatch, tmp_path):
+    """A source edited under a running process does not change the library that process loads (its bindings
+    were written for the source it started with)."""
+    source = tmp_path / "asap_cpu.c"
+    source.write_bytes(native.SOURCE.read_bytes())
+    monkeypatch.setattr(native, "SOURCE", source)
+    monkeypatch.setattr(native, "_SOURCE_BYTES", {})
+    before = native._library_path(native.OPENMP_FLAGS)
+    source.write_text("/* edited */\n" + source.read_text())
+    assert native._library_path(native.OPENMP_FLAGS) == before
+    monkeypatch.setattr(native, "_SOURCE_BYTES", {})  # a fresh process reads the edited file: another library
+    assert native._library_path(native.OPENMP_FLAGS) != before
+
+
 @pytest.mark.parametrize("threads", [2, 3, 8])
 def test_threads_split_the_heads_bit_equal(threads):
     """The heads are split over torch's threads (OpenMP): any thread count, even more threads than heads

@@ -50,6 +50,20 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("asap_cpu.c")
+#: The bytes of each source as this process first read it (the installed one at import): the library is
+#: named by and built from them, so a process keeps the kernels that match its ctypes signatures when the
+#: file changes under it. The library is loaded lazily, at the first native call; a checkout edited or
+#: updated while a long job ran used to load a newer library there, against the older signatures (a
+#: crash, seen: a compile run an hour in).
+_SOURCE_BYTES: dict[Path, bytes] = {SOURCE: SOURCE.read_bytes()}
+
+
+def _source_bytes() -> bytes:
+    """The bytes of :data:`SOURCE` (which ``scripts/bench_native_isa.py`` points elsewhere) as first read."""
+    if SOURCE not in _SOURCE_BYTES:
+        _SOURCE_BYTES[SOURCE] = SOURCE.read_bytes()
+    return _SOURCE_BYTES[SOURCE]
+
 CFLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu99", "-Wno-psabi")
 #: Tried first; a compiler without OpenMP (Apple's clang) builds the single-threaded library instead.
 OPENMP_FLAGS = ("-fopenmp",)
@@ -146,7 +160,7 @@ def _cflags() -> tuple[str, ...]:
 def _library_path(extra_flags: tuple[str, ...]) -> Path:
     """Cache file named by a hash of the source, flags, compiler name and platform."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(_cflags() + extra_flags).encode(), _compiler().encode(),
+    for part in (_source_bytes(), " ".join(_cflags() + extra_flags).encode(), _compiler().encode(),
                  f"{sys.platform}-{platform.machine()}".encode()):  # fmt: skip
         digest.update(part)
     return cache_dir() / f"asap_cpu-{digest.hexdigest()[:16]}.so"
@@ -156,16 +170,20 @@ def _build(path: Path, extra_flags: tuple[str, ...]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".so.tmp", dir=path.parent)
     os.close(fd)
+    fd, source = tempfile.mkstemp(prefix=path.stem + ".", suffix=".c", dir=path.parent)
+    with os.fdopen(fd, "wb") as handle:  # the bytes the library is named by, not the file as it is now
+        handle.write(_source_bytes())
     try:
-        proc = subprocess.run([_compiler(), *_cflags(), *extra_flags, "-o", tmp, str(SOURCE), "-lm"],
+        proc = subprocess.run([_compiler(), *_cflags(), *extra_flags, "-o", tmp, source, "-lm"],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         if proc.returncode != 0:
             first = (proc.stderr.strip().splitlines() or ["(no message)"])[0]
             raise OSError(f"{_compiler()} failed: {first}")
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, source):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 @functools.cache
