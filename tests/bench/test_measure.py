@@ -167,3 +167,32 @@ def test_speedups_are_ratios_of_medians_of_the_same_run():
     assert ratios["fast"] == pytest.approx(4.0)
     assert ratios["failed"] is None
     assert all(value is None for value in speedups(run, reference="absent").values())
+
+
+def test_operator_timer_passes_token_padding_as_a_padding_mask():
+    """time_operators_ms calls operators as the models do: a self-attention padding mask as padding_mask where the
+    operator takes one, any other mask (and operators without padding support) as attn_mask."""
+    from torch import nn
+
+    from asap.bench.measure import time_operators_ms
+    from asap.transport.masks import key_padding_to_attn_mask
+
+    class Spy(nn.Module):
+        def __init__(self, takes: bool):
+            super().__init__()
+            self.takes_padding_mask, self.seen = takes, []
+
+        def forward(self, q, k, v, *, attn_mask=None, padding_mask=None):
+            self.seen.append("padding" if padding_mask is not None else "attn" if attn_mask is not None else "none")
+            return v
+
+    q = torch.randn(2, 1, 5, 4)
+    valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    padded = key_padding_to_attn_mask(valid) & valid[:, None, :, None]
+    ops = {"takes": Spy(True), "not": Spy(False)}
+    time_operators_ms(ops, (q, q, padded), repeats=1)
+    assert set(ops["takes"].seen) == {"padding"} and set(ops["not"].seen) == {"attn"}
+    causal = torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 1, 5, 5)  # not token padding
+    ops = {"takes": Spy(True)}
+    time_operators_ms(ops, (q, q, causal), repeats=1)
+    assert set(ops["takes"].seen) == {"attn"}

@@ -337,14 +337,28 @@ def time_operators_ms(operators: Mapping[str, nn.Module], inputs: tuple, *, repe
     """Median milliseconds of one call ``op(q, k, k, attn_mask=mask)`` of each operator, interleaved round-robin.
 
     ``inputs = (q, k, attn_mask)`` (the values are the keys: same shape, and the time does not depend on them).
-    One warm-up round, then ``repeats`` timed rounds (:func:`benchmark`, no memory probe), so that the load of
-    a shared machine affects every operator alike. The timer :func:`asap.compile.compile_model` takes.
+    A mask that is self-attention token padding (``valid_i and valid_j``) is passed as ``padding_mask (b, n)``
+    to the operators that take it, as the models call them (the general-mask path of an operator can be
+    several times slower). One warm-up round, then ``repeats`` timed rounds (:func:`benchmark`, no memory
+    probe), so that the load of a shared machine affects every operator alike. The timer
+    :func:`asap.compile.compile_model` takes.
     """
     q, k, mask = inputs
     device = q.device
+    padding = None
+    if mask is not None and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-1] == mask.shape[-2] == q.shape[-2]:
+        valid = mask.any(dim=-1)[:, 0]  # (b, n): rows with a key
+        if torch.equal(mask, (valid[:, None, :, None] & valid[:, None, None, :]).expand_as(mask)):
+            padding = valid
+
+    def call(op: nn.Module) -> Callable[[], Any]:
+        if padding is not None and getattr(op, "takes_padding_mask", False):
+            return lambda: op(q, k, k, padding_mask=padding)
+        return lambda: op(q, k, k, attn_mask=mask)
+
     with torch.no_grad():
-        run = benchmark({name: (lambda op=op: op(q, k, k, attn_mask=mask)) for name, op in operators.items()},
-                        device=device, warmup=1, repeats=repeats, min_repeats=repeats, measure_memory=False)  # fmt: skip
+        run = benchmark({name: call(op) for name, op in operators.items()}, device=device, warmup=1, repeats=repeats,
+                        min_repeats=repeats, measure_memory=False)  # fmt: skip
     return {name: 1e3 * result.timing.median_s for name, result in run.results.items()}
 
 
