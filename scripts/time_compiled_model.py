@@ -7,8 +7,9 @@ every Sinkhorn layer truncated to K half-steps are evaluated on the first ``--ev
 hooks), so that the compiled model can be set against the truncation of the same measured cost. Writes a
 JSON (machine, threads, load average, command):
 
-    python scripts/time_compiled_model.py runs/gpu/minilm_imdb256_sinkhorn runs/gpu/minilm_dir_keys_l32_s200 \\
-        --data-dir ../shared/data --truncated 1,3,5 --eval-limit 1000 --out results/bench/compiled_model_minilm.json
+    python scripts/time_compiled_model.py runs/gpu/minilm_imdb256_sinkhorn runs/gpu/minilm_dir_keys_l32_s100 \\
+        --data-dir ../shared/data --truncated 1,3,5 --eval-limit 1000 \\
+        --out results/bench/compiled_model_minilm_imdb256_lse_keys_directions.json
 """
 
 from __future__ import annotations
