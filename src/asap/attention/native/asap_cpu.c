@@ -369,6 +369,14 @@ static char *workspace_alloc(workspace_t *w, const problem_t *p) {
     return buf;
 }
 
+/* f (nv) minus its mean: the centred dual. */
+static void subtract_mean(double *f, int64_t nv) {
+    double mean = 0.0;
+    for (int64_t t = 0; t < nv; t++) mean += f[t];
+    mean /= (double)nv;
+    for (int64_t t = 0; t < nv; t++) f[t] -= mean;
+}
+
 /* The linear dual map of one head: f (nv) over the valid tokens, centred if asked. */
 static void dual_map_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv, const workspace_t *w) {
     const int64_t d = p->d, L = p->L, Lp = p->Lp;
@@ -429,12 +437,7 @@ static void dual_map_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv
             f[order[r * Lp]] += acc;
         }
     }
-    if (p->center) {
-        double mean = 0.0;
-        for (int64_t t = 0; t < nv; t++) mean += f[t];
-        mean /= (double)nv;
-        for (int64_t t = 0; t < nv; t++) f[t] -= mean;
-    }
+    if (p->center) subtract_mean(f, nv);
 }
 
 /* kt (d, mp) = the nv valid keys (token j at k + tokens[j] * kn, feature e at + e * kd) transposed, zero
@@ -568,52 +571,23 @@ static void closure_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv,
     }
 
     /* scores (S + f)/eps, -inf at padding keys, TOKENS rows at a time (independent multiply-add chains,
-     * one load of keys for all); column maxima. With the lse_keys feature (c_lse), the block's rows are first
-     * written as scale S_ij, each row's log mean_j exp(scale S_ij) is added to its dual while the row is in
-     * L1, and then the rows become (scale S_ij + f_i)/eps: one more pass over the block, no second product. */
+     * one load of keys for all); column maxima. With the lse_keys feature (c_lse), the product writes the
+     * block's rows as scale S_ij instead; each row's log mean_j exp(scale S_ij) is then added to its dual while
+     * the block is in L1 and the row becomes (scale S_ij + f_i)/eps, with the column maxima: one more pass over
+     * the block, no second product. */
     float *colmax = w->weight, *colsum = w->colsum;
     for (int64_t j0 = 0; j0 < mp; j0 += LANES) store(colmax + j0, (vfloat){0} + minus_inf);
-    if (p->c_lse) {
-        const double beta = p->c_lse[hi * p->cls], log_nv = __builtin_log((double)nv);
-        const float scale = (float)p->scale, inv_eps = (float)(1.0 / p->eps);
-        for (int64_t i0 = 0; i0 < nv; i0 += TOKENS) {
-            const int64_t rows = nv - i0 < TOKENS ? nv - i0 : TOKENS;
-            const float *qi[TOKENS];
-            for (int64_t u = 0; u < TOKENS; u++) qi[u] = q + tokens[i0 + (u < rows ? u : rows - 1)] * p->qs[2];
-            for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
-                vfloat acc[TOKENS] = {{0}};
-                for (int64_t e = 0; e < d; e++) {
-                    const vfloat key = load(kt + e * mp + j0);
-                    for (int64_t u = 0; u < TOKENS; u++) acc[u] += key * qi[u][e * p->qs[3]];
-                }
-                const vint key = lane + (int32_t)j0 < (int32_t)nv;
-                for (int64_t u = 0; u < rows; u++)
-                    store(scores + (i0 + u) * mp + j0, vselect(key, acc[u] * scale, (vfloat){0} + minus_inf));
-            }
-            for (int64_t u = 0; u < rows; u++) {
-                float *row = scores + (i0 + u) * mp;
-                vfloat top = (vfloat){0} + minus_inf, total = {0};
-                for (int64_t j0 = 0; j0 < mp; j0 += LANES) top = vmax(load(row + j0), top);
-                const float r = hmax(top); /* finite: a valid row has a valid key */
-                for (int64_t j0 = 0; j0 < mp; j0 += LANES) total += vexp(load(row + j0) - r);
-                w->f[i0 + u] += beta * ((double)r + __builtin_log((double)hsum(total)) - log_nv);
-                const float fi = (float)w->f[i0 + u];
-                for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
-                    const vfloat sc = (load(row + j0) + fi) * inv_eps; /* -inf stays -inf */
-                    store(row + j0, sc);
-                    store(colmax + j0, vmax(sc, load(colmax + j0)));
-                }
-            }
-        }
-    }
-    for (int64_t i0 = 0; i0 < nv && !p->c_lse; i0 += TOKENS) {
+    const int lse = p->c_lse != NULL;
+    const double beta = lse ? p->c_lse[hi * p->cls] : 0.0, log_nv = __builtin_log((double)nv);
+    const float product = lse ? (float)p->scale : alpha, inv_eps = (float)(1.0 / p->eps);
+    for (int64_t i0 = 0; i0 < nv; i0 += TOKENS) {
         const int64_t rows = nv - i0 < TOKENS ? nv - i0 : TOKENS;
         const float *qi[TOKENS];
         float bias[TOKENS];
         for (int64_t u = 0; u < TOKENS; u++) { /* a short last block repeats its last row */
             const int64_t i = i0 + (u < rows ? u : rows - 1);
             qi[u] = q + tokens[i] * p->qs[2];
-            bias[u] = (float)(w->f[i] / p->eps);
+            bias[u] = lse ? 0.0f : (float)(w->f[i] / p->eps);
         }
         for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
             vfloat acc[TOKENS] = {{0}};
@@ -624,11 +598,25 @@ static void closure_head(const problem_t *p, int64_t bi, int64_t hi, int64_t nv,
             vfloat m = load(colmax + j0);
             const vint key = lane + (int32_t)j0 < (int32_t)nv; /* a valid key */
             for (int64_t u = 0; u < rows; u++) {
-                const vfloat sc = vselect(key, acc[u] * alpha + bias[u], (vfloat){0} + minus_inf);
+                const vfloat sc = vselect(key, acc[u] * product + bias[u], (vfloat){0} + minus_inf);
                 store(scores + (i0 + u) * mp + j0, sc);
                 m = vmax(sc, m);
             }
-            store(colmax + j0, m);
+            if (!lse) store(colmax + j0, m);
+        }
+        for (int64_t u = 0; u < rows && lse; u++) { /* the block's rows are scale S_ij, in L1 */
+            float *row = scores + (i0 + u) * mp;
+            vfloat top = (vfloat){0} + minus_inf, total = {0};
+            for (int64_t j0 = 0; j0 < mp; j0 += LANES) top = vmax(load(row + j0), top);
+            const float r = hmax(top); /* finite: a valid row has a valid key */
+            for (int64_t j0 = 0; j0 < mp; j0 += LANES) total += vexp(load(row + j0) - r);
+            w->f[i0 + u] += beta * ((double)r + __builtin_log((double)hsum(total)) - log_nv);
+            const float fi = (float)w->f[i0 + u];
+            for (int64_t j0 = 0; j0 < mp; j0 += LANES) {
+                const vfloat sc = (load(row + j0) + fi) * inv_eps; /* -inf stays -inf */
+                store(row + j0, sc);
+                store(colmax + j0, vmax(sc, load(colmax + j0)));
+            }
         }
     }
     exponentials(scores, mp, NULL, 1.0f, nv, nv, colmax, colsum, 0);
@@ -682,14 +670,9 @@ static void run_head(const problem_t *p, int64_t bh, const workspace_t *w) {
         dual_map_head(p, bi, hi, nv, w);
     }
     if (out) closure_head(p, bi, hi, nv, w, out); /* with c_lse, it adds the lse_keys term to w->f */
-    if (p->f_out) {
-        double mean = 0.0; /* with c_lse the dual map's centring is undone by that term: centre again */
-        if (p->c_lse && p->center) {
-            for (int64_t t = 0; t < nv; t++) mean += w->f[t];
-            mean /= (double)nv;
-        }
-        for (int64_t t = 0; t < nv; t++) p->f_out[bh * n + w->tokens[t]] = (float)(w->f[t] - mean);
-    }
+    if (p->c_lse && p->center) subtract_mean(w->f, nv); /* that term undid the dual map's centring */
+    if (p->f_out)
+        for (int64_t t = 0; t < nv; t++) p->f_out[bh * n + w->tokens[t]] = (float)w->f[t];
 }
 
 /* Sharp attention drives exponentials towards FLT_MIN, and x86 CPUs take a slow path for every
