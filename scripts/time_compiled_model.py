@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     batch = collate([dataset[i] for i in range(min(args.batch_size, len(dataset)))])
     truncated = {method_key("sinkhorn", n_iters=k): truncate_sinkhorn(teacher.model, n_iters=k) for k in args.truncated}
     models = {"teacher": teacher.model, "asap": compiled, **truncated}
-    evaluated = load_data(teacher, split="test", limit=args.eval_limit, data_dir=args.data_dir)
+    # the data above is exactly the evaluation set unless the timed batch asked for more examples
+    evaluated = data if args.eval_limit >= args.batch_size else \
+        load_data(teacher, split="test", limit=args.eval_limit, data_dir=args.data_dir)  # fmt: skip
     predictions = {}
     for name, model in models.items():
         predictions[name], labels = predict(model, evaluated, batch_size=args.eval_batch_size)
